@@ -86,8 +86,9 @@ class Model:
 
     def add(self, vars, coefs, lo=None, hi=None) -> None:
         """One row ``lo <= sum(coefs * x[vars]) <= hi`` (``None`` = unbounded side)."""
-        vars = np.asarray(vars, dtype=np.int64).ravel()
-        coefs = _as_int(np.broadcast_to(np.asarray(coefs), vars.shape))
+        vars = np.asarray(vars, dtype=np.int64)
+        coefs = _as_int(np.broadcast_to(np.asarray(coefs), vars.shape)).ravel()
+        vars = vars.ravel()
         self.row_vars.append(vars.tolist())
         self.row_coefs.append(coefs.tolist())
         self.row_lo.append(-_BIG if lo is None else _int(lo))
@@ -108,16 +109,16 @@ class Model:
         self.row_hi.extend(_as_int(hi).tolist())
 
     def minimize(self, vars, coefs, constant: int = 0) -> None:
-        vars = np.asarray(vars, dtype=np.int64).ravel()
-        self.obj_vars = vars
-        self.obj_coefs = _as_int(np.broadcast_to(np.asarray(coefs), vars.shape)).copy()
+        vars = np.asarray(vars, dtype=np.int64)
+        self.obj_coefs = _as_int(np.broadcast_to(np.asarray(coefs), vars.shape)).ravel().copy()
+        self.obj_vars = vars.ravel()
         self.obj_const = _int(constant)
 
     def set_hint(self, vars, values) -> None:
         """Warm start: a (partial or full) assignment the backends start from."""
-        vars = np.asarray(vars, dtype=np.int64).ravel()
-        values = np.broadcast_to(np.asarray(values), vars.shape)
-        self.hint.update(zip(vars.tolist(), _as_int(values).tolist()))
+        vars = np.asarray(vars, dtype=np.int64)
+        values = _as_int(np.broadcast_to(np.asarray(values), vars.shape)).ravel()
+        self.hint.update(zip(vars.ravel().tolist(), values.tolist()))
 
     # evaluation ----------------------------------------------------------------------------------------------
     def objective_of(self, values: np.ndarray) -> int:
@@ -232,6 +233,7 @@ def _workers(threads: int | None) -> int:
 def _solve_cpsat(model: Model, time_limit, seed, threads, gap) -> Solution:
     from ortools.sat.python import cp_model
 
+    t0 = time.perf_counter()
     m = cp_model.CpModel()
     x = [m.new_int_var(lo, hi, "") for lo, hi in zip(model.lb, model.ub)]
     wsum = cp_model.LinearExpr.weighted_sum
@@ -241,8 +243,9 @@ def _solve_cpsat(model: Model, time_limit, seed, threads, gap) -> Solution:
     for i, v in model.hint.items():
         m.add_hint(x[i], v)
     s = cp_model.CpSolver()
-    if time_limit is not None:
-        s.parameters.max_time_in_seconds = max(0.01, float(time_limit))
+    if time_limit is not None:  # the limit covers building the CP-SAT model too
+        s.parameters.max_time_in_seconds = max(0.01, float(time_limit) - (time.perf_counter() - t0))
+    s.parameters.log_search_progress = bool(os.environ.get("MOEPLACE_MIP_LOG"))
     s.parameters.random_seed = int(seed)
     s.parameters.num_workers = _workers(threads)
     if gap is not None:
@@ -288,12 +291,15 @@ def _solve_highs(model: Model, time_limit, seed, threads, gap) -> Solution:
     import subprocess
     import sys
 
+    t0 = time.perf_counter()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = os.path.join(tmp, "model.npz"), os.path.join(tmp, "result.npz")
-        settings = {"time_limit": -1.0 if time_limit is None else max(0.01, float(time_limit)),
+        arrays = _csr(model)
+        left = None if time_limit is None else max(0.01, float(time_limit) - (time.perf_counter() - t0) - 0.3)
+        settings = {"time_limit": -1.0 if left is None else left,
                     "seed": float(seed), "threads": float(threads or 0), "gap": -1.0 if gap is None else float(gap)}
-        np.savez(inp, **_csr(model), **{k: np.float64(v) for k, v in settings.items()})
+        np.savez(inp, **arrays, **{k: np.float64(v) for k, v in settings.items()})  # 0.3 s above: child start-up
         code = (f"import sys; sys.path.insert(0, {root!r}); "
                 "from solvers.mip import _highs_worker; _highs_worker(sys.argv[1], sys.argv[2])")
         wait = None if time_limit is None else float(time_limit) + 120.0
@@ -368,6 +374,7 @@ def _solve_cbc(model: Model, time_limit, seed, threads, gap) -> Solution:
     from ortools.sat.python import cp_model  # noqa: F401
     import pulp
 
+    t0 = time.perf_counter()
     prob = pulp.LpProblem("m", pulp.LpMinimize)
     x = [pulp.LpVariable(f"x{i}", lo, hi, cat=pulp.LpInteger) for i, (lo, hi) in enumerate(zip(model.lb, model.ub))]
     prob += pulp.LpAffineExpression([(x[i], c) for i, c in zip(model.obj_vars.tolist(), model.obj_coefs.tolist())],
@@ -385,7 +392,8 @@ def _solve_cbc(model: Model, time_limit, seed, threads, gap) -> Solution:
         x[i].setInitialValue(v)
     with tempfile.TemporaryDirectory() as tmp:
         log_path = os.path.join(tmp, "cbc.log")
-        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=None if time_limit is None else max(1, math.ceil(time_limit)),
+        left = None if time_limit is None else max(1, math.ceil(float(time_limit) - (time.perf_counter() - t0)))
+        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=left,
                                 threads=threads, gapRel=gap, warmStart=bool(model.hint), logPath=log_path,
                                 options=[f"randomCbcSeed {int(seed) + 1}"])
         prob.solve(cmd)
