@@ -244,6 +244,9 @@ def exflow(problem: Problem, options: Options) -> Result:
         children = _split(gpus, topo, bipartition)
         m = np.array([len(c) for c in children])
         items = np.flatnonzero(gpu_of == gpus[0])
+        if len(items) == 0:  # fewer experts than GPUs: nothing to split here
+            solves_left -= len(steps)
+            continue
         member = np.full(L * E, -1)
         member[items] = np.arange(len(items))
         inside = (member[pa] >= 0) & (member[pb] >= 0)

@@ -217,6 +217,8 @@ def _with_hint_fallback(model: Model, sol: Solution) -> Solution:
         h_obj = float(model.objective_of(hint))
         if (sol.values is None or h_obj < model.objective_of(sol.values)) and model.is_feasible(hint):
             sol.values, sol.status = hint, "feasible"
+    if sol.bound is not None:  # integer data, integer variables: the optimum is an integer, round the bound up
+        sol.bound = float(math.ceil(sol.bound - 1e-6))
     if sol.values is not None:
         sol.objective = float(model.objective_of(sol.values))  # exact, in model units
         if sol.status == "optimal":
