@@ -121,34 +121,39 @@ def _chain_hint(items: np.ndarray, E: int, m: np.ndarray, lo: int, hi: int, la: 
     """Heuristic part of each item: layers placed one at a time by an optimal assignment against the neighbours.
 
     Args:
-        items: ``[n]`` global item ids (layer-major, sorted); la, lb: ``[K]`` local indices of the pairs; w: ``[K]``.
+        items: ``[n]`` global item ids (sorted); la, lb: ``[K]`` local indices of the pairs; w: ``[K]`` weights.
+    Returns:
+        ``[n]`` part of each item.
     """
     n, P = len(items), len(m)
     layer = items // E
-    W = np.zeros((n, n))
-    np.add.at(W, (la, lb), w)
-    W = W + W.T
-    groups = [np.flatnonzero(layer == l) for l in np.unique(layer)]
+    layers = np.unique(layer)
+    groups = [np.flatnonzero(layer == l) for l in layers]
+    # both ends of every pair, grouped by the layer of the first: (item in the layer, its partner, weight)
+    mine, other, weight = np.concatenate([lb, la]), np.concatenate([la, lb]), np.concatenate([w, w])
+    order = np.argsort(layer[mine], kind="stable")
+    mine, other, weight = mine[order], other[order], weight[order]
+    starts = np.searchsorted(layer[mine], layers, side="left")
+    stops = np.searchsorted(layer[mine], layers, side="right")
+    pos = np.full(n, -1)
     part = np.full(n, -1)
+
+    def profit(k: int) -> np.ndarray:  # [items of layer k, P] pair weight to the placed items of each part
+        idx = groups[k]
+        pos[idx] = np.arange(len(idx))
+        sl = slice(starts[k], stops[k])
+        placed = part[other[sl]] >= 0
+        out = np.zeros((len(idx), P))
+        np.add.at(out, (pos[mine[sl]][placed], part[other[sl]][placed]), weight[sl][placed])
+        return out
+
     for k, idx in enumerate(groups):
         cap = _targets(len(idx), m, lo, hi)
-        if k == 0:
-            part[idx] = np.repeat(np.arange(P), cap)
-        else:
-            part[idx] = assign_with_capacity(_profit(W, idx, part, P), cap)
+        part[idx] = np.repeat(np.arange(P), cap) if k == 0 else assign_with_capacity(profit(k), cap)
     for s in range(sweeps):
-        order = groups if s % 2 == 0 else groups[::-1]
-        for idx in order:
-            part[idx] = assign_with_capacity(_profit(W, idx, part, P), _targets(len(idx), m, lo, hi))
+        for k in (range(len(groups)) if s % 2 == 0 else reversed(range(len(groups)))):
+            part[groups[k]] = assign_with_capacity(profit(k), _targets(len(groups[k]), m, lo, hi))
     return part
-
-
-def _profit(W: np.ndarray, idx: np.ndarray, part: np.ndarray, P: int) -> np.ndarray:
-    """``[len(idx), P]`` pair weight between each item of ``idx`` and the already placed items of each part."""
-    placed = part >= 0
-    onehot = np.zeros((len(part), P))
-    onehot[np.flatnonzero(placed), part[placed]] = 1.0
-    return W[idx] @ onehot
 
 
 def _solve_split(items: np.ndarray, E: int, m: np.ndarray, lo: int, hi: int, la: np.ndarray, lb: np.ndarray,
@@ -236,9 +241,7 @@ def exflow(problem: Problem, options: Options) -> Result:
     deadline = mip.Deadline(None if options.time_limit is None else 0.95 * options.time_limit)  # 5% to wrap up
     solves_left = len(tree) * len(steps)
 
-    gpu_of = np.zeros(L * E, dtype=np.int64)  # GPU of each item, refined level by level
-    first = tree[0][0] if tree else 0
-    gpu_of[:] = first
+    gpu_of = np.zeros(L * E, dtype=np.int64)  # GPU range of each item (its first GPU), refined level by level
     subproblems, top_bound = [], 0.0
     for depth, gpus in enumerate(tree):
         children = _split(gpus, topo, bipartition)
