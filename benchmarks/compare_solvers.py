@@ -3,6 +3,8 @@
 Fits every solver on half of the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by ``seq_id``) and
 evaluates the plans on the other half with :func:`placement.evaluate.evaluate`, for 4, 8 and 16 GPUs; prints a
 markdown table of the held-out metrics and solve times, and the same as ratios to the contiguous placement.
+"pair tail/token" is MoETuner's objective measured on the held-out half: the sum over layer boundaries of the
+heaviest GPU-pair transition traffic (inter-node pairs weighted by the bandwidth ratio), per token.
 
 A second part times DeepSeek EPLB at DeepSeek-V3 scale: a ``[58, 256]`` count matrix (58 MoE layers, 256
 experts, top-8), 32 GPUs in 4 nodes, 32 redundant slots, 8 expert groups. The counts are calibrated on the real
@@ -21,11 +23,14 @@ import time
 
 import numpy as np
 
+from placement.affinity import AffinityStats
 from placement.evaluate import evaluate
 from placement.plan import Plan
 from placement.problem import build_problem
 from solvers import Options, Topology, solve
 from solvers.eplb import rebalance_experts
+from solvers.moetuner import link_weights
+from solvers.objective import replica_counts
 from traces import datasets
 
 SOLVERS = [  # (label, solver, params)
@@ -44,12 +49,26 @@ METRICS = [  # (key in evaluate()["overall"], column label, lower is better)
     ("dispatch_gpus", "GPUs/token", True),
     ("a2a_bytes_per_token", "a2a B/token", True),
     ("est_moe_us_per_token", "est. us/token", True),
+    ("pair_tail_per_token", "pair tail/token", True),
 ]
+
+
+def pair_tail(phy2log, transitions, topo, tokens):
+    """MoETuner's objective on any plan: sum over boundaries of the heaviest GPU-pair transition traffic
+    (inter-node pairs weighted by the bandwidth ratio), per token; replicas split traffic evenly."""
+    L, E = phy2log.shape[0], transitions.shape[1]
+    cnt = replica_counts(phy2log, E)
+    share = np.zeros((L, E, topo.num_gpus))
+    for l in range(L):
+        np.add.at(share[l], (phy2log[l], topo.gpu_of_slot()), 1.0 / cnt[l][phy2log[l]])
+    w = link_weights(topo)
+    return float(sum((share[l].T @ transitions[l] @ share[l + 1] * w).max() for l in range(L - 1)) / tokens)
 
 
 def run(gpus_list, time_limit, threads, redundant_per_gpu=0):
     trace = datasets.load()
     fit, held = trace.split_by_sequence(0.5, seed=0)
+    held_transitions = AffinityStats.from_trace(held).transitions
     rows = []
     for G in gpus_list:
         gpn = min(G, 8)  # 8 GPUs per node, as on H100 servers
@@ -61,6 +80,7 @@ def run(gpus_list, time_limit, threads, redundant_per_gpu=0):
             seconds = time.perf_counter() - t0
             plan = Plan.from_result(result, fit.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
             metrics = evaluate(plan, held)["overall"]
+            metrics["pair_tail_per_token"] = pair_tail(result.phy2log, held_transitions, topo, held.num_tokens)
             rows.append({"gpus": G, "gpus_per_node": gpn, "redundant": redundant_per_gpu * G, "solver": label,
                          "seconds": seconds, "status": result.status, "objective": result.objective,
                          "bound": result.bound, "gap": result.gap,

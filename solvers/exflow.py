@@ -268,6 +268,7 @@ def exflow(problem: Problem, options: Options) -> Result:
                 record["solves"].append({"tokens": upto, "pairs": int(sel.sum()), "status": "skipped (time)"})
                 continue
             la, lb = member[pa[sel]], member[pb[sel]]
+            options.say(f"splitting GPUs {gpus[0]}-{gpus[-1]} into {len(m)} ({int(sel.sum())} pairs)")
             part, sol = _solve_split(items, E, m, lo, hi, la, lb, w_int[sel], part, options, deadline, solves_left)
             solves_left -= 1
             record["solves"].append({"tokens": upto, "pairs": int(sel.sum()), "status": sol.status,

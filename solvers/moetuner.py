@@ -125,7 +125,7 @@ def cluster_layer(weight: np.ndarray, expert: np.ndarray, G: int, size_lo: int, 
         model.set_hint(dev, np.abs(G * loads - W))
     sol = mip.solve(model, options.backend, time_limit=time_limit, seed=options.seed, threads=options.threads, gap=gap)
     if sol.values is None:
-        raise SolverInputError("MoETuner's clustering found no feasible clusters; check the slot counts")
+        raise SolverInputError("MoETuner's clustering found no clusters within the time limit; raise --time-limit")
     cluster = sol.values[y].argmax(axis=1)
     loads = np.bincount(cluster, weights=weight, minlength=G)
     objective = float(np.abs(loads - weight.sum() / G).sum())
@@ -314,6 +314,7 @@ def moetuner(problem: Problem, options: Options) -> Result:
     # stage 1: clusters per layer
     expert, cluster, cnt, records = [], [], [], []
     for l in range(L):
+        options.say(f"stage 1: clustering layer {l + 1}/{L}")
         ex, wt, ct = _items(problem.load[l], S, equal)
         lo, hi = (spg, spg) if equal else (1, spg)
         cl, rec = cluster_layer(wt, ex, G, lo, hi, options, stage1_deadline.share(L - l), gap)
@@ -330,6 +331,7 @@ def moetuner(problem: Problem, options: Options) -> Result:
     if method == "auto":
         method = "joint" if (L - 1) * G ** 3 * (G - 1) <= joint_max or not equal else "sequential"
     solver_bound, status2 = None, "heuristic"
+    options.say(f"stage 2: mapping clusters to GPUs ({method})")
     if G == 1:
         pi, status2 = np.zeros((L, 1), dtype=np.int64), "optimal"
     elif method == "sequential":
