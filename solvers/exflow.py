@@ -76,9 +76,13 @@ def _pairs(problem: Problem, form: str, top1: bool) -> tuple[np.ndarray, np.ndar
         return a[ok], b[ok], np.ones(int(ok.sum())), tok[ok]
     trans = problem.transitions_top1 if top1 else problem.transitions
     if trans is None:
-        what = "top-1 transition counts (gate weights)" if top1 else "adjacent-layer transition counts"
-        raise SolverInputError(f"ExFlow needs {what}; plan from a routing trace, or set top1="
-                               f"{'false' if top1 else 'true'}")
+        other = problem.transitions if top1 else problem.transitions_top1
+        if other is not None:
+            what = "top-1 transition counts (a trace with gate weights)" if top1 else "k x k transition counts"
+            raise SolverInputError(f"ExFlow with top1={str(top1).lower()} needs {what}; "
+                                   f"set top1={str(not top1).lower()}")
+        raise SolverInputError("ExFlow needs adjacent-layer transitions, which count data does not have; "
+                               "plan from a token routing trace")
     l, i, j = np.nonzero(trans)
     return l * E + i, (l + 1) * E + j, trans[l, i, j].astype(np.float64), None
 
@@ -88,7 +92,10 @@ def _split(gpus: list[int], topo: Topology, bipartition: bool) -> list[list[int]
     if not bipartition:
         return [[g] for g in gpus]
     nodes = sorted({g // topo.gpus_per_node for g in gpus})
-    units = [[g for g in gpus if g // topo.gpus_per_node == n] for n in nodes] if len(nodes) > 1 else [[g] for g in gpus]
+    if len(nodes) > 1:
+        units = [[g for g in gpus if g // topo.gpus_per_node == n] for n in nodes]
+    else:
+        units = [[g] for g in gpus]
     if len(units) % 2 == 0 and len(units) > 2:
         h = len(units) // 2
         return [sum(units[:h], []), sum(units[h:], [])]

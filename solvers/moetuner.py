@@ -166,7 +166,8 @@ def boundary_cost(C: np.ndarray, pi_a: np.ndarray, pi_b: np.ndarray, w: np.ndarr
     return float((traffic * w).max())
 
 
-def _sequential(C: list[np.ndarray], w: np.ndarray, options: Options, deadline: mip.Deadline) -> tuple[np.ndarray, list]:
+def _sequential(C: list[np.ndarray], w: np.ndarray, options: Options,
+                deadline: mip.Deadline) -> tuple[np.ndarray, list]:
     """Layer 0 keeps cluster c on GPU c; each next layer gets the optimal mapping for its own boundary."""
     G = w.shape[0]
     pi = [np.arange(G)]
@@ -300,7 +301,8 @@ def moetuner(problem: Problem, options: Options) -> Result:
     if problem.budget_slots is not None:
         raise SolverInputError("MoETuner keeps every expert resident; plan without --memory-budget")
     if problem.transitions is None:
-        raise SolverInputError("MoETuner needs adjacent-layer transition counts; plan from a routing trace")
+        raise SolverInputError("MoETuner needs adjacent-layer transitions, which count data does not have; "
+                               "plan from a token routing trace")
     topo = problem.topology
     L, E, G, S, spg = problem.num_layers, problem.num_experts, topo.num_gpus, topo.num_slots, topo.slots_per_gpu
     equal = sizes_mode == "equal"

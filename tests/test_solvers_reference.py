@@ -260,8 +260,11 @@ def test_eplb_equals_the_reference_algorithm(real, S, groups, nodes, G):
     mine, cnt = rebalance_experts(counts, S, groups, nodes, G)[0::2]
     ref, ref_cnt = _ref_rebalance(counts, S, groups, nodes, G)
     assert np.array_equal(cnt, ref_cnt)
-    slot = lambda p2l, c: np.sort((np.take_along_axis(counts, p2l, 1) / np.take_along_axis(c, p2l, 1)).reshape(L, G, -1), 2)
-    assert np.allclose(slot(mine, cnt), slot(ref, ref_cnt))
+    def slot_loads(p2l, c):  # [L, G, S/G] sorted load of each slot on each GPU
+        per_slot = np.take_along_axis(counts, p2l, 1) / np.take_along_axis(c, p2l, 1)
+        return np.sort(per_slot.reshape(L, G, -1), axis=2)
+
+    assert np.allclose(slot_loads(mine, cnt), slot_loads(ref, ref_cnt))
 
 
 def test_replicate_matches_reference_with_ties():
