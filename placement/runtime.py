@@ -957,14 +957,21 @@ class BenchSpec:
 
 
 def select_tokens(trace, tokens: int | None, seed: int = 0):
-    """About ``tokens`` tokens of whole sequences, chosen at random with ``seed`` (all when None or 0 or more)."""
+    """At most ``tokens`` tokens made of whole sequences (visited in a random order with ``seed``, each added if
+    it still fits), so that the homes ``sequence index mod G`` spread over the ranks; all when None or 0 or more.
+    If no sequence fits, the shortest one."""
     if not tokens or tokens >= trace.num_tokens:
         return trace
     seq = trace.sequence_index()
-    order = np.random.default_rng(seed).permutation(int(seq.max()) + 1)
-    sizes = np.bincount(seq)[order]
-    n = max(int(np.searchsorted(np.cumsum(sizes), tokens, side="right")), 1)
-    return trace.take(np.isin(seq, order[:n]))
+    sizes = np.bincount(seq)
+    chosen, total = [], 0
+    for s in np.random.default_rng(seed).permutation(sizes.size):
+        if total + sizes[s] <= tokens:
+            chosen.append(s)
+            total += int(sizes[s])
+    if not chosen:
+        chosen = [int(np.argmin(sizes))]
+    return trace.take(np.isin(seq, chosen))
 
 
 def _summary(values) -> dict:
