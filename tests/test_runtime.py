@@ -352,3 +352,64 @@ def test_measured_bytes_equal_prediction_on_real_trace(report, trace_setup):
     # the affinity plan (fitted on other sequences) moves fewer bytes than contiguous, in both dataflows
     for df in ("standard", "coherent"):
         assert bench[("affinity", df)]["measured"]["a2a_bytes"] < bench[("contiguous", df)]["measured"]["a2a_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CLI verb
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from placement.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def plans_2gpu(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    paths = []
+    for solver in ("contiguous", "round-robin"):
+        p = d / f"{solver}.json"
+        r = _cli("plan", "deepseek-v2-lite-esft:law", "--gpus", 2, "--solver", solver, "--holdout", 0.5, "--out", p)
+        assert r.exit_code == 0, r.output
+        paths.append(p)
+    return paths
+
+
+def test_bench_cli_reports_measured_next_to_evaluator(plans_2gpu):
+    r = _cli("bench", *plans_2gpu, "--trace", "deepseek-v2-lite-esft:law", "--holdout", 0.5, "--world-size", 2,
+             "--tokens", 300, "--hidden-size", 64, "--dtype", "fp32", "--repeats", 2, "--warmup", 0, "--json")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["world_size"] == 2 and rep["trace"]["tokens"] <= 300 and len(rep["plans"]) == 2
+    for row in rep["plans"]:
+        plan = Plan.load(row["plan_file"])
+        # the evaluator's own number for the same held-out tokens, recomputed here
+        held = datasets.load("deepseek-v2-lite-esft:law").split_by_sequence(0.5, seed=0)[1]
+        sub = select_tokens(held, 300, seed=0)
+        assert row["predicted"]["a2a_bytes"] == evaluate(plan, sub, CostModel(hidden_size=64, dtype_bytes=4))[
+            "overall"]["a2a_bytes"]
+        assert row["measured"]["a2a_bytes"] == row["predicted"]["a2a_bytes"]
+        assert row["measured"]["metadata_bytes"] > 0
+        t = row["measured"]["seconds_per_layer"]
+        assert t["repeats"] == 2 and t["min"] <= t["median"] <= t["max"]
+
+
+def test_bench_bad_input_is_one_sentence_exit_2(plans_2gpu, tmp_path):
+    counts = tmp_path / "counts.npz"
+    np.savez(counts, logical_count=np.ones((26, 64)))
+    cases = [
+        (("--world-size", 4), "is for 2 GPUs but the world size is 4"),
+        (("--dtype", "fp8"), "bf16, fp16 or fp32"),
+        (("--backend", "mpi"), "gloo, nccl"),
+        (("--dataflow", "sideways"), "standard, coherent, both"),
+        (("--trace", counts), "token trace"),
+        (("--trace", "deepseek-v2-lite-esft:law", "--repeats", 0), "--repeats"),
+    ]
+    for extra, words in cases:
+        r = _cli("bench", plans_2gpu[0], *extra)
+        assert r.exit_code == 2, (extra, r.output)
+        text = " ".join(r.output.split())  # the error console wraps long lines
+        assert words in text and "Traceback" not in text, (extra, r.output)
