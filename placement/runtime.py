@@ -1027,10 +1027,12 @@ def bench_rank(rank: int, world_size: int, spec: BenchSpec, device=None) -> list
                 per_pass.append((per_layer, comm.stats.metadata_bytes))
             if any(not np.array_equal(p[0], per_pass[0][0]) for p in per_pass):
                 raise RuntimeError("bytes differed between repetitions of the same routing")
-            counts = torch.tensor(np.concatenate([per_pass[0][0].ravel(), [per_pass[0][1]]]), dtype=torch.float64)
+            counts = torch.tensor(np.concatenate([per_pass[0][0].ravel(), [per_pass[0][1]]]), dtype=torch.float64,
+                                  device=device)
             dist.all_reduce(counts)  # sum over ranks
-            t = torch.tensor(np.concatenate([times.ravel(), comm_s]), dtype=torch.float64)
+            t = torch.tensor(np.concatenate([times.ravel(), comm_s]), dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            counts, t = counts.cpu(), t.cpu()
             if rank == 0:
                 c = counts.numpy()
                 per_layer = c[:-1].reshape(L, 2)

@@ -145,6 +145,47 @@ def test_plan_moves_are_the_plan_diff():
     assert plan_moves(aff, shuffled, topo) == []
 
 
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+def test_expert_source_maps_hugging_face_layouts(arch, tmp_path):
+    """In-memory fused tensors (transformers 5) and the per-expert checkpoint on disk give the same experts, our
+    expert MLP reproduces the model's own experts module, and softmax_topk_router its router."""
+    import transformers
+
+    from placement import runtime as rt
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  num_experts=8, num_experts_per_tok=2, norm_topk_prob=arch == "olmoe")
+    if arch == "olmoe":
+        model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(intermediate_size=16, **common))
+    else:
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24, **common))
+    model.eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.mlp.gate.weight)
+    model.save_pretrained(tmp_path)
+    mem, disk = rt.ExpertSource.from_model(model), rt.ExpertSource.from_checkpoint(tmp_path)
+    assert mem.layers == disk.layers == [0, 1] and mem.num_experts == disk.num_experts == 8
+    assert (mem.hidden_size, mem.intermediate_size) == (disk.hidden_size, disk.intermediate_size) == (32, 16)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+    for l in (0, 1):
+        a, b = mem.get(l, range(8)), disk.get(l, range(8))
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        assert torch.equal(mem.router_weight(l), disk.router_weight(l))
+        block = model.model.layers[l].mlp
+        with torch.no_grad():
+            _, w_hf, ids_hf = block.gate(x)
+            ids, w = rt.softmax_topk_router([disk.router_weight(i) for i in (0, 1)], 2, normalize=arch == "olmoe")(
+                l, x, None)
+            assert torch.equal(ids, ids_hf) and torch.allclose(w, w_hf)
+            ours = rt.experts_forward(rt.LayerExperts(np.arange(8), *b, 8), x, ids, w)
+            assert torch.allclose(ours, block.experts(x, ids_hf, w_hf), atol=1e-6)
+        # a subset of experts reads just those rows
+        g, u, d = disk.get(l, [5, 2])
+        assert torch.equal(g[0], a[0][5]) and torch.equal(d[1], a[2][2])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one spawned gloo group for every distributed check
 # ---------------------------------------------------------------------------------------------------------------
