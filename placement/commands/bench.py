@@ -148,18 +148,19 @@ def register(app: typer.Typer) -> None:
 
         t = Table(title=f"{world_size} {backend} ranks, {sub.num_tokens} tokens ({sub.num_sequences} sequences) x "
                         f"{sub.num_layers} MoE layers, hidden {H} {dtype}")
-        for c in ("plan", "dataflow", "a2a MB", "predicted MB", "diff", "ms/layer", "min-max"):
-            t.add_column(c, justify="left" if c in ("plan", "dataflow") else "right")
+        for c in ("plan", "dataflow", "a2a MB", "predicted", "diff", "ms/layer (min-max)"):
+            t.add_column(c, justify="left" if c in ("plan", "dataflow") else "right",
+                         overflow="fold" if c == "plan" else "ellipsis", no_wrap=c != "plan")
         for r in rows:
             sp = r["measured"]["seconds_per_layer"]
             diff = r["bytes_rel_diff"]
             t.add_row(r["plan"], r["dataflow"], f"{r['measured']['a2a_bytes'] / 1e6:.2f}",
                       f"{r['predicted']['a2a_bytes'] / 1e6:.2f}", "-" if diff is None else f"{diff * 100:+.2f}%",
-                      f"{sp['median'] * 1e3:.2f}", f"{sp['min'] * 1e3:.2f}-{sp['max'] * 1e3:.2f}")
+                      f"{sp['median'] * 1e3:.1f} ({sp['min'] * 1e3:.1f}-{sp['max'] * 1e3:.1f})")
         out.print(t)
-        out.print(f"a2a MB: hidden states sent between ranks (dispatch + combine; routing metadata in --json); "
-                  f"ms/layer: slowest rank per layer, mean over layers, median and min-max over {repeats} passes",
-                  highlight=False)
+        out.print(f"a2a MB: hidden states sent between ranks (dispatch + combine; routing metadata in --json), "
+                  f"predicted: the evaluator (standard) or coherent_traffic (coherent); ms/layer: slowest rank per "
+                  f"layer, mean over layers, median and min-max over {repeats} passes", highlight=False)
         if backend == "gloo":
             out.print("gloo runs every rank as a CPU process on this machine: bytes are exact, times are only rough",
                       highlight=False)
