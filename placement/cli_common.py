@@ -1,0 +1,106 @@
+"""Helpers every CLI command shares: one-sentence errors with exit code 2, consoles, loading trace arguments."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from placement.plan import Plan, PlanError
+from solvers import SolverInputError
+from traces import LoadProfile, RoutingTrace, TraceError
+
+out = Console(soft_wrap=True)  # tables and JSON: stdout
+err = Console(stderr=True)  # progress and errors: stderr
+
+
+class UserError(ValueError):
+    """Bad input at the CLI boundary (one sentence)."""
+
+
+USER_ERRORS = (UserError, TraceError, SolverInputError, PlanError)
+
+
+def fail(message: str) -> None:
+    """Print one sentence to stderr and exit with code 2."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the project's input errors (and missing/unreadable files) into one sentence + exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            fail(str(exc))
+        except FileNotFoundError as exc:
+            fail(f"{exc.filename or exc}: no such file or folder")
+        except IsADirectoryError as exc:
+            fail(f"{exc.filename}: is a folder, a file was expected")
+        except PermissionError as exc:
+            fail(f"{exc.filename}: permission denied")
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[RoutingTrace | LoadProfile, list[str]]:
+    """Load trace arguments: files (.npz token traces or counts) or bundled dataset names.
+
+    Several token traces are concatenated (distinct sequence ids); if any argument is counts-only, every
+    argument becomes a count profile and they are stacked as separate profiles.
+    Returns the data and the list of sources (for provenance).
+    """
+    from traces import datasets, load
+
+    if not paths:
+        if not default_bundled:
+            raise UserError("give at least one trace file")
+        paths = [datasets.DEFAULT]
+    items = []
+    for p in paths:
+        name = p.split(":", 1)[0]
+        if not Path(p).exists() and name in datasets.available():
+            items.append(datasets.load(p) if name == datasets.DEFAULT else _bundled_counts(p))
+        else:
+            if not Path(p).exists():
+                raise UserError(f"{p}: no such file (bundled datasets: {', '.join(datasets.available())})")
+            items.append(load(p))
+    if all(isinstance(i, RoutingTrace) for i in items):
+        return (RoutingTrace.concat(items) if len(items) > 1 else items[0]), list(paths)
+    return LoadProfile.concat([i.load_profile() for i in items]), list(paths)
+
+
+def _bundled_counts(name: str):
+    raise UserError(f"{name} holds partial cross-layer counts (3 layers), not a plannable profile; use it from Python "
+                    f"via traces.datasets.crosslayer_counts")
+
+
+def load_plans(paths: list[str]) -> list[Plan]:
+    if not paths:
+        raise UserError("give at least one plan file")
+    return [Plan.load(p) for p in paths]
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=float) + "\n")
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 1e6:
+            return f"{value:.4g}"
+        return f"{value:.{digits}f}"
+    return str(value)

@@ -1,0 +1,84 @@
+"""moeplace evaluate: metrics of plans on traces, side by side."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from placement.cli_common import UserError, fmt, out, print_json, user_errors
+
+
+def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
+    """A rich table: one row per headline metric, one column per plan (plus ratios to one column if asked)."""
+    from rich.table import Table
+
+    from placement.evaluate import HEADLINE
+
+    table = Table(title=title, show_lines=False)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for key, label in HEADLINE:
+        row = [fmt(c.get(key)) if c else "-" for c in columns.values()]
+        if all(r == "-" for r in row):
+            continue
+        if ratios_to and columns.get(ratios_to) and columns[ratios_to].get(key):
+            base = columns[ratios_to][key]
+            row = [f"{fmt(c.get(key))} ({c.get(key) / base:.2f}x)" if c.get(key) is not None and base else fmt(c.get(key))
+                   for c in columns.values()]
+        table.add_row(label, *row)
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    @user_errors
+    def evaluate_cmd(
+        plans: list[str] = typer.Argument(..., help="Plan files (Plan v1 JSON)."),
+        trace: Optional[list[str]] = typer.Option(None, "--trace", "-t", help="Trace(s) to evaluate on (token trace or "
+                                                  "counts; repeatable). Default: the bundled trace."),
+        holdout: float = typer.Option(0.0, "--holdout", help="Evaluate only on the held-out share of sequences of "
+                                      "the same split 'moeplace plan --holdout F --seed S' used."),
+        seed: int = typer.Option(0, "--seed", help="Seed of that split."),
+        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time."),
+        dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16, fp8 or fp32."),
+        per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
+        as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    ):
+        """Evaluate plans on traces: load balance, affinity locality, fan-out, all-to-all bytes, estimated time."""
+        from placement.cli_common import load_data, load_plans
+        from placement.commands.plan import cost_model
+        from placement.evaluate import evaluate, prepare
+        from traces import RoutingTrace
+
+        plan_objs = load_plans(plans)
+        data, sources = load_data(trace)
+        if holdout:
+            if not isinstance(data, RoutingTrace):
+                raise UserError("--holdout needs a token trace; counts cannot be split by sequence")
+            data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
+        ev = prepare(data)
+        cost = cost_model(hidden_size, dtype)
+        results = {}
+        for path, plan in zip(plans, plan_objs):
+            key = plan.name if plan.name not in results else f"{plan.name} ({path})"
+            results[key] = evaluate(plan, ev, cost)
+            results[key]["plan_file"] = path
+        if as_json:
+            print_json(results if len(results) > 1 else next(iter(results.values())))
+            return
+        out.print(f"evaluated on {', '.join(sources)}: {ev.num_tokens or 'counts-only'} tokens")
+        out.print(metrics_table({k: v["overall"] for k, v in results.items()}))
+        if per_layer:
+            from rich.table import Table
+
+            t = Table(title="per MoE layer: load imbalance / locality to next layer")
+            t.add_column("layer")
+            for k in results:
+                t.add_column(k, justify="right")
+            for i, row in enumerate(next(iter(results.values()))["per_layer"]):
+                t.add_row(str(row["moe_layer"]), *[f"{fmt(r['per_layer'][i]['load_imbalance'], 3)} / "
+                                                    f"{fmt(r['per_layer'][i].get('affinity_locality_next'), 3)}"
+                                                    for r in results.values()])
+            out.print(t)

@@ -1,0 +1,190 @@
+"""The evaluator: every metric of docs/concepts.md for a plan on a trace, per layer and overall.
+
+Metrics (replica-aware):
+
+1. Load imbalance per layer ``max_g load_g / mean_g load_g`` (replicas split an expert's load evenly) and
+   vLLM's balancedness ``sum_l mean_g / sum_l max_g``.
+2. Affinity locality: over tokens, boundaries l -> l+1 and the k x k pairs of the token's experts, the share
+   of pairs whose experts have a GPU in common (any replica); cross-GPU = 1 - locality, split into pairs that
+   still share a node and pairs that share none (inter-node). Also the top-1 variant (highest gate).
+3. Dispatch fan-out: mean distinct GPUs (and nodes) serving a token's k experts at a layer, after the static
+   dispatch rule picks one replica per expert (:func:`solvers.objective.dispatch_table`).
+4. All-to-all bytes, standard EP: a token's home GPU is its sequence index mod G (token index without seq_id);
+   each distinct remote GPU gets one ``hidden_size x dtype_bytes`` copy at dispatch and one at combine.
+5. Estimated MoE time from :mod:`solvers.cost` (slowest GPU per layer, summed over layers).
+
+Counts-only input (:class:`traces.LoadProfile`) gives the load metrics only; the rest are None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from placement.affinity import _pair_counts
+from placement.plan import Plan
+from solvers import Topology
+from solvers.cost import CostModel, layer_seconds
+from solvers.objective import balancedness, dispatch_table, gpu_load, imbalance, pair_locality
+from traces import LoadProfile, RoutingTrace, layer_counts
+
+
+@dataclass(eq=False)
+class EvalData:
+    """What the evaluator needs from a trace, computed once and reused for every plan."""
+
+    num_experts: int
+    load: np.ndarray  # [L, E] (summed over profiles)
+    profiles: np.ndarray | None = None  # [N, L, E] counts-only input
+    expert_ids: np.ndarray | None = None  # [T, L, k]
+    sequence_index: np.ndarray | None = None  # [T]
+    transitions: np.ndarray | None = None  # [L-1, E, E]
+    transitions_top1: np.ndarray | None = None  # [L-1, E, E]
+    source: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return 0 if self.expert_ids is None else int(self.expert_ids.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.load.shape[0])
+
+
+def prepare(data: RoutingTrace | LoadProfile | EvalData) -> EvalData:
+    """Reduce a trace (or profile) to what :func:`evaluate` needs."""
+    if isinstance(data, EvalData):
+        return data
+    if isinstance(data, LoadProfile):
+        return EvalData(data.num_experts, data.total(), profiles=data.logical_count, source=data.source)
+    ids = data.expert_ids
+    E = data.num_experts
+    top1 = None
+    if data.gate_weights is not None:
+        t1 = data.top1_ids()[:, :, None]
+        top1 = _pair_counts(t1[:, :-1], t1[:, 1:], E)
+    return EvalData(E, layer_counts(ids, E), expert_ids=ids, sequence_index=data.sequence_index(),
+                    transitions=_pair_counts(ids[:, :-1], ids[:, 1:], E), transitions_top1=top1, source=data.source)
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted values ``[..., k]`` and a mask of first occurrences among the non-negative ones."""
+    srt = np.sort(values, axis=-1)
+    first = np.ones_like(srt, dtype=bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    return srt, first & (srt >= 0)
+
+
+def token_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
+                  sequence_index: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token dispatch under the static rule.
+
+    Args:
+        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); sequence_index: ``[T]``.
+    Returns:
+        ``gpus [T, L]`` distinct GPUs per token-layer, ``nodes [T, L]`` distinct nodes, ``active [T, L]`` token
+        reached the layer, ``dispatch_pairs [L, G, G]`` token copies sent home -> expert GPU (remote only).
+    """
+    T, L, k = expert_ids.shape
+    G = topology.num_gpus
+    table = dispatch_table(phy2log, num_experts, topology)  # [L, E, G]
+    home = sequence_index % G  # [T]
+    ids = expert_ids.astype(np.int64)
+    lay = np.arange(L)[None, :, None]
+    gpu = np.where(ids >= 0, table[lay, np.maximum(ids, 0), home[:, None, None]], -1)  # [T, L, k]
+    srt, first = _distinct(gpu)
+    gpus = first.sum(axis=2)
+    node_of = topology.node_of_gpu()
+    nsrt, nfirst = _distinct(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))
+    nodes = nfirst.sum(axis=2)
+    remote = first & (srt != home[:, None, None])
+    flat = (lay * G + home[:, None, None]) * G + srt
+    pairs = np.bincount(flat[remote], minlength=L * G * G).reshape(L, G, G).astype(np.float64)
+    return {"gpus": gpus, "nodes": nodes, "active": gpus > 0, "dispatch_pairs": pairs}
+
+
+def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: CostModel | None = None) -> dict:
+    """All metrics of ``plan`` on ``data``: ``{"overall": {...}, "per_layer": [...], "gpu_pair_bytes": [[...]]}``."""
+    ev = prepare(data)
+    plan.check_fits(ev.num_layers, ev.num_experts, source=ev.source or "the trace")
+    cost = cost or CostModel()
+    topo = plan.topology
+    L = plan.num_layers
+    loads = gpu_load(plan.phy2log, ev.load, topo)  # [L, G]
+    imb = imbalance(loads)
+    overall: dict = {"load_imbalance": float(imb.mean()), "load_imbalance_max": float(imb.max()),
+                     "balancedness": balancedness(loads), "tokens": ev.num_tokens,
+                     "max_replicas": int(plan.replica_counts().max())}
+    per_layer = [{"moe_layer": int(plan.moe_layer_index[l]), "load_imbalance": float(imb[l]),
+                  "max_gpu_load": float(loads[l].max()), "mean_gpu_load": float(loads[l].mean())} for l in range(L)]
+    result = {"plan": plan.name, "source": ev.source, "overall": overall, "per_layer": per_layer}
+    if ev.profiles is not None and ev.profiles.shape[0] > 1:
+        per_profile = [imbalance(gpu_load(plan.phy2log, p, topo)) for p in ev.profiles]
+        overall["load_imbalance_per_profile"] = [float(x.mean()) for x in per_profile]
+        overall["load_imbalance_worst_profile"] = float(max(x.mean() for x in per_profile))
+    if ev.expert_ids is None:
+        for key in ("affinity_locality", "cross_gpu_fraction", "intra_node_cross_fraction", "inter_node_fraction",
+                    "affinity_locality_top1", "dispatch_gpus", "dispatch_nodes", "a2a_bytes", "a2a_bytes_intra_node",
+                    "a2a_bytes_inter_node", "a2a_bytes_busiest_gpu", "a2a_bytes_per_token", "est_moe_seconds",
+                    "est_moe_us_per_token"):
+            overall[key] = None
+        return result
+
+    loc = pair_locality(plan.phy2log, ev.transitions, topo)
+    pairs = loc["pairs"].sum()
+    overall["affinity_locality"] = float(loc["same_gpu"].sum() / pairs) if pairs else None
+    overall["cross_gpu_fraction"] = 1.0 - overall["affinity_locality"] if pairs else None
+    overall["intra_node_cross_fraction"] = float(loc["same_node"].sum() / pairs) if pairs else None
+    overall["inter_node_fraction"] = float(loc["cross_node"].sum() / pairs) if pairs else None
+    overall["affinity_locality_top1"] = None
+    if ev.transitions_top1 is not None:
+        loc1 = pair_locality(plan.phy2log, ev.transitions_top1, topo)
+        overall["affinity_locality_top1"] = float(loc1["same_gpu"].sum() / max(loc1["pairs"].sum(), 1e-300))
+
+    tr = token_traffic(plan.phy2log, plan.num_experts, topo, ev.expert_ids, ev.sequence_index)
+    active = tr["active"]
+    overall["dispatch_gpus"] = float(tr["gpus"][active].mean())
+    overall["dispatch_nodes"] = float(tr["nodes"][active].mean())
+    dispatch_bytes = tr["dispatch_pairs"] * cost.token_bytes  # [L, G, G]
+    pair_bytes = dispatch_bytes + np.swapaxes(dispatch_bytes, 1, 2)  # dispatch + combine
+    node = topo.node_of_gpu()
+    inter = node[:, None] != node[None, :]
+    total = pair_bytes.sum()
+    overall["a2a_bytes"] = float(total)
+    overall["a2a_bytes_inter_node"] = float(pair_bytes[:, inter].sum())
+    overall["a2a_bytes_intra_node"] = float(total - overall["a2a_bytes_inter_node"])
+    all_pairs = pair_bytes.sum(axis=0)  # [G, G]
+    overall["a2a_bytes_busiest_gpu"] = float((all_pairs.sum(axis=0) + all_pairs.sum(axis=1)).max())
+    overall["a2a_bytes_per_token"] = float(total / ev.num_tokens)
+    secs = layer_seconds(loads, dispatch_bytes, topo, cost)
+    overall["est_moe_seconds"] = float(secs.sum())
+    overall["est_moe_us_per_token"] = float(secs.sum() / ev.num_tokens * 1e6)
+    for l in range(L):
+        per_layer[l]["dispatch_gpus"] = float(tr["gpus"][:, l][active[:, l]].mean()) if active[:, l].any() else None
+        per_layer[l]["a2a_bytes"] = float(pair_bytes[l].sum())
+        per_layer[l]["est_moe_seconds"] = float(secs[l])
+        if l < L - 1:
+            p = loc["pairs"][l]
+            per_layer[l]["affinity_locality_next"] = float(loc["same_gpu"][l] / p) if p else None
+    result["gpu_pair_bytes"] = all_pairs.tolist()
+    result["cost_model"] = {"hidden_size": cost.hidden_size, "dtype_bytes": cost.dtype_bytes,
+                            "expert_intermediate_size": cost.expert_intermediate_size, "gpu_flops": cost.gpu_flops,
+                            "dataflow": cost.dataflow}
+    return result
+
+
+# Order and labels of the headline metrics in tables (lower is better unless marked).
+HEADLINE = [
+    ("load_imbalance", "load imbalance (mean max/mean)"),
+    ("load_imbalance_max", "load imbalance (worst layer)"),
+    ("balancedness", "balancedness (higher better)"),
+    ("affinity_locality", "affinity locality (higher better)"),
+    ("cross_gpu_fraction", "cross-GPU transitions"),
+    ("inter_node_fraction", "inter-node transitions"),
+    ("dispatch_gpus", "GPUs per token-layer"),
+    ("dispatch_nodes", "nodes per token-layer"),
+    ("a2a_bytes_per_token", "a2a bytes per token"),
+    ("a2a_bytes_busiest_gpu", "busiest GPU a2a bytes"),
+    ("est_moe_us_per_token", "est. MoE time (us/token)"),
+]

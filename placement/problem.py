@@ -1,0 +1,46 @@
+"""Turn traces or count profiles into a :class:`solvers.Problem` (the only bridge from data to solvers)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from placement.affinity import AffinityStats
+from placement.plan import Plan, PlanError
+from solvers import Problem, Topology
+from traces import LoadProfile, RoutingTrace
+
+
+def build_problem(data: RoutingTrace | LoadProfile | list[RoutingTrace | LoadProfile], topology: Topology,
+                  expert_groups: int = 1, current: Plan | None = None, budget_slots: int | None = None,
+                  stats: AffinityStats | None = None, with_routes: bool = True) -> Problem:
+    """Problem for ``topology`` from one trace/profile or several (kept apart as workload profiles).
+
+    Token traces give load, k x k transitions, top-1 transitions (with gate weights), co-activation, routes
+    (highest gate first) and home sequence indices; count profiles give load (mean over profiles) and the
+    profiles ``[N, L, E]``.
+    """
+    items = data if isinstance(data, list) else [data]
+    traces_ = [d for d in items if isinstance(d, RoutingTrace)]
+    profiles = [d.load_profile().logical_count for d in items]
+    prof = np.concatenate(profiles) if profiles else None
+    load = prof.mean(axis=0) if len(items) > 1 else prof.sum(axis=0)
+    kwargs: dict = {}
+    if traces_ and len(traces_) == len(items):
+        trace = RoutingTrace.concat(traces_) if len(traces_) > 1 else traces_[0]
+        st = stats or AffinityStats.from_trace(trace)
+        kwargs.update(transitions=st.transitions, transitions_top1=st.transitions_top1, coactivation=st.coactivation,
+                      top_k=trace.top_k, num_tokens=trace.num_tokens)
+        if with_routes:
+            kwargs.update(routes=trace.sorted_by_gate().expert_ids, home=trace.sequence_index())
+        load = st.load if len(items) == 1 else load
+    if prof is not None and prof.shape[0] > 1:
+        kwargs["profiles"] = prof
+    cur = None
+    if current is not None:
+        if current.topology.num_slots != topology.num_slots or current.num_layers != load.shape[0]:
+            raise PlanError(f"the current plan ({current.num_layers} layers x {current.topology.num_slots} slots) does "
+                            f"not match this request ({load.shape[0]} layers x {topology.num_slots} slots); migration "
+                            f"cost needs the same layers, GPUs and slots")
+        cur = current.phy2log
+    return Problem(load=load, topology=topology, expert_groups=expert_groups, current=cur, budget_slots=budget_slots,
+                   **kwargs)
