@@ -113,11 +113,20 @@ def _text_config(model):
     return cfg
 
 
-def _config_int(cfg, keys) -> int | None:
+def _config_int(cfg, keys, nested: bool = False) -> int | None:
+    """First positive integer among ``keys`` of ``cfg`` (then of its sub-configs, e.g. DBRX's ``ffn_config``)."""
+    get = (lambda c, k: c.get(k)) if isinstance(cfg, dict) else (lambda c, k: getattr(c, k, None))
     for key in keys:
-        value = getattr(cfg, key, None)
+        value = get(cfg, key)
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
             return int(value)
+    if nested:
+        subs = cfg.values() if isinstance(cfg, dict) else [v for k, v in vars(cfg).items() if not k.startswith("_")]
+        for sub in subs:
+            if isinstance(sub, dict) or hasattr(sub, "to_dict"):
+                value = _config_int(sub, keys)
+                if value is not None:
+                    return value
     return None
 
 
@@ -200,15 +209,16 @@ def model_layout(model, sites: list[RouterSite] | None = None) -> dict:
     """``{"num_experts", "top_k", "moe_layer_index", "num_hidden_layers", "model"}`` from the config and sites."""
     cfg = _text_config(model)
     sites = find_router_sites(model) if sites is None else sites
-    E = _config_int(cfg, _EXPERT_COUNT_KEYS)
+    E = _config_int(cfg, _EXPERT_COUNT_KEYS, nested=True)
     if E is None:
-        mods = [getattr(s.module, "num_experts", None) for s in sites]
-        E = int(mods[0]) if mods and isinstance(mods[0], int) else None
+        mods = [getattr(m, "num_experts", None) for s in sites for m in (s.module, s.fallback and s.fallback.module)]
+        mods = [m for m in mods if isinstance(m, int) and m > 0]
+        E = mods[0] if mods else None
     if E is None:
         raise CollectError(f"{type(model).__name__}'s config names no expert count (looked for "
                            f"{', '.join(_EXPERT_COUNT_KEYS)}); moeplace cannot size the trace")
     name = getattr(model.config, "_name_or_path", None) or getattr(cfg, "model_type", None) or type(model).__name__
-    return {"num_experts": int(E), "top_k": _config_int(cfg, _TOPK_KEYS),
+    return {"num_experts": int(E), "top_k": _config_int(cfg, _TOPK_KEYS, nested=True),
             "moe_layer_index": np.array([s.layer for s in sites], dtype=np.int64),
             "num_hidden_layers": _config_int(cfg, _LAYER_KEYS), "model": str(name)}
 
@@ -472,6 +482,9 @@ def read_jsonl_sequences(path: str | os.PathLike, tokenizer=None, max_seq_len: i
                     raise CollectError(f"{p}:{lineno} holds text but the model folder has no tokenizer; add the "
                                        f"tokenizer files or give pre-tokenised {{\"input_ids\": [...]}} lines")
                 toks = list(tokenizer(rec["text"])["input_ids"])
+                if rec["text"].strip() and not toks:
+                    raise CollectError(f"{p}:{lineno}: the tokenizer turned the text into no tokens; check the "
+                                       f"tokenizer files in the model folder")
             else:
                 raise CollectError(f"{p}:{lineno} has neither 'text' nor 'input_ids' (keys: "
                                    f"{', '.join(sorted(rec)) or 'none'})")
@@ -521,6 +534,8 @@ def _load_manifest(shard_dir: Path, fingerprint: dict) -> dict | None:
                            f"afresh") from None
     old = manifest.get("fingerprint", {})
     diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if diff and not manifest.get("shards") and not manifest.get("next_index"):
+        return None  # a run that stopped before its first shard: nothing to keep, start afresh
     if diff:
         raise CollectError(f"the shard folder {shard_dir} belongs to a different run (it differs in "
                            f"{', '.join(diff)}); delete it or give another --shard-dir")
@@ -705,6 +720,10 @@ def _file_digest(path: Path, head: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
+
+
 def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "auto",
                     trust_remote_code: bool = False):
     """``(model, tokenizer or None)`` from a local checkpoint folder; never touches the hub."""
@@ -724,7 +743,9 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: st
     if dtype not in dtypes:
         raise CollectError(f"unknown dtype {dtype!r}; use one of {', '.join(dtypes)}")
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # moeplace shows its own progress
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dtypes[dtype], local_files_only=True,
@@ -733,12 +754,17 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: st
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CollectError(f"transformers could not load {p} ({msg}); check the folder holds a complete "
                                f"checkpoint (config.json and weights)") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, KeyError, TypeError):
-            tokenizer = None
+        tokenizer = None
+        if any((p / name).is_file() for name in _TOKENIZER_FILES):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True,
+                                                          trust_remote_code=trust_remote_code)
+            except (OSError, ValueError, KeyError, TypeError):
+                tokenizer = None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.to(device)
     model.eval()
     return model, tokenizer
