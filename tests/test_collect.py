@@ -388,6 +388,42 @@ def test_killed_run_resumes_from_last_shard(qwen, tmp_path):
         collect(qwen, data, out, batch_size=5, shard_tokens=20)
 
 
+_KILL_SCRIPT = """
+import os, signal, sys, json
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+from test_collect import tiny_model, _data
+from traces.collect import collect
+
+def dying(data, shard_dir):
+    for item in data:
+        m = shard_dir + "/manifest.json"
+        if os.path.exists(m) and len(json.load(open(m))["shards"]) >= 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+        yield item
+
+collect(tiny_model("qwen2_moe"), dying(_data(40, seed=3), {shard_dir!r}), {out!r}, batch_size=3, shard_tokens=20)
+"""
+
+
+def test_sigkilled_process_resumes(qwen, tmp_path):
+    import subprocess
+    import sys
+
+    out, shard_dir = tmp_path / "k.npz", tmp_path / "k.npz.shards"
+    code = _KILL_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]), tests=str(Path(__file__).parent),
+                               shard_dir=str(shard_dir), out=str(out))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not out.exists() and len(json.loads((shard_dir / "manifest.json").read_text())["shards"]) == 2
+    resumed = collect(qwen, _data(40, seed=3), out, batch_size=3, shard_tokens=20)
+    assert resumed.resumed_from_shard == 2
+    ref = collect(qwen, _data(40, seed=3), tmp_path / "ref.npz", batch_size=3, shard_tokens=20)
+    assert resumed.tokens == ref.tokens
+    _same_trace(load_trace(out), load_trace(tmp_path / "ref.npz"))
+
+
 def test_max_tokens_cuts_exactly(qwen, tmp_path):
     s = collect(qwen, _data(), tmp_path / "m.npz", batch_size=4, max_tokens=37)
     tr = load_trace(tmp_path / "m.npz")

@@ -6,7 +6,8 @@ The dump structures follow the stacks' source code:
   ``{"records": [...], "last_physical_to_logical_map"}`` per rank; a per_token record is
   ``dict(forward_pass_id, rank, gatherer_key, input_ids, positions, extend_seq_lens, forward_mode,
   topk_ids_of_layer [layers, tokens, 8] int32 physical ids (-1 unused), misc_objects, global_physical_count)``;
-  ``_StatAccumulator.dump`` writes ``{"rank", "logical_count" [buffer, layers, E], "average_utilization_rate_over_window"}``.
+  ``_StatAccumulator.dump`` writes ``{"rank", "logical_count" [buffer, layers, E],
+  "average_utilization_rate_over_window"}``.
 - vLLM ``routed_experts_capturer.py``: ``[tokens, num_hidden_layers, top_k]`` int32, dense layers' rows 0; HTTP
   responses carry ``choices[i].routed_experts`` = base64 of ``np.save`` bytes.
 - TensorRT-LLM ``tensorrt_llm/_torch/expert_statistic.py``: ``meta_info.json`` ``{"num_experts",

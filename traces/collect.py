@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,12 +354,13 @@ class RoutingRecorder:
         if any(int(x.shape[1]) != k for x in ids_l):  # heterogeneous top-k: pad with -1 / 0
             ids_l = [torch.nn.functional.pad(x, (0, k - x.shape[1]), value=-1) for x in ids_l]
             w_l = [None if w is None else torch.nn.functional.pad(w, (0, k - w.shape[1]), value=0.0) for w in w_l]
-        keep = valid.to(ids_l[0].device)
-        ids = torch.stack(ids_l, dim=1)[keep]
+        dev = ids_l[0].device  # layers may sit on different devices (device_map): gather on the first one
+        keep = valid.to(dev)
+        ids = torch.stack([x.to(dev) for x in ids_l], dim=1)[keep]
         ids_np = ids.to("cpu", torch.int64).numpy()
         if any(w is None for w in w_l):
             return ids_np, None
-        w = torch.stack([x.to(torch.float32) for x in w_l], dim=1)[keep]
+        w = torch.stack([x.to(dev, torch.float32) for x in w_l], dim=1)[keep]
         return ids_np, w.to("cpu").numpy()
 
 
@@ -392,7 +394,7 @@ def record_batch(model, recorder: RoutingRecorder, sequences: list[list[int]], *
         sl = slice(S - len(s), S) if left else slice(0, len(s))
         ids[b, sl] = torch.tensor(s, dtype=torch.long)
         mask[b, sl] = 1
-    dev = device if device is not None else next(model.parameters()).device
+    dev = device if device is not None else model.get_input_embeddings().weight.device
     ids, mask = ids.to(dev), mask.to(dev)
     pos = _position_ids(mask)
     parts_ids, parts_w, parts_row, parts_pos = [], [], [], []
@@ -733,12 +735,14 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: st
     if not p.is_dir() or not (p / "config.json").is_file():
         raise CollectError(f"{p} is not a model folder with a config.json; give the local checkpoint folder "
                            f"(moeplace does not download models)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CollectError("--device cuda was given but no CUDA GPU is visible; use --device cpu")
+    if not (device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise CollectError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto (spread over all GPUs)")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise CollectError(f"--device {device} was given but no CUDA GPU is visible; use --device cpu")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    dtypes = {"auto": (torch.bfloat16 if device.startswith("cuda") else torch.float32), "float32": torch.float32,
+    dtypes = {"auto": (torch.float32 if device == "cpu" else torch.bfloat16), "float32": torch.float32,
               "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise CollectError(f"unknown dtype {dtype!r}; use one of {', '.join(dtypes)}")
@@ -748,8 +752,12 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: st
     hf_logging.disable_progress_bar()  # moeplace shows its own progress
     try:
         try:
+            placement = {"device_map": "auto"} if device == "auto" else {}
             model = AutoModelForCausalLM.from_pretrained(p, dtype=dtypes[dtype], local_files_only=True,
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code, **placement)
+        except ImportError as exc:
+            raise CollectError(f"loading {p} needs a package that is not installed ({exc}); --device auto needs "
+                               f"accelerate") from None
         except (OSError, ValueError, KeyError) as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CollectError(f"transformers could not load {p} ({msg}); check the folder holds a complete "
@@ -765,7 +773,8 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: st
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    model.to(device)
+    if device != "auto":
+        model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -37,7 +37,6 @@ import base64
 import binascii
 import io
 import json
-import os
 import re
 from pathlib import Path
 

@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
         out_path: str = typer.Option(..., "--out", help="Trace file to write (.npz)."),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many recorded tokens."),
         batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, or auto (spread a large model over "
+                                                           "all GPUs)."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on cuda, fp32 on cpu), float32, bfloat16, "
                                                           "float16."),
         generate: int = typer.Option(0, "--generate", help="Greedy decode steps after each prefill (0: prefill "
@@ -60,13 +61,18 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--max-seq-len must be >= 1, got {max_seq_len}")
         columns = [TextColumn("[bold]collect[/]"), BarColumn(), TextColumn("{task.completed:,} tokens"),
                    TextColumn("{task.fields[seqs]:,} sequences"), TimeElapsedColumn()]
-        with Progress(*columns, console=err, transient=True, disable=as_json) as progress:
-            task = progress.add_task("collect", total=max_tokens, seqs=0)
-            summary = collect_from_checkpoint(
-                model, data, out_path, batch_size=batch_size, max_tokens=max_tokens, device=device, dtype=dtype,
-                generate=generate, max_seq_len=max_seq_len, shard_dir=shard_dir, shard_tokens=shard_tokens,
-                keep_shards=keep_shards, rank=rank, world_size=world_size, trust_remote_code=trust_remote_code,
-                progress=lambda t, s: progress.update(task, completed=t, seqs=s))
+        try:
+            with Progress(*columns, console=err, transient=True, disable=as_json) as progress:
+                task = progress.add_task("collect", total=max_tokens, seqs=0)
+                summary = collect_from_checkpoint(
+                    model, data, out_path, batch_size=batch_size, max_tokens=max_tokens, device=device,
+                    dtype=dtype, generate=generate, max_seq_len=max_seq_len, shard_dir=shard_dir,
+                    shard_tokens=shard_tokens, keep_shards=keep_shards, rank=rank, world_size=world_size,
+                    trust_remote_code=trust_remote_code,
+                    progress=lambda t, s: progress.update(task, completed=t, seqs=s))
+        except KeyboardInterrupt:
+            err.print("interrupted: run the same command again to resume after the last complete shard")
+            raise typer.Exit(130) from None
         result = {"out": str(summary.out), "tokens": summary.tokens, "sequences": summary.sequences,
                   "moe_layers": len(summary.moe_layer_index), "moe_layer_index": summary.moe_layer_index,
                   "num_experts": summary.num_experts, "top_k": summary.top_k, "shards": summary.shards,
