@@ -153,35 +153,11 @@ def _is_plain_linear(mod) -> bool:
     return type(mod) in (torch.nn.Linear,)
 
 
-def find_router_sites(model) -> list[RouterSite]:
-    """The routing taps of ``model``, one per MoE layer, in decoder-layer order.
-
-    Raises:
-        CollectError: naming the model class when no router can be found.
-    """
-    cls = type(model).__name__
-    cfg = _text_config(model)
-    model_type = str(getattr(cfg, "model_type", "") or getattr(model.config, "model_type", ""))
-    found = _decoder_layers(model)
-    if found is None:
-        raise CollectError(f"{cls} has no list of decoder layers that moeplace can find (looked for a ModuleList "
-                           f"with num_hidden_layers entries); it cannot record its routing")
-    prefix, layers = found
-    sites: list[RouterSite] = []
-    known = _KNOWN_ROUTERS.get(model_type)
+def _generic_sites(cls: str, prefix: str, layers) -> list[RouterSite]:
+    """Per decoder layer: a ``gate``/``router`` module (not a bare Linear), else an ``experts`` module."""
+    sites = []
     for i, layer in enumerate(layers):
         named = list(layer.named_modules())
-        if known is not None:
-            cls_name, w_at, i_at = known
-            routers = [(n, m) for n, m in named if type(m).__name__ == cls_name]
-            if len(routers) > 1:
-                raise CollectError(f"{cls} decoder layer {i} holds {len(routers)} {cls_name} modules; moeplace "
-                                   f"expects one router per MoE layer")
-            if routers:
-                n, m = routers[0]
-                sites.append(RouterSite(i, f"{prefix}.{i}.{n}", m, "router-output", i_at, w_at))
-            continue
-        # generic fallback
         routers = [(n, m) for n, m in named if n and n.rsplit(".", 1)[-1] in ("gate", "router")
                    and not _is_plain_linear(m)]
         experts = [(n, m) for n, m in named if n and n.rsplit(".", 1)[-1] == "experts"
@@ -198,6 +174,37 @@ def find_router_sites(model) -> list[RouterSite]:
         elif len(routers) > 1:
             raise CollectError(f"{cls} decoder layer {i} has several router-like modules "
                                f"({', '.join(n for n, _ in routers)}); moeplace cannot tell which one routes")
+    return sites
+
+
+def find_router_sites(model) -> list[RouterSite]:
+    """The routing taps of ``model``, one per MoE layer, in decoder-layer order.
+
+    Raises:
+        CollectError: naming the model class when no router can be found.
+    """
+    cls = type(model).__name__
+    cfg = _text_config(model)
+    model_type = str(getattr(cfg, "model_type", "") or getattr(model.config, "model_type", ""))
+    found = _decoder_layers(model)
+    if found is None:
+        raise CollectError(f"{cls} has no list of decoder layers that moeplace can find (looked for a ModuleList "
+                           f"with num_hidden_layers entries); it cannot record its routing")
+    prefix, layers = found
+    sites: list[RouterSite] = []
+    known = _KNOWN_ROUTERS.get(model_type)
+    if known is not None:
+        cls_name, w_at, i_at = known
+        for i, layer in enumerate(layers):
+            routers = [(n, m) for n, m in layer.named_modules() if type(m).__name__ == cls_name]
+            if len(routers) > 1:
+                raise CollectError(f"{cls} decoder layer {i} holds {len(routers)} {cls_name} modules; moeplace "
+                                   f"expects one router per MoE layer")
+            if routers:
+                n, m = routers[0]
+                sites.append(RouterSite(i, f"{prefix}.{i}.{n}", m, "router-output", i_at, w_at))
+    if not sites:  # generic fallback (also if a known model's router class was renamed)
+        sites = _generic_sites(cls, prefix, layers)
     if not sites:
         raise CollectError(
             f"found no MoE router in {cls} (model_type {model_type!r}): moeplace knows the routers of "
@@ -796,13 +803,17 @@ def collect_from_checkpoint(model_dir: str | os.PathLike, data: str | os.PathLik
     model, tokenizer = load_checkpoint(model_dir, device, dtype, trust_remote_code)
     cfg = _text_config(model)
     limit = max_seq_len or getattr(cfg, "max_position_embeddings", None)
+    if limit is not None and generate > 0:  # leave room for the decoded tokens
+        limit = max(1, limit - generate)
+    vocab = getattr(cfg, "vocab_size", None)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     if pad is None:
         pad = getattr(model.config, "pad_token_id", None)
+    if not isinstance(pad, int) or pad < 0 or (vocab is not None and pad >= vocab):
+        pad = 0  # padded positions are masked out; any id inside the vocabulary will do
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = getattr(model.config, "eos_token_id", None)
-    vocab = getattr(cfg, "vocab_size", None)
 
     def seqs():
         for sid, toks in read_jsonl_sequences(data, tokenizer, limit, rank, world_size):
@@ -817,4 +828,4 @@ def collect_from_checkpoint(model_dir: str | os.PathLike, data: str | os.PathLik
                    "rank": rank, "world_size": world_size, "device": device, "dtype": dtype}
     return collect(model, seqs(), out, batch_size=batch_size, max_tokens=max_tokens, generate=generate,
                    shard_dir=shard_dir, shard_tokens=shard_tokens, fingerprint=fingerprint,
-                   keep_shards=keep_shards, pad_token_id=int(pad or 0), eos_token_id=eos, progress=progress)
+                   keep_shards=keep_shards, pad_token_id=int(pad), eos_token_id=eos, progress=progress)
