@@ -154,12 +154,11 @@ class Budget:
 
     def memory_record(self, pcie_bandwidth: float | None = None) -> dict:
         """What a plan records about its budget (added to ``plan.memory``)."""
-        from placement.memory_eval import DYNAMIC_INTERVAL, DYNAMIC_WINDOW, PCIE_BANDWIDTH
+        from placement.memory_eval import PCIE_BANDWIDTH
 
         return {"spec": self.spec, "budget_slots_per_gpu": self.slots_per_gpu, "budget_share": self.share,
                 "expert_bytes": self.expert_bytes, "budget_bytes_per_gpu": self.bytes_per_gpu,
-                "pcie_bandwidth": pcie_bandwidth or PCIE_BANDWIDTH,
-                "dynamic": {"interval_tokens": DYNAMIC_INTERVAL, "window_tokens": DYNAMIC_WINDOW}}
+                "pcie_bandwidth": pcie_bandwidth or PCIE_BANDWIDTH}
 
 
 def resolve_expert_bytes(expert_bytes: str | int | None, model_config: str | Path | None,
@@ -233,16 +232,16 @@ def sweep(fit, held, gpus: int, budgets: list[str], expert_bytes: int, pcie_band
     """Plan at each budget on ``fit`` and replay the miss policies on ``held``.
 
     Policies at the same memory: ``ours`` (the budget solver: resident set + LRU buffer, split chosen on the
-    fit), ``ours-dynamic`` (its resident set re-picked every 64 tokens), ``top-frequency`` (per layer the most
+    fit), ``ours-dynamic`` (the budget solver for a resident set re-picked every 64 tokens), ``top-frequency`` (per layer the most
     frequent experts, an equal share per layer, a buffer of top_k slots), ``top-frequency-dynamic`` (that set
     re-picked, SwapMoE-style), ``lru-only`` (no resident set: the whole budget is an LRU buffer).
     Returns one row per (budget, policy) with hit rates, fetched bytes and estimated stall per token.
     """
     from placement.affinity import AffinityStats
-    from placement.memory_eval import DYNAMIC_INTERVAL, DYNAMIC_WINDOW, PCIE_BANDWIDTH, policy_metrics
+    from placement.memory_eval import PCIE_BANDWIDTH, policy_metrics
     from placement.problem import build_problem
     from solvers import Options, solve
-    from solvers.budget import ep_owner
+    from solvers.budget import DYNAMIC_INTERVAL, DYNAMIC_WINDOW, ep_owner
     from solvers.memsim import access_stream
 
     say = progress or (lambda m: None)
@@ -270,18 +269,20 @@ def sweep(fit, held, gpus: int, budgets: list[str], expert_bytes: int, pcie_band
                       batch=batch, prefetch=prefetch, transitions=stats.transitions,
                       prefetch_overlap_s=prefetch_overlap_s, stream=stream)
         configs = {}
-        if "ours" in policies or "ours-dynamic" in policies:
-            say(f"{b.spec}: planning ...")
+        for name, kind in (("ours", "static"), ("ours-dynamic", "dynamic")):
+            if name not in policies:
+                continue
+            say(f"{b.spec}: planning ({kind} policy) ...")
             problem = build_problem(fit, topo, budget_slots=b.total_slots, stats=stats)
             res = solve("budget", problem, Options(time_limit=time_limit, seed=seed, threads=1,
-                                                   params={"search_tokens": search_tokens, "batch": batch}))
+                                                   params={"search_tokens": search_tokens, "batch": batch,
+                                                           "policy": kind}))
             mem = res.stats["memory"]
             resident = np.zeros((L, E), dtype=bool)
             for l, ex in enumerate(mem["resident"]):
                 resident[l, ex] = True
-            own = np.asarray(mem["owner"])
-            configs["ours"] = (resident, own, mem["swap_slots_per_gpu"], None)
-            configs["ours-dynamic"] = (resident, own, mem["swap_slots_per_gpu"], dyn)
+            configs[name] = (resident, np.asarray(mem["owner"]), mem["swap_slots_per_gpu"],
+                             dyn if kind == "dynamic" else None)
         swap = min(k, b.slots_per_gpu)
         tf = top_frequency_resident(counts, owner, b.slots_per_gpu, swap, cap)
         configs["top-frequency"] = (tf, owner, swap, None)

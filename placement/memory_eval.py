@@ -22,12 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 from placement.plan import Plan
+from solvers.budget import DYNAMIC_INTERVAL, DYNAMIC_WINDOW
 from solvers.cost import CostModel
 from solvers.memsim import access_stream, prefetch_table, simulate, summarize
 
 PCIE_BANDWIDTH = 50e9  # bytes/s host -> GPU, PCIe Gen5 x16 effective
-DYNAMIC_INTERVAL = 64  # tokens between re-picks (chosen on the fitted half of the bundled trace)
-DYNAMIC_WINDOW = 256  # tokens of history a re-pick looks at
 
 KEYS = ("resident_hit_rate", "resident_static_hit_rate", "resident_gate_hit_rate", "fetch_bytes_per_token",
         "fetches_per_token", "est_fetch_ms_per_token", "dynamic_resident_hit_rate", "dynamic_fetch_bytes_per_token",

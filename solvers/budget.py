@@ -23,7 +23,9 @@ Params (``Options.params``): ``swap_slots`` (per GPU; fixes the split), ``swap_s
 of the budget, default 0, 0.1, 0.25, 0.5, 0.75, 0.9, 1), ``min_swap_slots`` (default top_k), ``allocation``
 ("global" = ours, "per-layer" = the same number of most-frequent experts in every layer, the plain baseline),
 ``importance`` ("lru-misses" default, or "count"), ``search_tokens`` (fit tokens simulated per candidate split,
-default 4096), ``batch`` (tokens per step, default 1).
+default 4096), ``batch`` (tokens per step, default 1), ``policy`` ("static", default, or "dynamic": choose the split
+for SwapMoE-style re-picking of the resident set every ``dynamic_interval`` tokens (default 64) from the last
+``dynamic_window`` tokens (default 256)).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from solvers.memsim import access_stream, simulate, summarize
 __all__ = ["ep_owner", "allocate", "phy2log_of", "budget_split", "solve", "SOLVERS"]
 
 DEFAULT_SHARES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+DYNAMIC_INTERVAL = 64  # tokens between re-picks of the dynamic policy (chosen on the fitted half of the bundled trace)
+DYNAMIC_WINDOW = 256  # tokens of history a re-pick looks at
 
 
 def ep_owner(load: np.ndarray, num_gpus: int, cap: int) -> np.ndarray:
@@ -199,12 +203,22 @@ def solve(problem: Problem, options: Options) -> Result:
     allocation = str(p.get("allocation", "global"))
     importance_kind = str(p.get("importance", "lru-misses"))
     batch = int(p.get("batch", 1))
+    policy = str(p.get("policy", "static"))
+    if policy not in ("static", "dynamic"):
+        raise SolverInputError(f"policy must be 'static' or 'dynamic', got {policy!r}")
+    interval = int(p.get("dynamic_interval", DYNAMIC_INTERVAL))
+    window = int(p.get("dynamic_window", DYNAMIC_WINDOW))
+    if interval < 1 or window < 1:
+        raise SolverInputError("dynamic_interval and dynamic_window must be >= 1 token")
+    dyn = (max(1, interval // batch), max(1, window // batch)) if policy == "dynamic" else None
+    policy_rec = {"miss": "fetch-on-miss", "buffer": "lru", "batch": batch, "kind": policy,
+                  "dynamic": {"interval_tokens": interval, "window_tokens": window}}
     k = int(problem.top_k)
     min_swap = int(p.get("min_swap_slots", k))
     max_swap = per_gpu
     if (per_gpu >= owned).all():  # every expert fits: nothing to swap
         resident = np.ones((L, E), dtype=bool)
-        return _result(problem, resident, owner, per_gpu, 0, [], allocation, "all-resident", None, batch, t0)
+        return _result(problem, resident, owner, per_gpu, 0, [], allocation, "all-resident", None, policy_rec, t0)
     if "swap_slots" in p and p["swap_slots"] is not None:
         cands = [int(p["swap_slots"])]
         if not 0 <= cands[0] <= max_swap:
@@ -228,7 +242,8 @@ def solve(problem: Problem, options: Options) -> Result:
             quota = np.minimum(per_gpu - c, owned)
             imp = _importance(importance_kind, stream, owner, G, c, counts)
             res = allocate(imp, owner, quota, spg, allocation)
-            s = summarize(stream, simulate(stream, res, owner, G, c), G, 1.0, 1.0)
+            sim = simulate(stream, res, owner, G, c, dynamic=dyn if res.any() else None, dynamic_prior=counts)
+            s = summarize(stream, sim, G, 1.0, 1.0)
             search.append({"swap_slots_per_gpu": c, "resident_slots_per_gpu": int(quota.max()),
                            "fit_hit_rate": s["hit_rate"]})
             options.say(f"swap buffer {c} slots/GPU: fit hit rate {s['hit_rate']:.4f}")
@@ -242,11 +257,13 @@ def solve(problem: Problem, options: Options) -> Result:
     resident = allocate(imp, owner, quota, spg, allocation)
     fit = None
     if stream_full is not None:
-        fit = summarize(stream_full, simulate(stream_full, resident, owner, G, swap), G, 1.0, 1.0)["hit_rate"]
-    return _result(problem, resident, owner, per_gpu, swap, search, allocation, importance_kind, fit, batch, t0)
+        sim = simulate(stream_full, resident, owner, G, swap, dynamic=dyn if resident.any() else None,
+                       dynamic_prior=counts)
+        fit = summarize(stream_full, sim, G, 1.0, 1.0)["hit_rate"]
+    return _result(problem, resident, owner, per_gpu, swap, search, allocation, importance_kind, fit, policy_rec, t0)
 
 
-def _result(problem, resident, owner, per_gpu, swap, search, allocation, importance, fit_hit, batch, t0) -> Result:
+def _result(problem, resident, owner, per_gpu, swap, search, allocation, importance, fit_hit, policy, t0) -> Result:
     topo = problem.topology
     G = topo.num_gpus
     L, E = resident.shape
@@ -259,12 +276,13 @@ def _result(problem, resident, owner, per_gpu, swap, search, allocation, importa
         "resident": [[int(e) for e in np.flatnonzero(resident[l])] for l in range(L)],
         "host": [[int(e) for e in np.flatnonzero(~resident[l])] for l in range(L)],
         "owner": owner.tolist(),
-        "policy": {"miss": "fetch-on-miss", "buffer": "lru", "batch": int(batch)},
+        "policy": policy,
         "allocation": allocation, "importance": importance, "split_search": search,
     }
     miss = None if fit_hit is None else 1.0 - fit_hit
     return Result(phy, solver="budget", status="heuristic", objective=miss, bound=None, gap=None,
-                  seconds=time.perf_counter() - t0, objective_name="fit miss rate (fetch-on-miss, LRU buffer)",
+                  seconds=time.perf_counter() - t0,
+                  objective_name=f"fit miss rate ({policy['kind']} resident set, fetch-on-miss into an LRU buffer)",
                   stats={"memory": memory, "fit_hit_rate": fit_hit})
 
 

@@ -11,7 +11,9 @@ from placement.cli_common import UserError, err, out, print_json, user_errors
 
 DEFAULT_BUDGETS = "10%,25%,50%,75%"
 
-LABELS = {"ours": "moeplace (resident set + LRU buffer)", "ours-dynamic": "moeplace, re-picked every 64 tokens",
+SHORT = {"ours": "moeplace", "ours-dynamic": "moeplace-dyn", "top-frequency": "topfreq",
+         "top-frequency-dynamic": "topfreq-dyn", "lru-only": "lru-only", "all-resident": "all-resident"}
+LABELS = {"ours": "moeplace (resident set + LRU buffer)", "ours-dynamic": "moeplace planned for re-picking every 64 tokens",
           "top-frequency": "per-layer top-frequency", "top-frequency-dynamic": "top-frequency re-picked (SwapMoE-style)",
           "lru-only": "LRU only (no resident set)", "all-resident": "every expert resident"}
 
@@ -120,9 +122,11 @@ def register(app: typer.Typer) -> None:
                         "fit_tokens": fit.num_tokens, "eval_tokens": held.num_tokens, "monotone": ok,
                         "plot": str(plot) if plot else None})
             return
-        table = Table(title=f"memory budget sweep ({title})")
-        for col in ("budget", "slots/GPU", "GiB/GPU", "policy", "resident", "buffer", "hit rate", "gate-weighted",
-                    "MB/token", "est. ms/token"):
+        from rich import box
+
+        table = Table(title=f"memory budget sweep ({title})", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True)
+        for col in ("budget", "slots", "GiB", "policy", "res.", "buf", "hit", "gate", "MB/tok", "ms/tok"):
             table.add_column(col, justify="left" if col in ("budget", "policy") else "right")
         last = None
         for r in rows:
@@ -130,12 +134,16 @@ def register(app: typer.Typer) -> None:
             last = r["budget"]
             gate = r.get("gate_hit_rate")
             table.add_row(r["budget"] if first else "", str(r["slots_per_gpu"]) if first else "",
-                          f"{r['slots_per_gpu'] * eb / 2 ** 30:.2f}" if first else "", LABELS.get(r["policy"], r["policy"]),
+                          f"{r['slots_per_gpu'] * eb / 2 ** 30:.2f}" if first else "", SHORT.get(r["policy"], r["policy"]),
                           str(r.get("resident_experts", "all")), str(r.get("swap_slots_per_gpu", "-")),
                           f"{r['hit_rate']:.4f}", "-" if gate is None else f"{gate:.4f}",
                           f"{r['fetch_bytes_per_token'] / 1e6:.1f}", f"{r['est_fetch_ms_per_token']:.2f}",
                           end_section=False)
         out.print(table)
+        out.print("policies: " + "; ".join(f"{SHORT[p]} = {LABELS[p]}" for p in dict.fromkeys(r["policy"] for r in rows))
+                  + ". slots, GiB: budget per GPU; res.: experts resident in GPU memory (all GPUs); buf: LRU swap "
+                  "slots per GPU; hit: share of token-expert activations found in GPU memory (gate: weighted by gate "
+                  "weight); MB/tok: host->GPU copies per token; ms/tok: estimated PCIe stall per token.", markup=False)
         if not ok:
             out.print("note: moeplace's hit rate fell between two budgets on these held-out tokens (the split was chosen "
                       "on the fitted tokens); compare the neighbouring rows")
