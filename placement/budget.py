@@ -343,5 +343,5 @@ def describe_plan_memory(plan) -> str:
     spread = f" ({min(per_layer)}-{max(per_layer)} per layer)" if per_layer else ""
     return (f"memory budget {m.get('spec', '?')}: {m.get('budget_slots_per_gpu')} expert slots per GPU = "
             f"{m.get('resident_experts')} resident experts in total{spread} + a swap buffer of "
-            f"{m.get('swap_slots_per_gpu')} slots per GPU (LRU, fetch-on-miss); the other experts stay in host "
+            f"{m.get('swap_slots_per_gpu')} slot(s) per GPU (LRU, fetch-on-miss); the other experts stay in host "
             f"memory{size}")

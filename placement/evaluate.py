@@ -195,6 +195,7 @@ HEADLINE = [
     ("a2a_bytes_busiest_gpu", "busiest GPU a2a bytes"),
     ("est_moe_us_per_token", "est. MoE time (us/token)"),
     ("resident_hit_rate", "expert hit rate in GPU memory (higher better)"),
+    ("resident_static_hit_rate", "hit rate of the resident set alone"),
     ("fetch_bytes_per_token", "host->GPU bytes per token"),
     ("est_fetch_ms_per_token", "est. PCIe stall (ms/token)"),
     ("dynamic_resident_hit_rate", "hit rate, dynamic re-pick (higher better)"),
