@@ -619,7 +619,8 @@ class Comm:
             torch.cuda.synchronize(self.device)
 
     def exchange(self, send, send_counts: list[int], recv_counts: list[int], kind: str):
-        """Send ``send[rows]`` (rows grouped by destination, ``send_counts[d]`` each), receive ``recv_counts``."""
+        """One ``all_to_all_single``: ``send`` rows are grouped by destination (``send_counts[d]`` rows for rank d),
+        ``recv_counts[s]`` rows arrive from rank s. Adds the bytes sent to other ranks to ``stats.<kind>_bytes``."""
         torch = _torch()
         import torch.distributed as dist
 
@@ -794,7 +795,6 @@ def run_stack(moes: list[ExpertParallelMoE], h, token_id, router: Router, datafl
         ``(token_id, h)`` of the tokens on this rank at the end (standard: the same tokens; coherent: the tokens
         whose last anchor is this rank, sorted by id).
     """
-    torch = _torch()
     pre = rms_norm if norm else (lambda z: z)
     for l, moe in enumerate(moes):
         moe.comm._sync()

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from placement.evaluate import evaluate  # noqa: E402
 from placement.plan import Plan  # noqa: E402
-from placement.runtime import (BenchSpec, ExpertSource, anchor_column, coherent_traffic, plan_moves,  # noqa: E402
+from placement.runtime import (BenchSpec, anchor_column, coherent_traffic, plan_moves,  # noqa: E402
                                predict_a2a, rank_experts, select_tokens)
 from solvers import Topology  # noqa: E402
 from solvers.cost import CostModel  # noqa: E402
@@ -454,3 +454,23 @@ def test_bench_bad_input_is_one_sentence_exit_2(plans_2gpu, tmp_path):
         assert r.exit_code == 2, (extra, r.output)
         text = " ".join(r.output.split())  # the error console wraps long lines
         assert words in text and "Traceback" not in text, (extra, r.output)
+
+
+def test_bench_under_torchrun(plans_2gpu, tmp_path):
+    """Every rank runs the command; it joins torchrun's process group and only rank 0 prints."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "placement.cli",
+           "bench", str(plans_2gpu[0]), "--tokens", "200", "--hidden-size", "32", "--repeats", "1", "--warmup", "0",
+           "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads(res.stdout)  # one JSON document: rank 1 printed nothing
+    assert rep["launcher"] == "torchrun" and rep["world_size"] == 2
+    row = rep["plans"][0]
+    assert row["measured"]["a2a_bytes"] == row["predicted"]["a2a_bytes"] > 0
