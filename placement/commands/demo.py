@@ -160,8 +160,11 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
-        """Run the whole pipeline on the bundled real DeepSeek-V2-Lite trace: fit on half the sequences, plan with
-        every solver, evaluate on the other half, write plans, an SGLang export and a report with plots."""
+        """Run the whole pipeline on the bundled real trace and write plans, an SGLang export and a report.
+
+        Fits every solver on half the sequences of the bundled DeepSeek-V2-Lite trace,
+        evaluates the plans on the other half, and writes the plans (JSON), the recommended
+        plan for SGLang, and a report (Markdown, HTML) with the side-by-side table and plots."""
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         from placement.commands.evaluate import metrics_table

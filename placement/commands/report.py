@@ -30,8 +30,11 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
         as_json: bool = typer.Option(False, "--json", help="Print the written paths and metrics as JSON."),
     ):
-        """Write a report (Markdown, HTML, JSON and PNG plots) comparing plans on traces: side-by-side metrics with
-        ratios to contiguous, solve time and gap, affinity heatmaps, per-layer balance and cross-GPU transitions."""
+        """Compare plans on traces in a report: Markdown, HTML, JSON and PNG plots.
+
+        The report has the side-by-side metrics with ratios to contiguous, solve time and gap,
+        affinity heatmaps, mutual information against a shuffled baseline, and per-layer balance
+        and cross-GPU transitions per plan."""
         from placement.affinity import AffinityStats
         from placement.cli_common import load_data, load_plans
         from placement.commands.plan import cost_model
