@@ -98,7 +98,8 @@ def gpu_order(phy2log_row: np.ndarray, num_experts: int, slots_per_gpu: int) -> 
 
 # affinity -------------------------------------------------------------------------------------------------------
 def conditional_heatmaps(transitions: np.ndarray, boundaries: Sequence[int], layer_index: Sequence[int] | None = None,
-                         plan=None, title: str | None = None, vmax_quantile: float = 0.995):
+                         plan=None, title: str | None = None, vmax_quantile: float = 0.995, order: str = "spectral",
+                         panel_titles: Sequence[str] | None = None):
     """Heatmaps of ``P(expert at l+1 | expert at l)`` for a few boundaries.
 
     Args:
@@ -107,8 +108,12 @@ def conditional_heatmaps(transitions: np.ndarray, boundaries: Sequence[int], lay
         layer_index: ``[L]`` decoder-layer index of each MoE layer, for the titles.
         plan: optional :class:`placement.plan.Plan`; experts are then grouped by the GPU the plan puts them on
             at each layer, with GPU blocks outlined: mass inside the outlined diagonal blocks is transitions
-            that stay on one GPU. Without a plan experts are ordered by :func:`spectral_order`.
+            that stay on one GPU. Without a plan experts are ordered by ``order``: "spectral"
+            (:func:`spectral_order`, shows structure) or "index" (expert ids, comparable across panels).
+        panel_titles: one title per panel (default: the layer pair).
     """
+    if order not in ("spectral", "index"):
+        raise ValueError(f"order must be 'spectral' or 'index', got {order!r}")
     boundaries = list(boundaries)
     n = len(boundaries)
     cols = min(n, 3)
@@ -128,13 +133,15 @@ def conditional_heatmaps(transitions: np.ndarray, boundaries: Sequence[int], lay
             ro, rg = gpu_order(plan.phy2log[b], E, spg)
             co, cg = gpu_order(plan.phy2log[b + 1], E, spg)
             blocks = (rg[ro], cg[co])
-        else:
+        elif order == "spectral":
             ro, co = spectral_order(t)
+        else:
+            ro = co = np.arange(E)
         mats.append((cond[np.ix_(ro, co)], blocks))
     pos = np.concatenate([m[m > 0] for m, _ in mats]) if mats else np.zeros(0)
     vmax = float(np.quantile(pos, vmax_quantile)) if pos.size else 1.0  # one colour scale for all panels
     image = None
-    how = "by GPU" if plan is not None else "spectral order"
+    how = "by GPU" if plan is not None else ("spectral order" if order == "spectral" else "expert id")
     for i, ax in enumerate(axes.flat):
         if i >= n:
             ax.set_visible(False)
@@ -144,11 +151,21 @@ def conditional_heatmaps(transitions: np.ndarray, boundaries: Sequence[int], lay
         image = ax.imshow(m, cmap="magma_r", vmin=0.0, vmax=max(vmax, 1e-9), interpolation="nearest", aspect="equal")
         if blocks is not None:
             _outline_blocks(ax, *blocks)
-        ax.set_title(f"layer {li[b]} -> layer {li[b + 1]}", fontsize=10)
-        ax.set_xlabel(f"expert at layer {li[b + 1]} ({how})", fontsize=8)
-        ax.set_ylabel(f"expert at layer {li[b]} ({how})", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        if panel_titles is not None:
+            ax.set_title(panel_titles[i], fontsize=10)
+            ax.set_xlabel(f"expert at the later layer ({how})", fontsize=8)
+            ax.set_ylabel(f"expert at the earlier layer ({how})", fontsize=8)
+        else:
+            ax.set_title(f"layer {li[b]} -> layer {li[b + 1]}", fontsize=10)
+            ax.set_xlabel(f"expert at layer {li[b + 1]} ({how})", fontsize=8)
+            ax.set_ylabel(f"expert at layer {li[b]} ({how})", fontsize=8)
+        if order == "index" and plan is None and E <= 16:
+            ax.set_xticks(range(E))
+            ax.set_yticks(range(E))
+            ax.tick_params(labelsize=7)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="P(next expert | expert)")
     if title:
