@@ -49,13 +49,30 @@ def save(fig, path: str | Path) -> Path:
 
 
 # ordering ------------------------------------------------------------------------------------------------------
-def spectral_order(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _second_vectors(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Second left/right singular vectors of ``D_r^-1/2 A D_c^-1/2``, scaled back by ``D^-1/2``."""
+    r = A.sum(axis=1)
+    c = A.sum(axis=0)
+    dr = 1.0 / np.sqrt(np.where(r > 0, r, 1.0))
+    dc = 1.0 / np.sqrt(np.where(c > 0, c, 1.0))
+    u, _, vt = np.linalg.svd(dr[:, None] * A * dc[None, :])
+    if u.shape[1] < 2 or vt.shape[0] < 2:
+        return np.zeros(A.shape[0]), np.zeros(A.shape[1])
+    ru, cv = dr * u[:, 1], dc * vt[1]
+    if (ru * r).sum() < 0:  # fix the sign so the picture does not flip with numerical noise
+        ru, cv = -ru, -cv
+    return ru, cv
+
+
+def spectral_order(counts: np.ndarray, min_block: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Row and column orders that bring a pair-count matrix's blocks onto the diagonal.
 
-    Bipartite spectral co-clustering (Dhillon, "Co-clustering documents and words using bipartite spectral graph
-    partitioning", KDD 2001): scale ``A[E, E]`` to ``D_r^-1/2 A D_c^-1/2``, take its second left and right
-    singular vectors, and sort rows and columns by them (scaled back by ``D^-1/2``). Experts that send their
-    tokens to the same successors end up next to each other.
+    Recursive bipartite spectral co-clustering (Dhillon, "Co-clustering documents and words using bipartite
+    spectral graph partitioning", KDD 2001): scale ``A`` to ``D_r^-1/2 A D_c^-1/2``, embed rows and columns together by
+    its second left and right singular vectors, split both at the widest gap of that embedding, and recurse
+    into the two diagonal blocks; inside a block
+    of at most ``min_block`` rows or columns, sort by the singular vectors. Experts that send their tokens to the
+    same successors end up next to each other, each planted group as one contiguous run.
 
     Args:
         counts: float ``[E, F]`` pair counts (rows: experts at layer l, columns: experts at l+1).
@@ -63,17 +80,30 @@ def spectral_order(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ``(row_order [E], col_order [F])`` permutations.
     """
     A = np.asarray(counts, dtype=np.float64)
-    r = A.sum(axis=1)
-    c = A.sum(axis=0)
-    dr = 1.0 / np.sqrt(np.where(r > 0, r, 1.0))
-    dc = 1.0 / np.sqrt(np.where(c > 0, c, 1.0))
-    An = dr[:, None] * A * dc[None, :]
-    u, _, vt = np.linalg.svd(An)
-    ru, cv = dr * u[:, 1], dc * vt[1]
-    # sign: put the heavier end first so the picture does not flip with numerical noise
-    if (ru * r).sum() < 0:
-        ru, cv = -ru, -cv
-    return np.argsort(ru, kind="stable"), np.argsort(cv, kind="stable")
+
+    def rec(rows: np.ndarray, cols: np.ndarray) -> tuple[list, list]:
+        ru, cv = _second_vectors(A[np.ix_(rows, cols)])
+        ro, co = rows[np.argsort(ru, kind="stable")], cols[np.argsort(cv, kind="stable")]
+        if min(rows.size, cols.size) <= min_block:
+            return list(ro), list(co)
+        # split rows and columns together at the widest gap of the joint embedding (never inside a tight group)
+        z = np.concatenate([ru, cv])
+        is_row = np.concatenate([np.ones(ru.size, bool), np.zeros(cv.size, bool)])
+        order = np.argsort(z, kind="stable")
+        rows_before = np.cumsum(is_row[order])[:-1]
+        cols_before = np.cumsum(~is_row[order])[:-1]
+        ok = (rows_before > 0) & (cols_before > 0) & (rows_before < ru.size) & (cols_before < cv.size)
+        if not ok.any():
+            return list(ro), list(co)
+        gaps = np.where(ok, np.diff(z[order]), -np.inf)
+        cut = z[order][int(np.argmax(gaps))]
+        rlo, clo = ru <= cut, cv <= cut
+        r1, c1 = rec(rows[rlo][np.argsort(ru[rlo], kind="stable")], cols[clo][np.argsort(cv[clo], kind="stable")])
+        r2, c2 = rec(rows[~rlo][np.argsort(ru[~rlo], kind="stable")], cols[~clo][np.argsort(cv[~clo], kind="stable")])
+        return r1 + r2, c1 + c2
+
+    ro, co = rec(np.arange(A.shape[0]), np.arange(A.shape[1]))
+    return np.asarray(ro, dtype=np.int64), np.asarray(co, dtype=np.int64)
 
 
 def gpu_order(phy2log_row: np.ndarray, num_experts: int, slots_per_gpu: int) -> tuple[np.ndarray, np.ndarray]:
