@@ -18,19 +18,55 @@ def _progress_fn(progress):
     return progress or (lambda message, advance=0: None)
 
 
-def memory_curve(fit, held, topology, time_limit: float, seed: int = 0, progress=None) -> dict | None:
-    """The memory-budget sweep for the report, when this install has the memory-budget planner; else None.
+DEMO_BUDGETS = ("10%", "25%", "50%")  # GPU memory per GPU, as shares of all routed experts
+DEMO_BUDGET_POLICIES = ("ours", "top-frequency", "lru-only")
 
-    Feature-detected: ``placement.memory_eval`` must provide ``report_curve(fit, held, topology, ...)``.
+
+def memory_curve(fit, held, gpus: int, time_limit: float, seed: int = 0, progress=None) -> dict | None:
+    """The memory-budget curve for the report, when this install has the memory-budget planner; else None.
+
+    Feature-detected: ``placement.budget.sweep`` (the sweep behind ``moeplace budget``) plans at each budget of
+    :data:`DEMO_BUDGETS` on ``fit`` and replays the miss policies on ``held``. Returns the report's
+    ``memory_curve`` dict (rows, axes, a table).
     """
+    import inspect
+
     try:
-        mod = importlib.import_module("placement.memory_eval")
+        budget = importlib.import_module("placement.budget")
+        mem = importlib.import_module("placement.memory_eval")
     except ImportError:
         return None
-    fn = getattr(mod, "report_curve", None)
-    if fn is None:
+    sweep = getattr(budget, "sweep", None)
+    if sweep is None or not hasattr(mem, "default_expert_bytes"):
         return None
-    return fn(fit, held, topology, time_limit=time_limit, seed=seed, progress=progress)
+    expert_bytes = mem.default_expert_bytes()
+    wanted = {"time_limit": time_limit, "seed": seed, "search_tokens": 2048, "policies": DEMO_BUDGET_POLICIES,
+              "progress": progress}
+    accepted = inspect.signature(sweep).parameters
+    rows = sweep(fit, held, gpus, list(DEMO_BUDGETS), expert_bytes,
+                 **{k: v for k, v in wanted.items() if k in accepted})
+    try:
+        labels = importlib.import_module("placement.commands.budget").LABELS
+    except (ImportError, AttributeError):
+        labels = {}
+    for r in rows:
+        r["share_pct"] = 100.0 * r["share"]
+        r["fetch_mb_per_token"] = r["fetch_bytes_per_token"] / 1e6
+        r["policy_label"] = labels.get(r["policy"], r["policy"])
+    header = ["budget (share of experts)", "slots per GPU", "policy", "hit rate", "host->GPU MB/token",
+              "est. stall ms/token"]
+    table = [[r["budget"], str(r["slots_per_gpu"]), r["policy_label"], f"{r['hit_rate']:.4f}",
+              f"{r['fetch_mb_per_token']:.2f}", f"{r['est_fetch_ms_per_token']:.3f}"] for r in rows]
+    return {"rows": rows, "x": "share_pct", "x_label": "GPU memory budget (% of all routed experts)",
+            "series": [("hit_rate", "share of expert uses served from GPU memory (higher is better)"),
+                       ("fetch_mb_per_token", "host->GPU MB per token (lower is better)"),
+                       ("est_fetch_ms_per_token", "estimated PCIe stall, ms per token (lower is better)")],
+            "group": "policy_label", "table": (header, table),
+            "note": (f"Memory budget: with only part of the experts in GPU memory, the rest are fetched from host "
+                     f"memory on a miss. Fitted on the fit sequences, replayed token by token on the held-out ones "
+                     f"({gpus} GPUs, expert {expert_bytes / 1e6:.1f} MB, PCIe "
+                     f"{getattr(mem, 'PCIE_BANDWIDTH', 50e9) / 1e9:.0f} GB/s). More budgets and policies: "
+                     f"`moeplace budget --gpus {gpus} --budgets 10%,25%,50%,75%`.")}
 
 
 def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, time_limit: float = DEMO_TIME_LIMIT,
@@ -84,7 +120,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
         raise UserError("no solver could plan the demo request: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
     say("memory-budget sweep ...")
-    curve = memory_curve(fit, held, topo, time_limit, seed, progress=lambda m: say(f"memory budget: {m}"))
+    curve = memory_curve(fit, held, gpus, time_limit, seed, progress=lambda m: say(f"memory budget: {m}"))
     say("memory-budget sweep done" if curve else "no memory-budget planner in this install", 1)
 
     say("evaluating on held-out sequences ...")
