@@ -384,6 +384,23 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
             "notes": notes}
 
 
+def comparable_solvers() -> list[str]:
+    """Registered solvers that plan every expert resident (the demo's side-by-side comparison).
+
+    Solvers made for memory-budget plans (``placement.budget.BUDGET_SOLVERS``, when installed) are left out:
+    the memory-budget curve compares them on their own terms.
+    """
+    import importlib
+
+    from solvers import names
+
+    try:
+        budget_only = set(importlib.import_module("placement.budget").BUDGET_SOLVERS)
+    except (ImportError, AttributeError):
+        budget_only = set()
+    return [n for n in names() if n not in budget_only]
+
+
 def describe_data(label: str, trace) -> str:
     """One bullet: tokens, sequences, layers, experts, top-k of a trace (or profiles of counts)."""
     if isinstance(trace, RoutingTrace):

@@ -30,6 +30,15 @@ def _png_ok(path) -> bool:
     return img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and float(img[..., :3].std()) > 0.01
 
 
+def _has_budget_sweep() -> bool:
+    import importlib
+
+    try:
+        return hasattr(importlib.import_module("placement.budget"), "sweep")
+    except ImportError:
+        return False
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     from solvers import names
@@ -64,6 +73,11 @@ def test_demo_writes_plans_report_and_pngs(demo_dir):
     for p in pngs:  # every plot is linked from the Markdown and embedded in the HTML
         assert f"(plots/{p.name})" in md
     assert html.count("data:image/png;base64,") == len(pngs)
+    if _has_budget_sweep():  # the memory-budget curve is part of the demo once the budget planner is installed
+        assert "memory_budget" in stems
+        rows = report["memory_curve"]
+        assert rows and all(0.0 <= r["hit_rate"] <= 1.0 for r in rows)
+        assert {r["budget"] for r in rows} == {"10%", "25%", "50%"}
     sg = next(demo_dir.glob("sglang-*.json"))
     rows = np.array(json.loads(sg.read_text())["physical_to_logical_map"])
     trace = datasets.load()

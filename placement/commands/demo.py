@@ -58,9 +58,9 @@ def memory_curve(fit, held, gpus: int, time_limit: float, seed: int = 0, progres
     table = [[r["budget"], str(r["slots_per_gpu"]), r["policy_label"], f"{r['hit_rate']:.4f}",
               f"{r['fetch_mb_per_token']:.2f}", f"{r['est_fetch_ms_per_token']:.3f}"] for r in rows]
     return {"rows": rows, "x": "share_pct", "x_label": "GPU memory budget (% of all routed experts)",
-            "series": [("hit_rate", "share of expert uses served from GPU memory (higher is better)"),
-                       ("fetch_mb_per_token", "host->GPU MB per token (lower is better)"),
-                       ("est_fetch_ms_per_token", "estimated PCIe stall, ms per token (lower is better)")],
+            "series": [("hit_rate", "hit rate in GPU memory (higher is better)"),
+                       ("fetch_mb_per_token", "host->GPU MB per token"),
+                       ("est_fetch_ms_per_token", "est. PCIe stall (ms per token)")],
             "group": "policy_label", "table": (header, table),
             "note": (f"Memory budget: with only part of the experts in GPU memory, the rest are fetched from host "
                      f"memory on a miss. Fitted on the fit sequences, replayed token by token on the held-out ones "
@@ -81,13 +81,13 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     from placement.export import ExportError, exporters
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
-    from placement.report import build_report, describe_cost, describe_data, describe_topology
+    from placement.report import build_report, comparable_solvers, describe_cost, describe_data, describe_topology
     from solvers import Options, SolverInputError, Topology, names, solve
     from traces import atomic_write_bytes, datasets
 
     say = _progress_fn(progress)
     available = names()
-    chosen = list(solvers or available)
+    chosen = list(solvers or comparable_solvers())
     unknown = [s for s in chosen if s not in available]
     if unknown:
         raise UserError(f"unknown solver {unknown[0]!r}; choose from {', '.join(available)}")
@@ -191,7 +191,8 @@ def register(app: typer.Typer) -> None:
                                                     "one node)."),
         time_limit: float = typer.Option(DEMO_TIME_LIMIT, "--time-limit", help="Seconds per solver."),
         solver: Optional[list[str]] = typer.Option(None, "--solver", "-s", help="Only these solvers (repeatable; "
-                                                   "default: every solver, see 'moeplace solvers')."),
+                                                   "default: every solver that keeps all experts resident, see "
+                                                   "'moeplace solvers')."),
         seed: int = typer.Option(0, "--seed", help="Seed of the sequence split and the solvers."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -204,11 +205,11 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         from placement.commands.evaluate import metrics_table
-        from solvers import names
+        from placement.report import comparable_solvers
 
         if time_limit <= 0:
             raise UserError(f"--time-limit must be positive, got {time_limit}")
-        chosen = list(solver or names())
+        chosen = list(solver or comparable_solvers())
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as bar:
             task = bar.add_task("moeplace demo", total=demo_steps(chosen))
