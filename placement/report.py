@@ -178,7 +178,8 @@ def comparison_table(overall: dict[str, dict], solver: dict[str, dict], baseline
     for key, label in metric_rows(overall):
         vals = [overall[n].get(key) for n in names]
         present = [v for v in vals if v is not None]
-        best = (max(present) if key in HIGHER_IS_BETTER else min(present)) if present else None
+        higher = key in HIGHER_IS_BETTER or "higher better" in label or "higher is better" in label
+        best = (max(present) if higher else min(present)) if present else None
         cells = []
         for v in vals:
             c = _fmt(v)
