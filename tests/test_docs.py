@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from placement import docgen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,8 +17,13 @@ DOCS = ROOT / "docs"
 
 
 def test_cli_reference_matches_help():
-    current = docgen.DOC_PATH.read_text()
-    assert current == docgen.render(), "docs/cli.md is out of date: run 'python -m placement.docgen'"
+    import difflib
+
+    current, expected = docgen.DOC_PATH.read_text(), docgen.render()
+    if current != expected:
+        diff = "".join(list(difflib.unified_diff(current.splitlines(True), expected.splitlines(True), "docs/cli.md",
+                                                 "moeplace --help", n=1))[:40])
+        pytest.fail(f"docs/cli.md is out of date: run 'python -m placement.docgen'\n{diff}")
 
 
 def test_cli_reference_covers_every_command():

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             if not isinstance(data, RoutingTrace):
                 raise UserError("--holdout needs a token trace; counts cannot be split by sequence")
             data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
-        for path, p in zip(plans, plan_objs):
+        for p in plan_objs:
             p.check_fits(data.num_layers, data.num_experts, source=", ".join(sources))
         labels = [p.name for p in plan_objs]
         if baseline:
@@ -61,7 +61,9 @@ def register(app: typer.Typer) -> None:
         cost = cost_model(hidden_size, dtype)
         setup = [describe_data("evaluation data", data) + f" from {', '.join(sources)}"
                  + (f" (held-out share {holdout:g} of sequences, split seed {seed})" if holdout else ""),
-                 describe_topology(plan_objs[0]), describe_cost(cost),
+                 *([describe_topology(plan_objs[0])] if len({(p.topology, p.num_redundant) for p in plan_objs}) == 1
+                   else [f"{n}: {describe_topology(p)}" for n, p in zip(labels, plan_objs)]),
+                 describe_cost(cost),
                  "plans: " + ", ".join(f"`{p}`" for p in plans)]
         cmd = "moeplace report " + " ".join(shlex.quote(p) for p in plans)
         cmd += "".join(f" --trace {shlex.quote(t)}" for t in trace or [])
