@@ -181,6 +181,45 @@ def demo_steps(solvers: list[str]) -> int:
     return len(solvers) + 4
 
 
+SUMMARY_COLUMNS = [("load_imbalance", "imbalance", False), ("load_imbalance_max", "worst layer", False),
+                   ("cross_gpu_fraction", "cross-GPU", True), ("dispatch_gpus", "GPUs/token", True),
+                   ("a2a_bytes_per_token", "a2a bytes", True), ("est_moe_us_per_token", "est. MoE time", True)]
+
+
+def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str = "contiguous",
+                title: str | None = None):
+    """A compact rich table, one row per plan: headline metrics (ratios to ``baseline`` where marked) and how the
+    plan was solved. The full table is in the report."""
+    from rich.table import Table
+
+    from placement.cli_common import fmt
+
+    base = overall.get(baseline)
+    t = Table(title=title)
+    t.add_column("plan")
+    for key, label, ratio in SUMMARY_COLUMNS:
+        if any(o.get(key) is not None for o in overall.values()):
+            t.add_column(label + (f" (x {baseline})" if ratio and base else ""), justify="right")
+    for c in ("status", "solve s", "gap"):
+        t.add_column(c, justify="right")
+    for name, o in overall.items():
+        cells = [name]
+        for key, label, ratio in SUMMARY_COLUMNS:
+            if not any(x.get(key) is not None for x in overall.values()):
+                continue
+            v = o.get(key)
+            if v is None:
+                cells.append("-")
+            elif ratio and base and base.get(key):
+                cells.append(f"{v / base[key]:.2f}")
+            else:
+                cells.append(fmt(v, 3))
+        s = solver.get(name, {})
+        cells += [str(s.get("status", "-")), f"{s.get('seconds') or 0:.1f}", fmt(s.get("gap"), 3)]
+        t.add_row(*cells)
+    return t
+
+
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     @user_errors
@@ -204,7 +243,6 @@ def register(app: typer.Typer) -> None:
         plan for SGLang, and a report (Markdown, HTML) with the side-by-side table and plots."""
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        from placement.commands.evaluate import metrics_table
         from placement.report import comparable_solvers
 
         if time_limit <= 0:
@@ -234,11 +272,10 @@ def register(app: typer.Typer) -> None:
         out.print(f"bundled DeepSeek-V2-Lite ESFT trace: {t['tokens']} tokens in {t['sequences']} sequences; fitted on "
                   f"{t['fit_tokens']} tokens, evaluated on the other {t['heldout_tokens']} (held-out sequences), "
                   f"{gpus} GPUs")
-        cols = {k: v.heldout for k, v in res["plans"].items()}
-        out.print(metrics_table(cols, title="held-out metrics (ratio to contiguous)",
-                                ratios_to="contiguous" if "contiguous" in cols else None))
-        secs = ", ".join(f"{k} {v.solver['seconds']:.1f}s" for k, v in res["plans"].items())
-        out.print(f"solve times: {secs}")
+        out.print(plans_table({k: v.heldout for k, v in res["plans"].items()},
+                              {k: v.solver for k, v in res["plans"].items()},
+                              title="held-out sequences (imbalance: max/mean GPU load; lower is better everywhere)"))
+        out.print(f"recommended plan: {res['recommended']}", markup=False)
         for k, why in res["skipped"].items():
             out.print(f"skipped {k}: {why}", markup=False)
         for n in rep["notes"]:
