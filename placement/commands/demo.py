@@ -116,6 +116,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
                                                          {"holdout": 0.5, "split_seed": seed}))
         plans[name] = plan
         say(f"{name}: {res.status} in {res.seconds:.1f}s", 1)
+    plans = {n: plans[n] for n in sorted(plans, key=lambda n: n != "contiguous")}  # the baseline first
     if not plans:
         raise UserError("no solver could plan the demo request: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
@@ -181,9 +182,9 @@ def demo_steps(solvers: list[str]) -> int:
     return len(solvers) + 4
 
 
-SUMMARY_COLUMNS = [("load_imbalance", "imbalance", False), ("load_imbalance_max", "worst layer", False),
-                   ("cross_gpu_fraction", "cross-GPU", True), ("dispatch_gpus", "GPUs/token", True),
-                   ("a2a_bytes_per_token", "a2a bytes", True), ("est_moe_us_per_token", "est. MoE time", True)]
+SUMMARY_COLUMNS = [("load_imbalance", "imbal.", False), ("load_imbalance_max", "worst", False),
+                   ("cross_gpu_fraction", "cross-GPU x", True), ("dispatch_gpus", "GPUs/tok x", True),
+                   ("a2a_bytes_per_token", "a2a x", True), ("est_moe_us_per_token", "MoE time x", True)]
 
 
 def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str = "contiguous",
@@ -195,12 +196,13 @@ def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str
     from placement.cli_common import fmt
 
     base = overall.get(baseline)
-    t = Table(title=title)
-    t.add_column("plan")
+    t = Table(title=title, caption=f"imbal.: mean max/mean GPU load over layers, worst: the worst layer; x: ratio "
+                                   f"to {baseline}; s: solve seconds" if base else None)
+    t.add_column("plan", no_wrap=True)
     for key, label, ratio in SUMMARY_COLUMNS:
         if any(o.get(key) is not None for o in overall.values()):
-            t.add_column(label + (f" (x {baseline})" if ratio and base else ""), justify="right")
-    for c in ("status", "solve s", "gap"):
+            t.add_column(label if ratio and base else label.rstrip(" x"), justify="right")
+    for c in ("status", "s", "gap"):
         t.add_column(c, justify="right")
     for name, o in overall.items():
         cells = [name]
@@ -274,7 +276,7 @@ def register(app: typer.Typer) -> None:
                   f"{gpus} GPUs")
         out.print(plans_table({k: v.heldout for k, v in res["plans"].items()},
                               {k: v.solver for k, v in res["plans"].items()},
-                              title="held-out sequences (imbalance: max/mean GPU load; lower is better everywhere)"))
+                              title="held-out sequences (lower is better in every column)"))
         out.print(f"recommended plan: {res['recommended']}", markup=False)
         for k, why in res["skipped"].items():
             out.print(f"skipped {k}: {why}", markup=False)
