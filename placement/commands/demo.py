@@ -191,19 +191,20 @@ def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str
                 title: str | None = None):
     """A compact rich table, one row per plan: headline metrics (ratios to ``baseline`` where marked) and how the
     plan was solved. The full table is in the report."""
+    from rich import box
     from rich.table import Table
 
     from placement.cli_common import fmt
 
     base = overall.get(baseline)
-    t = Table(title=title, caption=f"imbal.: mean max/mean GPU load over layers, worst: the worst layer; x: ratio "
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=f"imbal.: mean max/mean GPU load over layers, worst: the worst layer; x: ratio "
                                    f"to {baseline}; s: solve seconds" if base else None)
     t.add_column("plan", no_wrap=True)
     for key, label, ratio in SUMMARY_COLUMNS:
         if any(o.get(key) is not None for o in overall.values()):
-            t.add_column(label if ratio and base else label.rstrip(" x"), justify="right")
+            t.add_column(label if ratio and base else label.rstrip(" x"), justify="right", no_wrap=True)
     for c in ("status", "s", "gap"):
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="right", no_wrap=True)
     for name, o in overall.items():
         cells = [name]
         for key, label, ratio in SUMMARY_COLUMNS:
