@@ -182,9 +182,9 @@ def demo_steps(solvers: list[str]) -> int:
     return len(solvers) + 4
 
 
-SUMMARY_COLUMNS = [("load_imbalance", "imbal.", False), ("load_imbalance_max", "worst", False),
-                   ("cross_gpu_fraction", "cross-GPU x", True), ("dispatch_gpus", "GPUs/tok x", True),
-                   ("a2a_bytes_per_token", "a2a x", True), ("est_moe_us_per_token", "MoE time x", True)]
+SUMMARY_COLUMNS = [("load_imbalance", "imbal", False), ("load_imbalance_max", "worst", False),
+                   ("cross_gpu_fraction", "xGPU", True), ("dispatch_gpus", "GPUs", True),
+                   ("a2a_bytes_per_token", "a2a", True), ("est_moe_us_per_token", "time", True)]
 
 
 def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str = "contiguous",
@@ -197,12 +197,14 @@ def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str
     from placement.cli_common import fmt
 
     base = overall.get(baseline)
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, caption=f"imbal.: mean max/mean GPU load over layers, worst: the worst layer; x: ratio "
-                                   f"to {baseline}; s: solve seconds" if base else None)
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False,
+              caption=(f"imbal: load imbalance (mean over layers of max/mean GPU load); worst: the worst layer; "
+                       f"ratios to {baseline}: xGPU cross-GPU transitions, GPUs per token-layer, a2a bytes per "
+                       f"token, estimated MoE time; s: solve seconds" if base else None))
     t.add_column("plan", no_wrap=True)
     for key, label, ratio in SUMMARY_COLUMNS:
         if any(o.get(key) is not None for o in overall.values()):
-            t.add_column(label if ratio and base else label.rstrip(" x"), justify="right", no_wrap=True)
+            t.add_column(label, justify="right", no_wrap=True)
     for c in ("status", "s", "gap"):
         t.add_column(c, justify="right", no_wrap=True)
     for name, o in overall.items():
