@@ -197,10 +197,8 @@ def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str
     from placement.cli_common import fmt
 
     base = overall.get(baseline)
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False,
-              caption=(f"imbal: load imbalance (mean over layers of max/mean GPU load); worst: the worst layer; "
-                       f"ratios to {baseline}: xGPU cross-GPU transitions, GPUs per token-layer, a2a bytes per "
-                       f"token, estimated MoE time; s: solve seconds" if base else None))
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False,
+              title_justify="left")
     t.add_column("plan", no_wrap=True)
     for key, label, ratio in SUMMARY_COLUMNS:
         if any(o.get(key) is not None for o in overall.values()):
@@ -223,6 +221,12 @@ def plans_table(overall: dict[str, dict], solver: dict[str, dict], baseline: str
         cells += [str(s.get("status", "-")), f"{s.get('seconds') or 0:.1f}", fmt(s.get("gap"), 3)]
         t.add_row(*cells)
     return t
+
+
+def plans_table_legend(baseline: str = "contiguous") -> str:
+    return (f"imbal: load imbalance (mean over MoE layers of max/mean GPU load); worst: the worst layer; ratios to "
+            f"{baseline}: xGPU cross-GPU transitions, GPUs per token-layer, a2a bytes per token, estimated MoE time; "
+            f"s: solve seconds; gap: (objective - bound) / objective")
 
 
 def register(app: typer.Typer) -> None:
@@ -280,6 +284,7 @@ def register(app: typer.Typer) -> None:
         out.print(plans_table({k: v.heldout for k, v in res["plans"].items()},
                               {k: v.solver for k, v in res["plans"].items()},
                               title="held-out sequences (lower is better in every column)"))
+        out.print(plans_table_legend(), markup=False, style="dim")
         out.print(f"recommended plan: {res['recommended']}", markup=False)
         for k, why in res["skipped"].items():
             out.print(f"skipped {k}: {why}", markup=False)
