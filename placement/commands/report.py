@@ -80,10 +80,13 @@ def register(app: typer.Typer) -> None:
                         "plots": [str(p) for p in rep["plots"]],
                         "overall": {k: v["overall"] for k, v in rep["results"].items()}, "notes": rep["notes"]})
             return
-        from placement.commands.evaluate import metrics_table
+        from placement.commands.demo import plans_table, plans_table_legend
 
         cols = {k: v["overall"] for k, v in rep["results"].items()}
-        out.print(metrics_table(cols, ratios_to="contiguous" if "contiguous" in cols else None))
+        solver = {k: p.solver for k, p in zip(labels, plan_objs)}
+        out.print(plans_table(cols, solver, title="evaluation data (lower is better in every column)"))
+        if "contiguous" in cols:
+            out.print(plans_table_legend(), markup=False, style="dim")
         for n in rep["notes"]:
             out.print(n, markup=False)
         out.print(f"wrote {rep['markdown']}, {rep['html']} and {len(rep['plots'])} plots", markup=False)
