@@ -303,7 +303,9 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                 "Conditional routing P(expert at the next MoE layer | expert) at the strongest, a middle and the "
                 "weakest layer boundary, experts reordered by spectral co-clustering so that experts with the same "
                 "successors sit together. A uniform matrix would mean no affinity to exploit.")
-            show = pick if pick in names else next((n for n in names if n != baseline), None)
+            # group by the plan that keeps the most transitions on one GPU (the structure it captured)
+            local = [n for n in names if n != baseline and overall[n].get("affinity_locality") is not None]
+            show = max(local, key=lambda n: overall[n]["affinity_locality"]) if local else None
             if show is not None:
                 plan = plans[names.index(show)]
                 figs["affinity_heatmaps_by_gpu"] = (P.conditional_heatmaps(
