@@ -190,3 +190,17 @@ def test_html_escapes_and_renders_inline_markup():
 
     assert _inline("a <b> `x<y>` **bold** [docs](concepts.md)") == (
         'a &lt;b&gt; <code>x&lt;y&gt;</code> <strong>bold</strong> <a href="concepts.md">docs</a>')
+
+
+def test_report_without_matplotlib_says_how_to_get_plots(tmp_path, monkeypatch):
+    """A core install (no 'plot' extra) still writes the report, and says how to get the plots."""
+    from placement import plots
+    from placement.report import build_report
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+    trace = datasets.load()
+    rep = build_report([_fixed_plan("contiguous", trace), _fixed_plan("round-robin", trace)], trace.load_profile(),
+                       tmp_path / "r")
+    assert rep["plots"] == [] and not (tmp_path / "r" / "plots").exists()
+    assert any("moeplace[plot]" in n for n in rep["notes"])
+    assert "moeplace[plot]" in rep["markdown"].read_text()
