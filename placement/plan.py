@@ -148,11 +148,12 @@ class Plan:
     @classmethod
     def from_result(cls, result: Result, num_experts: int, topology: Topology, moe_layer_index, num_hidden_layers: int,
                     model: str | None = None, options: dict | None = None, provenance: dict | None = None) -> "Plan":
+        stats = dict(result.stats)
+        memory = stats.pop("memory", None)  # kept once, as the plan's own memory record
         solver = {"name": result.solver, "status": result.status, "seconds": result.seconds,
                   "objective": result.objective, "bound": result.bound, "gap": result.gap,
                   "objective_name": result.objective_name, "backend": result.backend,
-                  "options": options or {}, "stats": result.stats}
-        memory = result.stats.get("memory") if isinstance(result.stats, dict) else None
+                  "options": options or {}, "stats": stats}
         return cls(result.phy2log, num_experts, topology, moe_layer_index, num_hidden_layers, model,
                    solver=_jsonable(solver), provenance=provenance or {}, memory=memory)
 
