@@ -30,6 +30,8 @@ def cli_plans(tmp_path_factory):
         "holdout": ["--gpus", "8", "--solver", "round-robin", "--holdout", "0.5"],
         "redundant-2-nodes": ["--gpus", "8", "--gpus-per-node", "4", "--redundant", "8", "--solver", "contiguous"],
     }
+    if "--memory-budget" in runner.invoke(app, ["plan", "--help"]).output:
+        requests["memory-budget"] = ["--gpus", "8", "--memory-budget", "25%", "--holdout", "0.5"]
     paths = {}
     for name, args in requests.items():
         paths[name] = out / f"{name}.json"
@@ -50,6 +52,8 @@ def test_plans_written_by_plan_command_validate(cli_plans):
         assert set(d) <= set(plan_schema()["properties"])
     d = json.loads(cli_plans["redundant-2-nodes"].read_text())
     assert d["topology"]["num_nodes"] == 2 and d["topology"]["num_redundant"] == 8
+    if "memory-budget" in cli_plans:  # a plan under a memory budget has a memory record
+        assert json.loads(cli_plans["memory-budget"].read_text())["memory"] is not None
 
 
 def test_plans_read_back_from_serving_formats_validate(cli_plans, tmp_path):
