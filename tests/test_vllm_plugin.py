@@ -238,10 +238,19 @@ def test_register_is_reentrant_and_installs_once(fit, tmp_path, monkeypatch, rec
 
 # against vLLM's real classes ------------------------------------------------------------------------------
 
+def _vllm_determine_expert_map():
+    try:
+        from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+    except ImportError:  # vLLM < 0.30 keeps it in layer.py
+        from vllm.model_executor.layers.fused_moe.layer import determine_expert_map
+    return determine_expert_map
+
+
 def _vllm_importable() -> bool:
     try:
         import vllm.distributed.eplb.eplb_state  # noqa: F401
-        from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map  # noqa: F401
+
+        _vllm_determine_expert_map()
     except Exception:  # noqa: BLE001
         return False
     return True
@@ -252,15 +261,15 @@ needs_vllm = pytest.mark.skipif(not _vllm_importable(), reason="vLLM is not impo
 
 @needs_vllm
 def test_determine_expert_map_matches_vllm():
-    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
-
     from placement.export import vllm as vllm_export
+
+    determine_expert_map = _vllm_determine_expert_map()
 
     for ep in (1, 2, 3, 4, 8):
         for n in (8, 64, 68, 66, 160):
             for strategy in ("linear", "round_robin"):
                 for rank in range(ep):
-                    theirs = determine_expert_map(ep, rank, n, strategy)
+                    theirs = determine_expert_map(ep, rank, n, expert_placement_strategy=strategy)
                     ours = vllm_export.determine_expert_map(ep, rank, n, strategy)
                     assert theirs[0] == ours[0]
                     assert (theirs[1] is None) == (ours[1] is None)
@@ -306,8 +315,9 @@ def _rank_worker(rank, world, port, scenarios, out_dir):
                                                                                           r.getMessage()))})())
     lg.setLevel(logging.INFO)
     R = scenarios[0]["vllm_redundant"]
-    pc = ParallelConfig(tensor_parallel_size=world, enable_expert_parallel=True,
-                        eplb_config=EPLBConfig(communicator="torch_nccl", use_async=False))
+    fields = getattr(EPLBConfig, "__dataclass_fields__", {}) or getattr(EPLBConfig, "model_fields", {})
+    eplb_kw = {k: v for k, v in (("communicator", "torch_nccl"), ("use_async", False)) if k in fields}
+    pc = ParallelConfig(tensor_parallel_size=world, enable_expert_parallel=True, eplb_config=EPLBConfig(**eplb_kw))
     cfg = VllmConfig(parallel_config=pc, device_config=DeviceConfig(device="cpu"))
     pc.enable_eplb = True  # ParallelConfig refuses EPLB without a GPU at validation; set it afterwards
     pc.eplb_config.num_redundant_experts = R
@@ -317,22 +327,26 @@ def _rank_worker(rank, world, port, scenarios, out_dir):
 
         init_distributed_environment(world, rank, f"tcp://127.0.0.1:{port}", rank, backend="gloo")
         initialize_model_parallel(tensor_model_parallel_size=world)
-        import vllm.distributed.eplb.eplb_communicator as ec
         import vllm.distributed.eplb.eplb_state as es
 
-        ec.PIN_MEMORY = es.PIN_MEMORY = False  # no pinned host memory without a GPU
+        for mod in [es, sys.modules.get("vllm.distributed.eplb.eplb_communicator")]:
+            if mod is not None and hasattr(mod, "PIN_MEMORY"):
+                mod.PIN_MEMORY = False  # no pinned host memory without a GPU
         for i, sc in enumerate(scenarios):
             path = sc["plan_on_rank"][rank]
             os.environ[plugin.ENV_PLAN] = path
             plugin.register()
             plugin.register()  # vLLM may load plugins more than once per process
-            state = es.EplbState(pc, torch.device("cpu"))
             initial = es.EplbState.build_initial_global_physical_to_logical_map(64, R)
             model = _MoEStandIn(64, R, 26, world, rank, initial)
-            mc = SimpleNamespace(model="deepseek-v2-lite", compute_hash=lambda i=i: f"h{i}")
             n_before = len(records)
-            state.add_model(model, mc)
-            ms = state.model_states[f"h{i}"]
+            if hasattr(es.EplbState, "add_model"):  # vLLM >= 0.13
+                state = es.EplbState(pc, torch.device("cpu"))
+                mc = SimpleNamespace(model="deepseek-v2-lite", compute_hash=lambda i=i: f"h{i}")
+                state.add_model(model, mc)
+                ms = state.model_states[f"h{i}"]
+            else:  # vLLM 0.10-0.12
+                state = ms = es.EplbState.build(model, torch.device("cpu"), pc)
             results.append({"p2l": ms.physical_to_logical_map.tolist(),
                             "l2p": ms.logical_to_physical_map[:, :, :4].tolist(),
                             "cnt": ms.logical_replica_count.tolist(),
@@ -363,6 +377,17 @@ def _run_ranks(scenarios, tmp_path, world=2, timeout=300):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def _transfer_runs_on_cpu() -> bool:
+    """vLLM < 0.2x calls CUDA inside rearrange_expert_weights_inplace; those versions need a GPU for scenario 1."""
+    import inspect
+
+    import torch
+    from vllm.distributed.eplb import rebalance_execute
+
+    return torch.cuda.is_available() or "torch.cuda." not in inspect.getsource(
+        rebalance_execute.rearrange_expert_weights_inplace)
+
+
 @needs_vllm
 def test_plugin_against_real_vllm_eplb_state(fit, tmp_path):
     G, R = 2, 2
@@ -371,34 +396,41 @@ def test_plugin_against_real_vllm_eplb_state(fit, tmp_path):
     good.save(good_path)
     wrong_path = tmp_path / "wrong.json"
     hot_replica_plan(fit, G, 4).save(wrong_path)  # 4 redundant slots; vLLM runs with 2
-    scenarios = [
-        {"plan_on_rank": [str(good_path)] * G, "vllm_redundant": R},
-        {"plan_on_rank": [str(wrong_path)] * G, "vllm_redundant": R},
-        {"plan_on_rank": [str(good_path), str(tmp_path / "not-on-this-node.json")], "vllm_redundant": R},
-    ]
-    ranks = _run_ranks(scenarios, tmp_path)
+    scenarios = {
+        "installed": {"plan_on_rank": [str(good_path)] * G, "vllm_redundant": R},
+        "mismatched": {"plan_on_rank": [str(wrong_path)] * G, "vllm_redundant": R},
+        "missing-on-rank-1": {"plan_on_rank": [str(good_path), str(tmp_path / "not-on-this-node.json")],
+                              "vllm_redundant": R},
+    }
+    if not _transfer_runs_on_cpu():
+        del scenarios["installed"]
+    ranks = _run_ranks(list(scenarios.values()), tmp_path)
     spg = (64 + R) // G
     layer = 1000 * np.arange(26)[:, None]
     identity = np.tile(np.arange(64 + R) % 64, (26, 1))
-    for rank, res in enumerate(ranks):
-        ok, wrong, split = res
-        # 1. installed: vLLM's maps hold the plan, and vLLM's transfer moved the weights to match
-        assert np.array_equal(ok["p2l"], good.phy2log)
-        assert np.array_equal(ok["cnt"], good.replica_counts())
-        l2p = np.asarray(ok["l2p"])
-        ref = good.log2phy()
-        assert np.array_equal(l2p[:, :, :ref.shape[2]], ref) and (l2p[:, :, ref.shape[2]:] == -1).all()
-        local = good.phy2log[:, rank * spg:(rank + 1) * spg]
-        assert np.array_equal(ok["w0"], local + layer) and np.array_equal(ok["w1"], local + layer)
-        assert ok["interval"] == vllm_plugin.FROZEN_INTERVAL
-        assert not [m for lvl, m in ok["logs"] if lvl == "WARNING"]
+    for rank, results in enumerate(ranks):
+        res = dict(zip(scenarios, results))
+        if "installed" in res:
+            # 1. vLLM's maps hold the plan, and vLLM's own transfer moved the weights to match
+            ok = res["installed"]
+            assert np.array_equal(ok["p2l"], good.phy2log)
+            assert np.array_equal(ok["cnt"], good.replica_counts())
+            l2p = np.asarray(ok["l2p"])
+            ref = good.log2phy()
+            assert np.array_equal(l2p[:, :, :ref.shape[2]], ref) and (l2p[:, :, ref.shape[2]:] == -1).all()
+            local = good.phy2log[:, rank * spg:(rank + 1) * spg]
+            assert np.array_equal(ok["w0"], local + layer) and np.array_equal(ok["w1"], local + layer)
+            assert ok["interval"] == vllm_plugin.FROZEN_INTERVAL
+            assert not [m for lvl, m in ok["logs"] if lvl == "WARNING"]
         # 2. mismatched plan: one warning, vLLM's default maps and weights untouched, no exception, no hang
+        wrong = res["mismatched"]
         warns = [m for lvl, m in wrong["logs"] if lvl == "WARNING"]
         assert len(warns) == 1 and "redundant" in warns[0], warns
         assert np.array_equal(wrong["p2l"], identity)
         assert np.array_equal(wrong["w0"], identity[:, rank * spg:(rank + 1) * spg] + layer)
         assert wrong["interval"] != vllm_plugin.FROZEN_INTERVAL
         # 3. the plan is missing on rank 1 only: every rank keeps the default
+        split = res["missing-on-rank-1"]
         warns = [m for lvl, m in split["logs"] if lvl == "WARNING"]
         assert len(warns) == 1 and ("another EP rank" in warns[0] if rank == 0 else "no such plan file" in warns[0])
         assert np.array_equal(split["p2l"], identity)
