@@ -143,8 +143,10 @@ def _after_add_model(eplb_state, model, model_config, before: set, args: tuple, 
                                                         not isinstance(args[0], str)):
         return  # elastic-EP rescale (vLLM 0.13-0.16 signature): not an initial placement
     model_name = kwargs.get("model_name", args[0] if args and isinstance(args[0], str) else None)
-    if model_name is not None and model_name != getattr(model_config, "model", None):
-        log.info("moeplace: leaving the EPLB placement of %s (speculative-decoding drafter) to vLLM", model_name)
+    draft = "draft" in (getattr(model_config, "runner_type", None), getattr(model_config, "runner", None))
+    if draft or (model_name is not None and model_name != getattr(model_config, "model", None)):
+        log.info("moeplace: leaving the EPLB placement of %s (speculative-decoding drafter) to vLLM",
+                 model_name or getattr(model_config, "model", "the draft model"))
         return
     added = [k for k in (getattr(eplb_state, "model_states", None) or {}) if k not in before]
     if len(added) != 1:
