@@ -91,10 +91,38 @@ def _register() -> None:
         _warn(f"this vLLM's EplbState has neither add_model nor build; {ENV_PLAN} is ignored and vLLM keeps its "
               f"default expert placement")
         return
-    if path not in _announced:
+    if _eplb_enabled_in_caller() is False:
+        _warn(f"{ENV_PLAN}={path} is set but EPLB is off, so vLLM builds no EPLB state and the plan is not "
+              f"installed; add --enable-eplb (and --eplb-config '{{\"num_redundant_experts\": R}}')")
+    elif path not in _announced:
         _announced.add(path)
         log.info("moeplace: %s=%s; the plan is installed when vLLM builds its EPLB state (needs --enable-eplb)",
                  ENV_PLAN, path)
+
+
+def _eplb_enabled_in_caller(max_depth: int = 16) -> bool | None:
+    """Whether the vLLM code that is loading plugins runs with EPLB on, if it can be seen from its frames.
+
+    vLLM loads plugins from ``EngineArgs.__post_init__`` (the object has ``enable_eplb``) and from worker and engine
+    initialisation (a local ``vllm_config``). None when neither is found.
+    """
+    import sys
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        loc = frame.f_locals
+        cfg = loc.get("vllm_config")
+        par = getattr(cfg, "parallel_config", None)
+        if isinstance(getattr(par, "enable_eplb", None), bool):
+            return par.enable_eplb
+        owner = loc.get("self")
+        if type(owner).__name__ in ("EngineArgs", "AsyncEngineArgs") and isinstance(
+                getattr(owner, "enable_eplb", None), bool):
+            return owner.enable_eplb
+        frame = frame.f_back
+    return None
 
 
 def _wrap_add_model(orig):
@@ -311,6 +339,10 @@ def _install(model, model_state, eplb_state, api: SimpleNamespace | None = None)
                 plan, num_moe_layers=int(model.num_moe_layers), num_logical_experts=int(model.num_logical_experts),
                 num_physical_experts=int(model.num_physical_experts), ep_size=ep_size,
                 layer_names=[getattr(m, "layer_name", None) for m in getattr(model, "moe_layers", [])] or None)
+            if reason is None and len(model.expert_weights) != int(model.num_moe_layers):
+                reason = (f"this rank holds {len(model.expert_weights)} of the model's {model.num_moe_layers} MoE "
+                          f"layers (pipeline parallelism?); the plugin installs plans only when every rank holds "
+                          f"all MoE layers")
         except AttributeError as exc:
             reason = f"the model does not expose vLLM's MixtureOfExperts attributes ({exc})"
     if reason is None:

@@ -238,6 +238,25 @@ def test_register_is_reentrant_and_installs_once(fit, tmp_path, monkeypatch, rec
     assert warnings_of(records) == []
 
 
+def _load_plugins_like_vllm_worker(enable_eplb: bool):
+    """vLLM's worker init holds its config in a local ``vllm_config`` when it calls the plugins."""
+    vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(enable_eplb=enable_eplb))  # noqa: F841
+    vllm_plugin.register()
+
+
+def test_plan_without_eplb_gets_a_warning(fit, tmp_path, monkeypatch, records):
+    fake_vllm(monkeypatch)
+    path = tmp_path / "plan.json"
+    hot_replica_plan(fit, 4, 4).save(path)
+    monkeypatch.setenv(vllm_plugin.ENV_PLAN, str(path))
+    _load_plugins_like_vllm_worker(enable_eplb=True)
+    assert warnings_of(records) == []
+    _load_plugins_like_vllm_worker(enable_eplb=False)
+    _load_plugins_like_vllm_worker(enable_eplb=False)
+    w = warnings_of(records)
+    assert len(w) == 1 and "--enable-eplb" in w[0]
+
+
 # against vLLM's real classes ------------------------------------------------------------------------------
 
 def _vllm_determine_expert_map():
@@ -437,3 +456,23 @@ def test_plugin_against_real_vllm_eplb_state(fit, tmp_path):
         assert len(warns) == 1 and ("another EP rank" in warns[0] if rank == 0 else "no such plan file" in warns[0])
         assert np.array_equal(split["p2l"], identity)
         assert np.array_equal(split["w0"], identity[:, rank * spg:(rank + 1) * spg] + layer)
+
+
+@needs_vllm
+def test_real_engine_args_without_eplb_warn(fit, tmp_path, monkeypatch, records):
+    """vLLM's own EngineArgs loads the plugins (given our entry point, as an install would register it)."""
+    import vllm.plugins as vp
+    from vllm.engine.arg_utils import EngineArgs
+
+    path = tmp_path / "plan.json"
+    hot_replica_plan(fit, 2, 2).save(path)
+    monkeypatch.setenv(vllm_plugin.ENV_PLAN, str(path))
+    monkeypatch.setattr(vp, "plugins_loaded", False)
+    monkeypatch.setattr(vp, "load_plugins_by_group", lambda group: {"moeplace": vllm_plugin.register}
+                        if group == vp.DEFAULT_PLUGINS_GROUP else {})
+    try:
+        EngineArgs(model=str(tmp_path / "no-model-here"), enable_eplb=False)
+    except Exception:  # noqa: BLE001 - later validation of the missing model does not matter here
+        pass
+    w = warnings_of(records)
+    assert len(w) == 1 and "EPLB is off" in w[0] and "--enable-eplb" in w[0]
