@@ -52,13 +52,15 @@ def _read_any(path: Path) -> Any:
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return _torch_to_numpy(obj)
         text = path.read_text()
-    except (OSError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise PlacementImportError(f"{path} could not be read ({type(exc).__name__}: {exc})") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
     except UnicodeDecodeError:
         raise PlacementImportError(f"{path} is not a text file; placements come as JSON, YAML, .npy, .npz or .pt") \
             from None
+    except Exception as exc:  # noqa: BLE001 - numpy/torch/zip raise many types for a damaged file
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise PlacementImportError(f"{path} could not be read as a {suffix or 'text'} placement file "
+                                   f"({type(exc).__name__}: {first})") from None
     if suffix in (".yaml", ".yml"):
         return _yaml(text, path)
     try:

@@ -273,6 +273,10 @@ def test_import_refuses_what_a_plan_cannot_hold(plan, tmp_path):
         import_placement(shared, "vllm", num_gpus=G)
     got = import_placement(shared, "vllm", num_gpus=G, moe_layer_index=plan.moe_layer_index)
     assert (got.phy2log == plan.phy2log[0]).all()
+    for name in ("damaged.pt", "damaged.npz", "damaged.json"):
+        (tmp_path / name).write_bytes(b"\xff\xfe\x00 not a placement \x01" * 3)
+        with pytest.raises(PlacementImportError, match="damaged"):
+            import_placement(tmp_path / name, None, num_gpus=G)
 
 
 def test_cli_export_then_import_then_evaluate(plan, tmp_path):
