@@ -321,6 +321,47 @@ def _commit(api, model_state, new, plan) -> None:
     cnt.copy_(torch.as_tensor(plan.replica_counts()).to(device=cnt.device, dtype=cnt.dtype))
 
 
+def _check_locally(path: str, model, model_state, coord, api) -> tuple:
+    """``(plan, reason, old, new, rearrange_kwargs)``; ``reason`` is None when this rank can install the plan.
+
+    Never raises: every rank must reach the agreement step, or the others would wait for it forever.
+    """
+    import torch
+
+    plan = old = new = kwargs = None
+    try:
+        plan, reason = load_plan(path)
+        if reason is None:
+            try:
+                reason = check_against_model(
+                    plan, num_moe_layers=int(model.num_moe_layers),
+                    num_logical_experts=int(model.num_logical_experts),
+                    num_physical_experts=int(model.num_physical_experts),
+                    ep_size=int(getattr(coord, "world_size", 1)),
+                    layer_names=[getattr(m, "layer_name", None) for m in getattr(model, "moe_layers", [])] or None)
+                if reason is None and len(model.expert_weights) != int(model.num_moe_layers):
+                    reason = (f"this rank holds {len(model.expert_weights)} of the model's {model.num_moe_layers} "
+                              f"MoE layers (pipeline parallelism?); the plugin installs plans only when every rank "
+                              f"holds all MoE layers")
+            except AttributeError as exc:
+                reason = f"the model does not expose vLLM's MixtureOfExperts attributes ({exc})"
+        if reason is None:
+            old = model_state.physical_to_logical_map
+            new = torch.as_tensor(plan.phy2log, dtype=old.dtype)
+            try:
+                kwargs = _rearrange_kwargs(api.rearrange, {
+                    "old_global_expert_indices": old, "new_global_expert_indices": new,
+                    "expert_weights": model.expert_weights,
+                    "expert_buffer": getattr(model_state, "expert_buffer", None),
+                    "ep_group": coord.device_group, "communicator": getattr(model_state, "communicator", None),
+                    "is_profile": False})
+            except (LookupError, AttributeError, TypeError, ValueError) as exc:
+                reason = f"this vLLM version is not supported ({exc})"
+    except Exception as exc:  # noqa: BLE001
+        reason = f"unexpected error while checking it ({type(exc).__name__}: {exc})"
+    return plan, reason, old, new, kwargs
+
+
 def _install(model, model_state, eplb_state, api: SimpleNamespace | None = None) -> bool:
     """Check, agree on and install the plan named in ``MOEPLACE_PLAN`` for ``model``; True if installed."""
     import torch
@@ -330,36 +371,11 @@ def _install(model, model_state, eplb_state, api: SimpleNamespace | None = None)
         return False
     api = api or _vllm_api()
     coord = api.get_ep_group()
-    ep_size = int(getattr(coord, "world_size", 1))
-    plan, reason = load_plan(path)
-    kwargs = None
-    if reason is None:
-        try:
-            reason = check_against_model(
-                plan, num_moe_layers=int(model.num_moe_layers), num_logical_experts=int(model.num_logical_experts),
-                num_physical_experts=int(model.num_physical_experts), ep_size=ep_size,
-                layer_names=[getattr(m, "layer_name", None) for m in getattr(model, "moe_layers", [])] or None)
-            if reason is None and len(model.expert_weights) != int(model.num_moe_layers):
-                reason = (f"this rank holds {len(model.expert_weights)} of the model's {model.num_moe_layers} MoE "
-                          f"layers (pipeline parallelism?); the plugin installs plans only when every rank holds "
-                          f"all MoE layers")
-        except AttributeError as exc:
-            reason = f"the model does not expose vLLM's MixtureOfExperts attributes ({exc})"
-    if reason is None:
-        old = model_state.physical_to_logical_map
-        new = torch.as_tensor(plan.phy2log, dtype=old.dtype)
-        try:
-            kwargs = _rearrange_kwargs(api.rearrange, {
-                "old_global_expert_indices": old, "new_global_expert_indices": new,
-                "expert_weights": model.expert_weights, "expert_buffer": getattr(model_state, "expert_buffer", None),
-                "ep_group": coord.device_group, "communicator": getattr(model_state, "communicator", None),
-                "is_profile": False})
-        except (LookupError, AttributeError, TypeError, ValueError) as exc:
-            reason = f"this vLLM version is not supported ({exc})"
+    plan, reason, old, new, kwargs = _check_locally(path, model, model_state, coord, api)
     if reason is not None:
         _warn(f"plan {path} not installed: {reason}; vLLM keeps its default expert placement")
-    agreed = _agree(reason is None, plan_digest(plan) if plan is not None else 0, coord)
-    if not agreed:
+    digest = plan_digest(plan) if reason is None else 0
+    if not _agree(reason is None, digest, coord):
         if reason is None:
             _warn(f"plan {path} not installed: another EP rank could not use it (see that rank's warning); every "
                   f"rank keeps vLLM's default expert placement")
@@ -378,6 +394,7 @@ def _install(model, model_state, eplb_state, api: SimpleNamespace | None = None)
         _freeze(eplb_state)
     if int(getattr(coord, "rank_in_group", 0)) == 0:
         log.info("moeplace: installed %s (%s: %d MoE layers x %d slots on %d EP ranks, %d redundant)%s", path,
-                 plan.name, plan.num_layers, plan.num_slots, ep_size, plan.num_redundant,
-                 "" if rebalance else f"; EPLB rebalancing is off (set {ENV_REBALANCE}=1 to keep it)")
+                 plan.name, plan.num_layers, plan.num_slots, int(getattr(coord, "world_size", 1)),
+                 plan.num_redundant, "" if rebalance else f"; EPLB rebalancing is off (set {ENV_REBALANCE}=1 to "
+                                                          f"keep it)")
     return True
