@@ -3,7 +3,8 @@ against moeplace's plans on the same traces.
 
 Formats (the same ones ``moeplace export`` writes, plus DeepSeek EPLB's output):
 
-* ``sglang``: ``{"physical_to_logical_map": [num_hidden_layers, S]}`` as ``.json`` or ``.pt`` (``--init-expert-location``).
+* ``sglang``: ``{"physical_to_logical_map": [num_hidden_layers, S]}`` as ``.json`` or ``.pt``
+  (``--init-expert-location``).
   One row per decoder layer; which rows are MoE layers comes from ``moe_layer_index`` (else: all rows).
 * ``vllm``: the JSON list of ``eplb_config.initial_expert_map_path`` (vLLM PR #49572): ``[L, S]`` or one shared row.
 * ``trtllm``: the ``MoeLoadBalancerConfig`` YAML (``num_slots``, ``initial_global_assignments`` keyed by decoder layer).

@@ -262,7 +262,8 @@ def _vllm_api() -> SimpleNamespace:
     rearrange = getattr(es, "rearrange_expert_weights_inplace", None)
     if rearrange is None:
         from vllm.distributed.eplb.rebalance_execute import rearrange_expert_weights_inplace as rearrange
-    return SimpleNamespace(get_ep_group=get_ep_group, rearrange=rearrange, commit=getattr(es, "_commit_eplb_maps", None))
+    return SimpleNamespace(get_ep_group=get_ep_group, rearrange=rearrange,
+                           commit=getattr(es, "_commit_eplb_maps", None))
 
 
 def _rearrange_kwargs(fn, values: dict) -> dict:

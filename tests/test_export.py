@@ -245,7 +245,9 @@ def test_eplb_phy2log_files(plan, tmp_path, kind):
 
         path = tmp_path / "p.pt"
         t = torch.from_numpy(phy2log)
-        obj = (t, torch.from_numpy(plan.log2phy()), torch.from_numpy(plan.replica_counts())) if kind == "pt-tuple" else t
+        obj = t
+        if kind == "pt-tuple":  # what rebalance_experts returns: (phy2log, log2phy, logcnt)
+            obj = (t, torch.from_numpy(plan.log2phy()), torch.from_numpy(plan.replica_counts()))
         torch.save(obj, path)
     else:
         path = tmp_path / "p.json"

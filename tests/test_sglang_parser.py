@@ -3,8 +3,9 @@
 Needs sglang importable, e.g. in a separate environment::
 
     python -m venv /tmp/sglang-venv --system-site-packages
-    /tmp/sglang-venv/bin/pip install --no-deps sglang orjson psutil pybase64 requests packaging pillow starlette \
-        msgspec pydantic pyzmq tqdm ipython aiohttp triton multidict yarl propcache aiohappyeyeballs aiosignal frozenlist
+    /tmp/sglang-venv/bin/pip install --no-deps sglang orjson psutil pybase64 requests packaging pillow \
+        starlette msgspec pydantic pyzmq tqdm ipython aiohttp triton multidict yarl propcache aiohappyeyeballs \
+        aiosignal frozenlist
     /tmp/sglang-venv/bin/python -m pytest tests/test_sglang_parser.py -m sglang
 
 What is replaced, and only that: SGLang's global config accessors (``get_exec``, ``get_parallel``, ``get_device``)

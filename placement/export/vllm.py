@@ -103,6 +103,7 @@ def export(plan: Plan, path: str = "FILE") -> tuple[str, list[str]]:
     hints = [f"MOEPLACE_PLAN=PLAN.json vllm serve MODEL --tensor-parallel-size {G} --enable-expert-parallel "
              f"--enable-eplb --eplb-config '{eplb}'   (moeplace plugin: installs the plan at startup; EP size "
              f"must be {G})",
-             f"vLLM builds with PR #49572: --eplb-config '{json.dumps({'num_redundant_experts': R, 'initial_expert_map_path': path})}'",
+             f"vLLM builds with PR #49572: --eplb-config "
+             f"'{json.dumps({'num_redundant_experts': R, 'initial_expert_map_path': path})}'",
              f"per-rank expert maps: {companion_path(path)}"]
     return text, hints
