@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from placement.cli_common import UserError, out, user_errors
+from placement.cli_common import UserError, err, out, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def export_cmd(
         plan: Path = typer.Argument(..., help="Plan file (Plan v1 JSON)."),
-        fmt: str = typer.Option(..., "--format", "-f", help="Target stack format (see 'moeplace export --help')."),
+        fmt: str = typer.Option(..., "--format", "-f", help="Target stack: sglang, vllm, trtllm or vllm-ascend."),
         out_path: Path = typer.Option(..., "--out", "-o", help="File to write."),
     ):
         """Write PLAN in the format a serving stack loads at startup and print the matching server flags."""
@@ -25,12 +25,20 @@ def register(app: typer.Typer) -> None:
         mods = exporters()
         if fmt not in mods:
             raise UserError(f"--format {fmt!r} is not one of {', '.join(sorted(mods))}")
+        mod = mods[fmt]
         p = Plan.load(plan)
         try:
-            text, hints = mods[fmt].export(p, str(out_path))
+            text, hints = mod.export(p, str(out_path))
+            extra = mod.companions(p, str(out_path)) if hasattr(mod, "companions") else []
         except ExportError as exc:
             raise UserError(f"cannot export {plan} as {fmt}: {exc}") from None
-        atomic_write_bytes(out_path, lambda f: f.write(text.encode()))
-        out.print(f"wrote {out_path} ({fmt})")
+        if out_path.suffix != mod.SUFFIX:
+            err.print(f"note: {fmt} files usually end in {mod.SUFFIX}; writing {out_path} anyway", highlight=False)
+        for path, body in [(str(out_path), text), *extra]:
+            atomic_write_bytes(path, lambda f, b=body: f.write(b.encode()))
+        out.print(f"wrote {out_path} ({fmt}: {p.num_layers} MoE layers x {p.num_slots} slots on "
+                  f"{p.topology.num_gpus} GPUs, {p.num_redundant} redundant)", highlight=False)
+        for path, _ in extra:
+            out.print(f"wrote {path}", highlight=False)
         for h in hints:
-            out.print(f"  {h}", highlight=False)
+            out.print(f"  {h}", highlight=False, markup=False)

@@ -1,9 +1,10 @@
 """SGLang: ``--init-expert-location FILE`` with ``{"physical_to_logical_map": [[...]]}``.
 
-SGLang parses it in ``python/sglang/srt/eplb/expert_location.py``: the dict is splatted into
-``ExpertLocationMetadata.init_by_mapping``, so it must hold exactly this one key. Shape
-``[num_hidden_layers, E + ep_num_redundant_experts]``: one row per decoder layer, dense layers included
-(they get the identity row ``s % E``), width divisible by the EP size.
+SGLang parses it in ``python/sglang/srt/eplb/expert_location.py`` (``compute_initial_expert_location_metadata``):
+the dict is splatted into ``ExpertLocationMetadata.init_by_mapping``, so it must hold exactly this one key.
+Shape ``[num_hidden_layers, E + ep_num_redundant_experts]``: one row per decoder layer, dense layers included
+(they get the identity row ``s % E``, the row SGLang itself builds for them), width divisible by the EP size.
+Physical slot ``s`` lives on EP rank ``s // (width / ep_size)``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 
 import numpy as np
 
-from placement.export import ExportError
+from placement.export import ExportError, require_resident
 from placement.plan import Plan
 
 FORMAT = "sglang"
@@ -20,10 +21,11 @@ SUFFIX = ".json"
 
 
 def physical_to_logical_map(plan: Plan) -> np.ndarray:
-    """``[num_hidden_layers, S]``: the plan's rows at the MoE layers, the identity row elsewhere."""
-    if plan.memory is not None or (plan.phy2log < 0).any():
-        raise ExportError("this plan has a memory budget (empty slots); SGLang needs every expert resident on a GPU")
+    """``[num_hidden_layers, S]``: the plan's rows at the MoE layers, the identity row ``s % E`` elsewhere."""
+    require_resident(plan, "SGLang")
     S = plan.num_slots
+    if S % plan.topology.num_gpus:
+        raise ExportError(f"{S} slots do not split evenly over {plan.topology.num_gpus} EP ranks")
     rows = np.tile(np.arange(S) % plan.num_experts, (plan.num_hidden_layers, 1))
     rows[plan.moe_layer_index] = plan.phy2log
     return rows
@@ -32,8 +34,11 @@ def physical_to_logical_map(plan: Plan) -> np.ndarray:
 def export(plan: Plan, path: str = "FILE") -> tuple[str, list[str]]:
     rows = physical_to_logical_map(plan)
     text = json.dumps({"physical_to_logical_map": rows.tolist()})
-    hints = [f"--init-expert-location {path}", f"--ep-num-redundant-experts {plan.num_redundant}",
-             f"(EP size must be {plan.topology.num_gpus}, e.g. --tp-size {plan.topology.num_gpus} --ep-size "
-             f"{plan.topology.num_gpus}; add --ep-dispatch-algorithm static to keep the dispatch rule the plan was "
-             f"evaluated with)"]
+    G = plan.topology.num_gpus
+    hints = [f"python -m sglang.launch_server --model-path MODEL --tp-size {G} --ep-size {G} "
+             f"--init-expert-location {path} --ep-num-redundant-experts {plan.num_redundant} "
+             f"--ep-dispatch-algorithm static",
+             f"(EP size must be {G}; --ep-num-redundant-experts must be {plan.num_redundant} so that "
+             f"{plan.num_experts} + {plan.num_redundant} = {plan.num_slots} slots match the file's width; "
+             f"leave --enable-eplb off to keep this placement fixed)"]
     return text, hints
