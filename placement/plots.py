@@ -306,12 +306,14 @@ def tradeoff_plot(overall: Mapping[str, dict], x_key: str = "load_imbalance", y_
     """One point per plan: ``{name: evaluate(...)["overall"]}``."""
     fig = _figure(6.0, 4.2)
     ax = fig.add_subplot()
+    points: dict[tuple[float, float], list[str]] = {}  # plans at the same point share one label
     for name, o in overall.items():
         x, y = o.get(x_key), o.get(y_key)
-        if x is None or y is None:
-            continue
+        if x is not None and y is not None:
+            points.setdefault((round(x, 3), round(y, 3)), []).append(name)
+    for i, ((x, y), names) in enumerate(sorted(points.items())):
         ax.scatter([x], [y], s=30)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 3 if i % 2 else -10), fontsize=8)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(alpha=0.3)
