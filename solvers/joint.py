@@ -472,6 +472,22 @@ def replica_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarra
     return r
 
 
+def layer_replicas(data: JointData, load: np.ndarray) -> np.ndarray:
+    """``[L, E]`` replica counts by water-filling ``load [L, E]``; with groups kept on nodes, each node's spare slots
+    go to that node's experts."""
+    topo = data.topology
+    G = topo.num_gpus
+    if data.allowed_node is None:
+        return np.stack([replica_counts(load[l], topo.num_slots, G) for l in range(data.L)])
+    per_node = topo.gpus_per_node * topo.slots_per_gpu
+    r = np.ones((data.L, data.E), dtype=np.int64)
+    for l in range(data.L):
+        for n in range(topo.num_nodes):
+            mine = np.nonzero(data.allowed_node[l] == n)[0]
+            r[l, mine] = replica_counts(load[l, mine], per_node, topo.gpus_per_node)
+    return r
+
+
 class Builder:
     """Per-layer assignment given the neighbouring layers (see the module docstring, step 3)."""
 
@@ -538,6 +554,7 @@ class Builder:
             pc = pc + d.migration_cost * ~cur[pieces]
         if d.allowed_node is not None:
             pc = pc + BIG * (self.node[None, :] != d.allowed_node[l, pieces][:, None])
+        self._layer = l
         rows, cols = linear_sum_assignment(np.repeat(pc, m, axis=1))
         g_of = np.empty(len(pieces), dtype=np.int64)
         g_of[rows] = cols // m
@@ -562,6 +579,9 @@ class Builder:
             has[pieces, g_of] = True
             h = g_of
             legal = (h != g) & ~has[e, h] & ~has[pieces, g]
+            if self.d.allowed_node is not None:
+                an = self.d.allowed_node[self._layer]
+                legal &= (self.node[h] == an[e]) & (self.node[g] == an[pieces])
             c = pc[i, h] + pc[np.arange(len(pieces)), g] - pc[i, g] - pc[np.arange(len(pieces)), h]
             c = np.where(legal, c, np.inf)
             j = int(np.argmin(c))
@@ -807,6 +827,22 @@ def _weights(state: State) -> np.ndarray:
     return w
 
 
+def _attraction(state: State, l: int) -> np.ndarray | None:
+    """``[E, G]`` how strongly expert e is tied to the experts on GPU g: adjacent-layer pair mass that would be
+    local (coherent) or co-activation information with the GPU's experts (standard), in comparable units."""
+    d = state.d
+    if state.use_T:
+        A = np.zeros((d.E, state.G))
+        if l >= 1:
+            A += d.rho[l - 1] * state.Vin[l].T
+        if l + 1 < d.L:
+            A += d.rho[l] * state.Vout[l]
+        return A
+    if state.KP is not None:
+        return state.KP[l] * d.tokens[l]
+    return None
+
+
 def _best_move(state: State, l: int, rng: np.random.Generator, candidates: int):
     """The best improving move at layer l among screened swaps and replica re-targets (or None)."""
     d = state.d
@@ -838,9 +874,28 @@ def _best_move(state: State, l: int, rng: np.random.Generator, candidates: int):
             i, j = divmod(int(t), len(Bi))
             s1, s2 = int(A[i]), int(Bi[j])
             moves.append([(s1, int(X[s2])), (s2, int(X[s1]))])
-    # affinity / co-activation moves anywhere (plateaus): a random expert to its best GPU, swapped with a piece
-    # of similar load there
-    for _ in range(max(2, candidates // 4)):
+    # affinity / co-activation moves anywhere (plateaus): an expert drawn by how much it would gain on its most
+    # attractive GPU, swapped there with the piece of that GPU that is least attached and closest in load
+    attract = _attraction(state, l)  # [E, G] or None
+    if attract is not None:
+        here = attract[X, gpu]  # [S] attraction of each piece to its own GPU
+        best_g = np.argmax(np.where(held[X], -np.inf, attract[X]), axis=1)  # [S]
+        gain = attract[X, best_g] - here
+        pos = np.nonzero(gain > 0)[0]
+        if pos.size:
+            p = gain[pos] / gain[pos].sum()
+            picks = rng.choice(pos, size=min(pos.size, max(2, candidates // 3)), replace=False, p=p)
+            for s1 in picks:
+                g2 = int(best_g[s1])
+                cand = np.nonzero((gpu == g2) & ~held[X][:, gpu[s1]])[0]
+                if cand.size == 0:
+                    continue
+                loss = attract[X[cand], g2] - attract[X[cand], gpu[s1]]
+                mism = np.abs(x[cand] - x[s1]) / max(float(x.mean()), 1e-300)
+                score = loss / max(float(gain[s1]), 1e-300) + mism
+                s2 = int(cand[np.argmin(score)])
+                moves.append([(int(s1), int(X[s2])), (s2, int(X[s1]))])
+    for _ in range(2):
         s1 = int(rng.integers(S))
         g1 = gpu[s1]
         g2 = int(rng.integers(G - 1))
@@ -902,7 +957,11 @@ def _layer_options(E: int, G: int, m: int) -> list[np.ndarray]:
 
 
 def count_placements(E: int, G: int, m: int, L: int) -> float:
-    log = G * L * math.log(max(math.comb(E, m), 1))
+    """Number of distinct placements (up to slot order inside a GPU), or inf when obviously huge."""
+    per_gpu = G * math.log(max(math.comb(E, m), 1))
+    if per_gpu > math.log(2e5):
+        return math.inf
+    log = L * math.log(max(len(_layer_options(E, G, m)), 1))
     return math.exp(log) if log < 700 else math.inf
 
 
@@ -934,6 +993,13 @@ def objective_of(data: JointData, X: np.ndarray) -> float:
 
 def solve(problem: Problem, options: Options) -> Result:
     """Joint placement minimising the estimated MoE time (see the module docstring)."""
+    from solvers._blas import blas_threads
+
+    with blas_threads(options.threads or 1):
+        return _solve(problem, options)
+
+
+def _solve(problem: Problem, options: Options) -> Result:
     t0 = time.perf_counter()
     limit = options.time_limit
     deadline = t0 + (limit if limit is not None else 1e9) * 0.97
@@ -946,7 +1012,8 @@ def solve(problem: Problem, options: Options) -> Result:
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.rho, max_replicas=G)
     bound = total_bound(lb, data.worst)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
-                   "profiles": data.N, "migration_cost": data.migration_cost}
+                   "profiles": data.N, "migration_cost": data.migration_cost,
+                   "bound_seconds": time.perf_counter() - t0}
 
     exact_limit = float(params.get("exact_limit", 4096))
     if count_placements(data.E, G, m, data.L) <= exact_limit:
@@ -957,44 +1024,46 @@ def solve(problem: Problem, options: Options) -> Result:
 
     # replica counts from the profile-normalised mean load (robust to which profile is hot)
     norm = data.loads / np.maximum(data.loads.sum(axis=2, keepdims=True), 1e-300)
-    r = np.stack([replica_counts(norm[:, l].mean(axis=0), topo.num_slots, G) for l in range(data.L)])
+    r = layer_replicas(data, norm.mean(axis=0))
     coherent = data.coherent and data.T is not None
-    caps = params.get("caps") or ([1.02, 1.05, 1.1, 1.2, 1.4] if coherent else [1.02, 1.05])
-    sweeps = int(params.get("sweeps", 8 if coherent else 2))
-    starts = []
-    if data.current is not None:
-        cur = np.asarray(data.current)
-        if (cur >= 0).all():
-            starts.append(("current", cur.copy()))
+    candidates: list[tuple[str, np.ndarray]] = []
+    if data.current is not None and (np.asarray(data.current) >= 0).all():
+        candidates.append(("current", np.asarray(data.current, dtype=np.int64).copy()))
     base = balanced_start(data, r)
-    starts.append(("balanced", base))
-    best_X, best_obj, best_name = None, np.inf, ""
-    for name, X in starts:
+    candidates.append(("balanced", base))
+    # construction gets at most 40% of the time left; the local search the rest
+    c_deadline = time.perf_counter() + 0.4 * max(deadline - time.perf_counter(), 0.0)
+    if coherent:
+        caps = params.get("caps") or [1.02, 1.05, 1.1]
+        sweeps = int(params.get("sweeps", 8))
+        for cap in caps:
+            if time.perf_counter() > c_deadline:
+                break
+            candidates.append((f"chain cap {cap}", construct(data, r, float(cap), sweeps, c_deadline, start=base)))
+    elif data.C is not None and time.perf_counter() < c_deadline:
+        lam = float(params.get("balance_weight", 8.0))
+        sweeps = int(params.get("sweeps", 3))
+        start = stratified_start(data, r) if data.allowed_node is None else base
+        candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
+    scored = []
+    for name, X in candidates:
         v = objective_of(data, X)
-        if v < best_obj:
-            best_X, best_obj, best_name = X, v, name
-    # split what is left of the budget: construction first, then local search
-    budget = max(deadline - time.perf_counter(), 0.0)
-    c_deadline = time.perf_counter() + 0.5 * budget
-    tried = {}
-    for cap in caps:
-        if time.perf_counter() > c_deadline:
-            break
-        X = construct(data, r, float(cap), sweeps, c_deadline, start=base)
-        v = objective_of(data, X)
-        tried[float(cap)] = v
-        say(f"construction cap {cap}: objective {v:.6g}")
-        if v < best_obj:
-            best_X, best_obj, best_name = X, v, f"cap {cap}"
-    stats["construction"] = {"start": best_name, "caps": tried}
-    state = State(data, best_X)
+        scored.append((v, name, X))
+        say(f"construction {name}: objective {v:.6g}")
+    # the column construction trades a little balance for co-activation that the local search turns into time
+    prefer = [c for c in scored if c[1] == "columns"]
+    best = min(scored, key=lambda c: c[0])
+    if prefer and data.current is None:
+        best = prefer[0]
+    stats["construction"] = {name: v for v, name, _ in scored}
+    stats["construction_pick"] = best[1]
+    stats["construction_seconds"] = time.perf_counter() - t0
+    state = State(data, best[2])
     if params.get("local_search", True):
-        moves = local_search(state, deadline, rng, say=say)
-        stats["local_search_moves"] = moves
+        stats["local_search_moves"] = local_search(state, deadline, rng, say=say)
     X = state.X
     obj = objective_of(data, X)
-    status = "feasible"
-    return _result(X, obj, bound, status, t0, data, stats)
+    return _result(X, obj, bound, "feasible", t0, data, stats)
 
 
 def _result(X, obj, bound, status, t0, data: JointData, stats) -> Result:

@@ -2,21 +2,24 @@
 
 The generative model (a latent-factor router):
 
-- every sequence has a topic vector and every token a latent state ``h`` in ``R^d`` that mixes its sequence's
-  topic with its own noise; from one MoE layer to the next, ``h`` keeps a share ``persistence`` of itself and
-  refreshes the rest (an AR(1) walk), which is what makes adjacent layers' experts predictable;
-- layer l scores expert e as ``load_skew x b[l, e] + affinity x <w[l, e], h> + chain x sum_a A[l, a, e] + noise``
-  where a runs over the token's experts at layer l-1 and ``A`` is a fixed random successor preference (Gaussian, the spread of a
+- every sequence has a topic vector, every token a type (one of ``num_types`` prototype vectors, drawn
+  independently of its sequence) and a latent state ``h`` in ``R^d`` that mixes its sequence's topic
+  (``topic_share`` of the variance), its type (``type_share``) and its own noise; from one MoE layer to the next,
+  ``h`` keeps a share ``persistence`` of itself and refreshes the rest around the same topic and type (an AR(1)
+  walk), which is what makes adjacent layers' experts predictable;
+- layer l scores expert e as ``load_skew x b[l, e] + affinity x <w[l, e], h> + noise`` (Gaussian, the spread of a
   Gumbel, so top-k is close to sampling from a softmax) with fixed random
   popularity ``b`` and expert directions ``w``; experts with similar directions are chosen together (within-layer
   co-activation) and by the same tokens at the next layer (adjacent-layer affinity);
 - the token takes the top-k scores; with ``groups`` and ``topk_groups`` it first keeps the ``topk_groups`` groups
   with the best sum of their top-2 scores (DeepSeek-V3's node-limited routing), then the top-k inside them;
+- ``workload_skew`` (a Dirichlet concentration) gives each workload (``seed``) its own mix of token types, so two
+  seeds are two different workloads of one model (``model_seed``);
 - optionally a *planted* block structure: experts of every layer are split into ``planted`` blocks and a token of
   block c picks its experts in block c (with probability ``1 - planted_noise`` per expert), so the ideal
   placement is known.
 
-:func:`calibrate` fits ``load_skew``, ``affinity``, ``chain`` and ``topic_share`` so that a synthetic trace of the real
+:func:`calibrate` fits ``load_skew``, ``affinity``, ``type_share`` and ``topic_share`` so that a synthetic trace of the real
 trace's shape reproduces its statistics (:func:`routing_stats`: expert-load spread, adjacent-layer mutual
 information above the shuffled baseline, within-layer co-activation information above the shuffled baseline,
 information between a token's sequence and its experts above the shuffled baseline);
@@ -47,9 +50,11 @@ class SyntheticSpec:
     load_skew: float = 0.5
     affinity: float = 1.0
     persistence: float = 0.8
-    chain: float = 0.0
     latent_dim: int = 16
     topic_share: float = 0.5
+    type_share: float = 0.0
+    num_types: int = 128
+    workload_skew: float | None = None
     groups: int = 1
     topk_groups: int | None = None
     planted: int = 0
@@ -64,8 +69,10 @@ class SyntheticSpec:
         if self.topk_groups is not None and (self.topk_groups < 1 or self.topk_groups > self.groups
                                              or self.topk_groups * self.num_experts // self.groups < self.top_k):
             raise TraceError("topk_groups must leave at least top_k experts to choose from")
-        if not 0.0 <= self.persistence <= 1.0 or not 0.0 <= self.topic_share <= 1.0:
-            raise TraceError("persistence and topic_share must be between 0 and 1")
+        if not 0.0 <= self.persistence <= 1.0 or not 0.0 <= self.topic_share <= 1.0 \
+                or not 0.0 <= self.type_share <= 1.0 - self.topic_share:
+            raise TraceError("persistence, topic_share and type_share must be between 0 and 1 "
+                             "(topic_share + type_share at most 1)")
         if self.planted and self.num_experts % self.planted:
             raise TraceError(f"planted blocks ({self.planted}) must divide num_experts ({self.num_experts})")
 
@@ -83,7 +90,6 @@ def generate(spec: SyntheticSpec, num_tokens: int, seq_len: int = 128, seed: int
     mrng = np.random.default_rng(model_seed)
     b = mrng.standard_normal((L, E)).astype(np.float32)
     w = (mrng.standard_normal((L, E, d)) / np.sqrt(d)).astype(np.float32)
-    succ = (mrng.standard_normal((L, E, E)) / np.sqrt(k)).astype(np.float32) if spec.chain else None
     rng = np.random.default_rng(seed)
     n_seq = max(1, -(-num_tokens // seq_len))
     seq_id = np.repeat(np.arange(n_seq), seq_len)[:num_tokens]
@@ -91,21 +97,25 @@ def generate(spec: SyntheticSpec, num_tokens: int, seq_len: int = 128, seed: int
     topics = rng.standard_normal((n_seq, d)).astype(np.float32)
     ids = np.empty((num_tokens, L, k), dtype=np.int16 if E < 32767 else np.int32)
     gates = np.empty((num_tokens, L, k), dtype=np.float32)
-    a_t, a_n = np.sqrt(spec.topic_share), np.sqrt(1.0 - spec.topic_share)
+    protos = mrng.standard_normal((max(spec.num_types, 1), d)).astype(np.float32)
+    type_p = None  # uniform over types, or a workload's own mix (Dirichlet, drawn from ``seed``)
+    if spec.workload_skew:
+        type_p = rng.dirichlet(np.full(protos.shape[0], float(spec.workload_skew)))
+    a_t, a_p = np.sqrt(spec.topic_share), np.sqrt(spec.type_share)
+    a_n = np.sqrt(max(1.0 - spec.topic_share - spec.type_share, 0.0))
     rho, fresh = spec.persistence, np.sqrt(max(1.0 - spec.persistence ** 2, 0.0))
     per_block = E // spec.planted if spec.planted else 0
     for s in range(0, num_tokens, chunk_tokens):
         sl = slice(s, min(s + chunk_tokens, num_tokens))
         n = sl.stop - sl.start
-        h = a_t * topics[seq_id[sl]] + a_n * rng.standard_normal((n, d), dtype=np.float32)
+        kind = protos[rng.choice(protos.shape[0], size=n, p=type_p)]  # each token's type (prototype state)
+        base = a_t * topics[seq_id[sl]] + a_p * kind
+        h = base + a_n * rng.standard_normal((n, d), dtype=np.float32)
         block = rng.integers(spec.planted, size=n) if spec.planted else None
         for l in range(L):
             if l:
-                h = rho * h + fresh * (a_t * topics[seq_id[sl]] + a_n * rng.standard_normal((n, d), dtype=np.float32))
+                h = rho * h + fresh * (base + a_n * rng.standard_normal((n, d), dtype=np.float32))
             logits = spec.load_skew * b[l][None, :] + spec.affinity * (h @ w[l].T)
-            if succ is not None and l:
-                prev = ids[sl, l - 1].astype(np.int64)
-                logits = logits + spec.chain * succ[l][prev].sum(axis=1)
             score = logits + 1.28 * rng.standard_normal((n, E), dtype=np.float32)
             if spec.planted:
                 inside = (np.arange(E)[None, :] // per_block) == block[:, None]
@@ -233,7 +243,7 @@ def _loss(stats: dict, target: dict) -> float:
 
 def calibrate(trace: RoutingTrace, num_tokens: int | None = None, seed: int = 0, iterations: int = 60,
               start: SyntheticSpec | None = None) -> tuple[SyntheticSpec, dict]:
-    """Fit ``load_skew``, ``affinity``, ``chain`` and ``topic_share`` to ``trace`` (``persistence`` as given) (Nelder-Mead on relative errors of
+    """Fit ``load_skew``, ``affinity``, ``type_share`` and ``topic_share`` to ``trace`` (the rest as in ``start``) (Nelder-Mead on relative errors of
     :func:`routing_stats`, common random numbers). Returns the spec and ``{"target", "fitted", "loss"}``."""
     from scipy.optimize import minimize
 
@@ -244,14 +254,15 @@ def calibrate(trace: RoutingTrace, num_tokens: int | None = None, seed: int = 0,
     seq_len = max(1, int(round(trace.num_tokens / max(trace.num_sequences, 1))))
 
     def spec_of(x):
-        return replace(base, load_skew=float(abs(x[0])), affinity=float(abs(x[1])), chain=float(abs(x[2])),
-                       topic_share=float(np.clip(x[3], 0.0, 1.0)))
+        topic = float(np.clip(x[3], 0.0, 0.9))
+        return replace(base, load_skew=float(abs(x[0])), affinity=float(abs(x[1])),
+                       type_share=float(np.clip(x[2], 0.0, 1.0 - topic)), topic_share=topic)
 
     def f(x):
         st = routing_stats(generate(spec_of(x), n, seq_len=seq_len, seed=seed + 1), seed=seed)
         return _loss(st, target)
 
-    x0 = np.array([base.load_skew, base.affinity, base.chain, base.topic_share])
+    x0 = np.array([base.load_skew, base.affinity, base.type_share, base.topic_share])
     res = minimize(f, x0, method="Nelder-Mead", options={"maxfev": iterations, "xatol": 1e-3, "fatol": 1e-4})
     spec = spec_of(res.x)
     fitted = routing_stats(generate(spec, n, seq_len=seq_len, seed=seed + 1), seed=seed)
@@ -260,8 +271,9 @@ def calibrate(trace: RoutingTrace, num_tokens: int | None = None, seed: int = 0,
 
 # Fitted with calibrate(traces.datasets.load()) (the bundled DeepSeek-V2-Lite ESFT trace, all 25,028 tokens);
 # see benchmarks/joint_scale.py --calibrate to refit.
-ESFT_CALIBRATED = SyntheticSpec(num_layers=26, num_experts=64, top_k=6, load_skew=1.2126, affinity=28.72,
-                                persistence=0.9458, model="synthetic, calibrated on DeepSeek-V2-Lite ESFT")
+ESFT_CALIBRATED = SyntheticSpec(num_layers=26, num_experts=64, top_k=6, load_skew=0.7919, affinity=8.6437,
+                                persistence=0.9, topic_share=0.0725, type_share=0.7001, num_types=64,
+                                model="synthetic, calibrated on DeepSeek-V2-Lite ESFT")
 
 
 def deepseek_v3(num_tokens: int, seed: int = 0, model_seed: int = 0, seq_len: int = 145, **overrides) -> RoutingTrace:
