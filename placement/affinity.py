@@ -68,14 +68,16 @@ class AffinityStats:
     @classmethod
     def from_trace(cls, trace: RoutingTrace, seed: int = 0, chunk_tokens: int = _CHUNK) -> "AffinityStats":
         """Statistics of one trace (processed in token chunks to bound memory)."""
-        rng = np.random.default_rng(seed)
-        parts = [cls._from_arrays(trace, slice(s, min(s + chunk_tokens, trace.num_tokens)), rng)
+        perm = np.random.default_rng(seed).permutation(trace.num_tokens)  # one shuffle over the whole trace
+        parts = [cls._from_arrays(trace, slice(s, min(s + chunk_tokens, trace.num_tokens)), perm)
                  for s in range(0, trace.num_tokens, chunk_tokens)]
         return sum(parts[1:], parts[0])
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[RoutingTrace], seed: int = 0) -> "AffinityStats":
-        """Merge the statistics of a stream of trace chunks (e.g. :func:`traces.iter_trace_chunks`)."""
+        """Merge the statistics of a stream of trace chunks (e.g. :func:`traces.iter_trace_chunks`).
+
+        Exact for every count; the shuffled baseline shuffles tokens within each chunk (use large chunks)."""
         total = None
         for i, chunk in enumerate(chunks):
             part = cls.from_trace(chunk, seed=seed + i)
@@ -90,7 +92,8 @@ class AffinityStats:
         return cls.from_chunks(iter_trace_chunks(path, chunk_tokens), seed=seed)
 
     @classmethod
-    def _from_arrays(cls, trace: RoutingTrace, sl: slice, rng: np.random.Generator) -> "AffinityStats":
+    def _from_arrays(cls, trace: RoutingTrace, sl: slice, perm: np.ndarray) -> "AffinityStats":
+        """Statistics of tokens ``sl``; the shuffled baseline pairs token t at layer l with token perm[t] at l+1."""
         ids = trace.expert_ids[sl]
         E = trace.num_experts
         T, L, k = ids.shape
@@ -101,8 +104,7 @@ class AffinityStats:
         tokens = valid.any(axis=2).sum(axis=0).astype(np.float64)
         a, b = ids[:, :-1], ids[:, 1:]
         trans = _pair_counts(a, b, E)
-        perm = rng.permutation(T)
-        shuffled = _pair_counts(a, ids[perm, 1:], E)
+        shuffled = _pair_counts(a, trace.expert_ids[perm[sl], 1:], E)
         coact = _pair_counts(ids, ids, E, exclude_diagonal=True)
         load_g = trans_g = trans_1 = None
         if trace.gate_weights is not None:

@@ -109,6 +109,12 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
     ev = prepare(data)
     plan.check_fits(ev.num_layers, ev.num_experts, source=ev.source or "the trace")
     cost = cost or CostModel()
+    memory: dict = {}
+    if plan.memory is not None:  # memory-budget plans: hit rate, host->GPU bytes, stall (placement/memory_eval.py);
+        from placement.memory_eval import memory_overall, serving_plan  # EP metrics with host experts on their GPU
+
+        memory = memory_overall(plan, data if isinstance(data, RoutingTrace) else ev, cost)
+        plan = serving_plan(plan)
     topo = plan.topology
     L = plan.num_layers
     loads = gpu_load(plan.phy2log, ev.load, topo)  # [L, G]
@@ -123,6 +129,7 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
         per_profile = [imbalance(gpu_load(plan.phy2log, p, topo)) for p in ev.profiles]
         overall["load_imbalance_per_profile"] = [float(x.mean()) for x in per_profile]
         overall["load_imbalance_worst_profile"] = float(max(x.mean() for x in per_profile))
+    overall.update(memory)
     if ev.expert_ids is None:
         for key in ("affinity_locality", "cross_gpu_fraction", "intra_node_cross_fraction", "inter_node_fraction",
                     "affinity_locality_top1", "dispatch_gpus", "dispatch_nodes", "a2a_bytes", "a2a_bytes_intra_node",
@@ -187,4 +194,10 @@ HEADLINE = [
     ("a2a_bytes_per_token", "a2a bytes per token"),
     ("a2a_bytes_busiest_gpu", "busiest GPU a2a bytes"),
     ("est_moe_us_per_token", "est. MoE time (us/token)"),
+    ("resident_hit_rate", "expert hit rate in GPU memory (higher better)"),
+    ("resident_static_hit_rate", "hit rate of the resident set alone"),
+    ("fetch_bytes_per_token", "host->GPU bytes per token"),
+    ("est_fetch_ms_per_token", "est. PCIe stall (ms/token)"),
+    ("dynamic_resident_hit_rate", "hit rate, dynamic re-pick (higher better)"),
+    ("dynamic_fetch_bytes_per_token", "host->GPU bytes/token, dynamic"),
 ]

@@ -8,6 +8,7 @@ it was solved (solver, status, seconds, objective, bound, gap), metrics predicte
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -147,11 +148,12 @@ class Plan:
     @classmethod
     def from_result(cls, result: Result, num_experts: int, topology: Topology, moe_layer_index, num_hidden_layers: int,
                     model: str | None = None, options: dict | None = None, provenance: dict | None = None) -> "Plan":
+        stats = dict(result.stats)
+        memory = stats.pop("memory", None)  # kept once, as the plan's own memory record
         solver = {"name": result.solver, "status": result.status, "seconds": result.seconds,
                   "objective": result.objective, "bound": result.bound, "gap": result.gap,
                   "objective_name": result.objective_name, "backend": result.backend,
-                  "options": options or {}, "stats": result.stats}
-        memory = result.stats.get("memory") if isinstance(result.stats, dict) else None
+                  "options": options or {}, "stats": stats}
         return cls(result.phy2log, num_experts, topology, moe_layer_index, num_hidden_layers, model,
                    solver=_jsonable(solver), provenance=provenance or {}, memory=memory)
 
@@ -176,6 +178,7 @@ class Plan:
                             f"'moeplace plan' or 'moeplace import-plan'")
         if d.get("version") != VERSION:
             raise PlanError(f"{where} is plan version {d.get('version')!r}; this moeplace reads version {VERSION}")
+        validate_plan_dict(d, where)
         missing = [k for k in ("num_experts", "num_hidden_layers", "moe_layer_index", "topology", "phy2log") if k not in d]
         if missing:
             raise PlanError(f"{where} lacks the field {missing[0]!r}")
@@ -220,6 +223,45 @@ class Plan:
         if (self.num_layers, self.num_experts) != (num_layers, num_experts):
             raise PlanError(f"plan {self.name!r} is for {self.num_layers} MoE layers x {self.num_experts} experts but "
                             f"{source} has {num_layers} x {num_experts}; plan and evaluate the same model")
+
+
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "plan-v1.json"
+
+
+def plan_schema() -> dict:
+    """The Plan v1 JSON Schema (``placement/schemas/plan-v1.json``, draft 2020-12)."""
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(plan_schema())
+
+
+def validate_plan_dict(d: Any, where: str = "plan", require: bool = False) -> bool:
+    """Check a plan dict against the Plan v1 JSON Schema; raise :class:`PlanError` (one sentence) if it fails.
+
+    Uses ``jsonschema`` when it is installed (a development dependency); without it returns False and leaves
+    the checks to :meth:`Plan.from_dict`, unless ``require`` is set (then ImportError). Returns True when the
+    dict was validated.
+    """
+    try:
+        validator = _validator()
+    except ImportError:
+        if require:
+            raise
+        return False
+    errors = list(validator.iter_errors(d))
+    if errors:
+        import jsonschema
+
+        e = jsonschema.exceptions.best_match(errors)
+        at = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(e.absolute_path))
+        msg = e.message if len(e.message) < 200 else e.message[:200] + "..."
+        raise PlanError(f"{where} does not follow the Plan v1 schema" + (f" at {at}" if at else "") + f": {msg}")
+    return True
 
 
 def provenance_of(paths: list[str], tokens: int, sequences: int, extra: dict | None = None) -> dict:

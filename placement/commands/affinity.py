@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -15,6 +16,8 @@ def register(app: typer.Typer) -> None:
     def affinity_cmd(
         trace: Optional[list[str]] = typer.Argument(None, help="Token traces (default: the bundled trace)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the token-shuffled baseline."),
+        plots: Optional[Path] = typer.Option(None, "--plots", help="Also write PNG plots (conditional heatmaps, mutual "
+                                             "information vs shuffled, expert load) into this folder."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         """Summarise inter-layer affinity: mutual information vs a token-shuffled baseline, concentration, skew."""
@@ -27,8 +30,15 @@ def register(app: typer.Typer) -> None:
         data, sources = load_data(trace)
         if not isinstance(data, RoutingTrace):
             raise UserError("affinity needs token traces (expert_ids); counts-only files have no transitions")
-        summary = AffinityStats.from_trace(data, seed=seed).summary()
+        stats = AffinityStats.from_trace(data, seed=seed)
+        summary = stats.summary()
         summary["sources"] = sources
+        if plots is not None:
+            from placement import plots as P
+
+            if not P.available():
+                raise UserError(P.PLOT_EXTRA_HINT)
+            summary["plots"] = [str(p) for p in P.write_affinity_plots(stats, plots)]
         if as_json:
             print_json(summary)
             return
@@ -44,3 +54,5 @@ def register(app: typer.Typer) -> None:
                       fmt(b["mutual_information_shuffled"], 3), fmt(b["conditional_entropy"], 3),
                       fmt(b["top1_conditional"], 3), fmt(b["successors_for_half"], 1))
         out.print(t)
+        if plots is not None:
+            out.print(f"wrote {len(summary['plots'])} plots to {plots}/", markup=False)

@@ -47,7 +47,8 @@ def cost_model(hidden_size: int | None, dtype: str, dataflow: str = "standard", 
 def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, redundant: int, solver: str,
               expert_groups: int = 1, time_limit: float | None = 60.0, seed: int = 0, backend: str = "cp-sat",
               threads: int | None = None, params: dict | None = None, holdout: float = 0.0,
-              current=None, cost=None, progress=None):
+              current=None, cost=None, progress=None, memory_budget: str | None = None,
+              expert_bytes: str | None = None, model_config: str | None = None):
     """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan."""
     from placement.evaluate import evaluate
     from placement.plan import Plan, provenance_of
@@ -61,8 +62,15 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
             raise UserError("--holdout needs a token trace (it splits by sequence); counts cannot be split")
         fit, held = data.split_by_sequence(1.0 - holdout, seed=seed)
     E = fit.num_experts
-    topo = Topology.for_experts(E, gpus, redundant, gpus_per_node)
-    problem = build_problem(fit, topo, expert_groups=expert_groups, current=current)
+    budget = note = None
+    if memory_budget is not None:  # GPU memory budget: docs/memory-budget.md
+        from placement.budget import resolve_plan_budget
+
+        budget, note, solver = resolve_plan_budget(memory_budget, fit, gpus, redundant, solver, expert_bytes,
+                                                   model_config)
+    topo = budget.topology(gpus_per_node) if budget else Topology.for_experts(E, gpus, redundant, gpus_per_node)
+    problem = build_problem(fit, topo, expert_groups=expert_groups, current=current,
+                            budget_slots=budget.total_slots if budget else None)
     options = Options(time_limit=time_limit, seed=seed, backend=backend, threads=threads, params=params or {},
                       progress=progress)
     result = solve(solver, problem, options)
@@ -73,6 +81,11 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
                             options={"time_limit": time_limit, "seed": seed, "backend": backend, "params": params or {},
                                      "redundant": redundant, "expert_groups": expert_groups},
                             provenance=prov)
+    if budget is not None:
+        plan.memory.update(budget.memory_record())
+        plan.solver["options"]["memory_budget"] = memory_budget
+    if note:
+        plan.extra["note"] = note
     plan.predicted = evaluate(plan, fit, cost)["overall"]
     if held is not None:
         plan.heldout = evaluate(plan, held, cost)["overall"]
@@ -103,6 +116,13 @@ def register(app: typer.Typer) -> None:
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model hidden size for bytes/time "
                                                   "(default 2048, DeepSeek-V2-Lite)."),
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
+        memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="GPU memory for expert weights, per "
+                                                    "GPU: expert slots (416), a share of all experts (25%) or bytes "
+                                                    "(6GiB); other experts stay in host memory (docs/memory-budget.md)."),
+        expert_bytes: Optional[str] = typer.Option(None, "--expert-bytes", help="Size of one expert (e.g. 17.3MB), for "
+                                                   "byte budgets and host->GPU bytes."),
+        model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config.json, to derive "
+                                                    "the expert size."),
         out_path: Path = typer.Option(Path("plan.json"), "--out", "-o", help="Plan file to write."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan summary as JSON."),
     ):
@@ -113,12 +133,13 @@ def register(app: typer.Typer) -> None:
         if not 0.0 <= holdout < 1.0:
             raise UserError(f"--holdout must be in [0, 1), got {holdout}")
         data, sources = load_data(trace)
-        name = solver or default_solver()
+        name = solver or ("budget" if memory_budget else default_solver())
         cur = Plan.load(current) if current else None
         with err.status(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
                              backend, threads, parse_params(param), holdout, cur, cost_model(hidden_size, dtype),
-                             progress=lambda m: status.update(f"{name}: {m}"))
+                             progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
+                             expert_bytes=expert_bytes, model_config=model_config)
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:
@@ -129,6 +150,12 @@ def register(app: typer.Typer) -> None:
                   f"({plan.num_redundant} redundant), solver {s['name']} [{s['status']}] in {s['seconds']:.2f}s"
                   + (f", objective {fmt(s['objective'])} bound {fmt(s['bound'])} gap {fmt(s['gap'])}"
                      if s.get("objective") is not None else ""), markup=False)
+        if plan.memory is not None:
+            from placement.budget import describe_plan_memory
+
+            out.print(describe_plan_memory(plan), markup=False)
+        if plan.extra.get("note"):
+            err.print(f"note: {plan.extra['note']}", markup=False)
         from placement.commands.evaluate import metrics_table
 
         cols = {"fitted (in-sample)": plan.predicted}

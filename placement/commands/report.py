@@ -1,0 +1,92 @@
+"""moeplace report: the demo's report (tables and plots) for the user's own plans and traces."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from placement.cli_common import UserError, err, out, print_json, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    @user_errors
+    def report_cmd(
+        plans: list[str] = typer.Argument(..., help="Plan files (Plan v1 JSON) to compare."),
+        trace: Optional[list[str]] = typer.Option(None, "--trace", "-t", help="Trace(s) to evaluate on (token trace or "
+                                                  "counts; repeatable). Default: the bundled trace."),
+        out_dir: Path = typer.Option(Path("moeplace-report"), "--out", "-o", help="Folder for the report."),
+        holdout: float = typer.Option(0.0, "--holdout", help="Evaluate only on the held-out share of sequences of "
+                                      "the same split 'moeplace plan --holdout F --seed S' used."),
+        seed: int = typer.Option(0, "--seed", help="Seed of that split."),
+        baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Add the contiguous placement as the "
+                                      "reference column when no plan is contiguous."),
+        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time."),
+        dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16, fp8 or fp32."),
+        title: str = typer.Option("moeplace report", "--title", help="Report title."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the written paths and metrics as JSON."),
+    ):
+        """Compare plans on traces in a report: Markdown, HTML, JSON and PNG plots.
+
+        The report has the side-by-side metrics with ratios to contiguous, solve time and gap,
+        affinity heatmaps, mutual information against a shuffled baseline, and per-layer balance
+        and cross-GPU transitions per plan."""
+        from placement.affinity import AffinityStats
+        from placement.cli_common import load_data, load_plans
+        from placement.commands.plan import cost_model
+        from placement.report import (build_report, describe_cost, describe_data, describe_topology,
+                                      reference_baseline)
+        from traces import RoutingTrace
+
+        if not 0.0 <= holdout < 1.0:
+            raise UserError(f"--holdout must be in [0, 1), got {holdout}")
+        plan_objs = load_plans(plans)
+        data, sources = load_data(trace)
+        whole = data
+        if holdout:
+            if not isinstance(data, RoutingTrace):
+                raise UserError("--holdout needs a token trace; counts cannot be split by sequence")
+            data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
+        for p in plan_objs:
+            p.check_fits(data.num_layers, data.num_experts, source=", ".join(sources))
+        labels = [p.name for p in plan_objs]
+        if baseline:
+            ref = reference_baseline(plan_objs, data.num_experts, data.load_profile().total())
+            if ref is not None:
+                plan_objs, labels = [ref, *plan_objs], ["contiguous", *labels]
+        cost = cost_model(hidden_size, dtype)
+        setup = [describe_data("evaluation data", data) + f" from {', '.join(sources)}"
+                 + (f" (held-out share {holdout:g} of sequences, split seed {seed})" if holdout else ""),
+                 *([describe_topology(plan_objs[0])] if len({(p.topology, p.num_redundant) for p in plan_objs}) == 1
+                   else [f"{n}: {describe_topology(p)}" for n, p in zip(labels, plan_objs)]),
+                 describe_cost(cost),
+                 "plans: " + ", ".join(f"`{p}`" for p in plans)]
+        cmd = "moeplace report " + " ".join(shlex.quote(p) for p in plans)
+        cmd += "".join(f" --trace {shlex.quote(t)}" for t in trace or [])
+        cmd += f" --out {shlex.quote(str(out_dir))}" + (f" --holdout {holdout:g} --seed {seed}" if holdout else "")
+        cmd += "" if baseline else " --no-baseline"
+        cmd += f" --hidden-size {hidden_size}" if hidden_size else ""
+        cmd += f" --dtype {dtype}" if dtype != "bf16" else ""
+        with err.status("writing the report ...") as status:
+            stats = AffinityStats.from_trace(whole, seed=seed) if isinstance(whole, RoutingTrace) else None
+            rep = build_report(plan_objs, data, out_dir, labels=labels, affinity=stats, title=title, setup=setup,
+                               reproduce=cmd, cost=cost, plots=plots, progress=status.update)
+        if as_json:
+            print_json({"report": str(rep["markdown"]), "html": str(rep["html"]), "json": str(rep["json"]),
+                        "plots": [str(p) for p in rep["plots"]],
+                        "overall": {k: v["overall"] for k, v in rep["results"].items()}, "notes": rep["notes"]})
+            return
+        from placement.commands.demo import plans_table, plans_table_legend
+
+        cols = {k: v["overall"] for k, v in rep["results"].items()}
+        solver = {k: p.solver for k, p in zip(labels, plan_objs)}
+        out.print(plans_table(cols, solver, title="evaluation data (lower is better in every column)"))
+        if "contiguous" in cols:
+            out.print(plans_table_legend(), markup=False, style="dim")
+        for n in rep["notes"]:
+            out.print(n, markup=False)
+        out.print(f"wrote {rep['markdown']}, {rep['html']} and {len(rep['plots'])} plots", markup=False)
