@@ -2,9 +2,11 @@
 
     PYTHONPATH=. python benchmarks/compare_joint.py                       # 4, 8 and 16 GPUs (8 per node)
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --redundant 8 --markdown
+    PYTHONPATH=. python benchmarks/compare_joint.py --tasks --gpus 8 --redundant 8   # several profiles, counts only
 
 Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
-and measured on the other half. Columns: held-out load imbalance, cross-GPU transitions (and their ratio to
+and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
+groups onto nodes). Columns: held-out load imbalance, cross-GPU transitions (and their ratio to
 contiguous), inter-node transitions, GPUs per token-layer, estimated MoE time per token under the standard and the
 coherent dataflow (DeepSeek-V2-Lite sizes, H100 defaults), solve seconds and the solver's own gap. The joint planner
 runs once per dataflow; its row says which it optimised.
@@ -34,7 +36,7 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
     from placement.problem import build_problem
-    from solvers import Options, Topology, names, solve
+    from solvers import Options, SolverInputError, Topology, names, solve
     from solvers.cost import CostModel
     from traces import datasets
 
@@ -42,7 +44,8 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
     fit, held = trace.split_by_sequence(0.5, seed=seed)
     held_ev = prepare(held)
     topo = Topology.for_experts(trace.num_experts, gpus, redundant, min(gpn, gpus))
-    problem = build_problem(fit, topo)
+    # several nodes: 8 expert groups so that EPLB's hierarchical policy (groups -> nodes) applies
+    problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1)
     cost_std, cost_coh = CostModel(), CostModel(dataflow="coherent")
     rows = []
     available = set(names())
@@ -54,7 +57,11 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
             params = {"dataflow": flow} if flow else {}
             limit = joint_limit if name == "joint" else ref_limit
             t = time.perf_counter()
-            res = solve(name, problem, Options(time_limit=limit, seed=seed, threads=1, params=params))
+            try:
+                res = solve(name, problem, Options(time_limit=limit, seed=seed, threads=1, params=params))
+            except SolverInputError as exc:
+                say(f"  {name}: {exc}")
+                continue
             secs = time.perf_counter() - t
             plan = Plan.from_result(res, trace.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
             o = evaluate(plan, held_ev, cost_std)["overall"]
@@ -105,8 +112,31 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
+                    "profiles, measure balance on held-out traffic of unseen task mixtures")
     args = ap.parse_args()
     say = lambda m: print(m, flush=True)  # noqa: E731
+    if args.tasks:
+        import numpy as np
+
+        from benchmarks.joint_scale import mixture_robustness
+        from solvers import Topology
+        from traces import datasets
+
+        fit, held = [], []
+        for task in datasets.ESFT_TASKS:
+            f, h = datasets.load(tasks=task).split_by_sequence(0.5, seed=args.seed)
+            fit.append(f.load_profile().logical_count[0])
+            held.append(h.load_profile().logical_count[0])
+        out = {}
+        for g in args.gpus:
+            topo = Topology.for_experts(64, g, args.redundant, min(args.gpus_per_node, g))
+            say(f"{g} GPUs, {args.redundant} redundant slots, counts of the three tasks")
+            out[g] = mixture_robustness(np.stack(fit), np.stack(held), topo, 8 if topo.num_nodes > 1 else 1,
+                                        args.joint_time_limit, {}, say)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
     rows = []
     for g in args.gpus:
         say(f"{g} GPUs, {args.redundant} redundant")

@@ -98,42 +98,77 @@ def fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def profiles_experiment(cache: Path, tokens: int, gpus: int, gpn: int, redundant: int, time_limit: float, say) -> dict:
-    """Counts-only input: fit on 4 workloads' count profiles, evaluate balance on 4 workloads never seen."""
-    from placement.problem import build_problem
-    from solvers import Options, Topology, names, solve
-    from solvers.objective import gpu_load, imbalance
+def mixture_robustness(fit_counts: np.ndarray, held_counts: np.ndarray, topo, expert_groups: int, time_limit: float,
+                       params: dict, say, mixtures: int = 16, seed: int = 0) -> dict:
+    """Fit on N task profiles, measure balance on held-out traffic of unseen task mixtures.
 
-    seen = [v3_trace(tokens, cache, seed=100 + i, workload_skew=0.3) for i in range(4)]
-    unseen = [v3_trace(tokens, cache, seed=200 + i, workload_skew=0.3) for i in range(4)]
-    topo = Topology.for_experts(256, gpus, redundant, gpn)
-    prof = [t.load_profile() for t in seen]
+    Args:
+        fit_counts: ``[N, L, E]`` fitted counts per task; held_counts: ``[N, L, E]`` held-out counts per task.
+    The unseen workloads are ``mixtures`` random mixes (Dirichlet(1) weights over the tasks) of the held-out
+    traffic, each task normalised to one token. EPLB and joint (summed counts) see the summed profile; joint also
+    runs with the N profiles kept apart (expected and worst case).
+    """
+    from placement.problem import build_problem
+    from solvers import Options, SolverInputError, names, solve
+    from solvers.objective import gpu_load, imbalance
     from traces import LoadProfile
 
-    summed = LoadProfile(np.sum([p.logical_count for p in prof], axis=0))
-    out = {}
+    rng = np.random.default_rng(seed)
+    N = fit_counts.shape[0]
+    held_norm = held_counts / held_counts.sum(axis=(1, 2), keepdims=True)
+    w = rng.dirichlet(np.ones(N), size=mixtures)
+    mixes = np.einsum("mn,nle->mle", w, held_norm)
+    summed = LoadProfile(fit_counts.sum(axis=0))
+    profiles = LoadProfile(fit_counts)
     configs = [("eplb-hierarchical", summed, {}), ("eplb-global", summed, {}),
-               ("joint (summed counts)", summed, {}), ("joint (4 profiles, expected)", prof, {"objective": "expected"}),
-               ("joint (4 profiles, worst)", prof, {"objective": "worst"})]
-    for label, data, params in configs:
+               ("joint (summed counts)", summed, {}),
+               (f"joint ({N} profiles, expected)", profiles, {"objective": "expected"}),
+               (f"joint ({N} profiles, worst)", profiles, {"objective": "worst"})]
+    out = {}
+    for label, data, extra in configs:
         name = label.split(" ")[0]
         if name not in names():
             continue
-        problem = build_problem(data, topo, expert_groups=8)
+        problem = build_problem(data, topo, expert_groups=expert_groups)
         t = time.perf_counter()
-        res = solve(name, problem, Options(time_limit=time_limit, threads=1, params={"model": "deepseek-v3", **params}))
+        try:
+            res = solve(name, problem, Options(time_limit=time_limit, threads=1, params={**params, **extra}))
+        except SolverInputError as exc:
+            say(f"  {label}: {exc}")
+            continue
         secs = time.perf_counter() - t
 
-        def imb(trs):
-            vals = [float(imbalance(gpu_load(res.phy2log, t.load_profile().logical_count[0], topo)).mean()) for t in trs]
-            return float(np.mean(vals)), float(np.max(vals))
+        def imb(loads):
+            return np.array([float(imbalance(gpu_load(res.phy2log, x, topo)).mean()) for x in loads])
 
-        fit_mean, fit_worst = imb(seen)
-        new_mean, new_worst = imb(unseen)
-        out[label] = {"seconds": secs, "gap": res.gap, "fitted_mean": fit_mean, "fitted_worst": fit_worst,
-                      "unseen_mean": new_mean, "unseen_worst": new_worst}
-        say(f"  {label:30s} {secs:6.1f}s fitted {fit_mean:.3f}/{fit_worst:.3f} unseen {new_mean:.3f}/{new_worst:.3f}")
+        fitted, tasks, mix = imb(fit_counts), imb(held_norm), imb(mixes)
+        out[label] = {"seconds": secs, "gap": res.gap, "fitted_tasks_mean": float(fitted.mean()),
+                      "fitted_tasks_worst": float(fitted.max()), "heldout_tasks_mean": float(tasks.mean()),
+                      "heldout_tasks_worst": float(tasks.max()), "unseen_mixes_mean": float(mix.mean()),
+                      "unseen_mixes_worst": float(mix.max()),
+                      "heldout_sum": float(imb(held_counts.sum(axis=0)[None])[0])}
+        o = out[label]
+        say(f"  {label:32s} {secs:6.1f}s gap {fmt(res.gap)} fitted tasks {o['fitted_tasks_mean']:.3f}/"
+            f"{o['fitted_tasks_worst']:.3f} held-out tasks {o['heldout_tasks_mean']:.3f}/{o['heldout_tasks_worst']:.3f}"
+            f" unseen mixes {o['unseen_mixes_mean']:.3f}/{o['unseen_mixes_worst']:.3f}")
     return out
+
+
+def profiles_experiment(cache: Path, tokens: int, gpus: int, gpn: int, redundant: int, time_limit: float, say,
+                        tasks: int = 4, skew: float = 1.0) -> dict:
+    """Counts-only input at V3 size: ``tasks`` synthetic workloads (each its own mix of token types), fitted on
+    half of each one's sequences, measured on the other half and on unseen mixtures of them."""
+    from solvers import Topology
+
+    fit, held = [], []
+    for i in range(tasks):
+        tr = v3_trace(tokens, cache, seed=100 + i, workload_skew=skew)
+        f, h = tr.split_by_sequence(0.5, seed=0)
+        fit.append(f.load_profile().logical_count[0])
+        held.append(h.load_profile().logical_count[0])
+    topo = Topology.for_experts(256, gpus, redundant, gpn)
+    say(f"{tasks} synthetic V3 workloads, {gpus} GPUs, {redundant} redundant slots, counts only")
+    return mixture_robustness(np.stack(fit), np.stack(held), topo, 8, time_limit, {"model": "deepseek-v3"}, say)
 
 
 def main() -> None:
@@ -165,7 +200,7 @@ def main() -> None:
         return
     result: dict = {"machine": f"{os.cpu_count()} CPU cores (shared)", "tokens": args.tokens}
     if args.profiles:
-        result["profiles"] = profiles_experiment(args.cache, args.tokens // 4, max(args.gpus), args.gpus_per_node,
+        result["profiles"] = profiles_experiment(args.cache, args.tokens // 2, max(args.gpus), args.gpus_per_node,
                                                  max(args.redundant), args.time_limit, say)
     else:
         from placement.evaluate import prepare
@@ -176,13 +211,18 @@ def main() -> None:
         say(f"trace {tr.expert_ids.shape} ready in {time.perf_counter() - t:.1f}s; stats {routing_stats(tr)}")
         fit, held = tr.split_by_sequence(0.5, seed=args.seed)
         held_ev = prepare(held)
-        rows = []
+        rows = result["rows"] = []
         for gpus in args.gpus:
             for red in args.redundant:
+                if (tr.num_experts + red) % gpus:
+                    say(f"{gpus} GPUs, {red} redundant slots: {tr.num_experts + red} slots do not split over the GPUs, "
+                        f"skipped")
+                    continue
                 say(f"{gpus} GPUs ({gpus // args.gpus_per_node} nodes), {red} redundant slots")
                 rows += run_config(fit, held_ev, gpus, args.gpus_per_node, red, args.solvers.split(","), args.dataflow,
                                    args.time_limit, args.seed, say)
-        result["rows"] = rows
+                if args.json:
+                    args.json.write_text(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

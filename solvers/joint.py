@@ -27,7 +27,8 @@ Method (a decomposition that is exact where it can be, then local search on the 
 Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`` (a
 :class:`solvers.cost.CostModel`), ``model`` (a cost preset such as "deepseek-v3"), any CostModel field
 (``hidden_size``, ``expert_intermediate_size``, ``dtype_bytes``, ``gpu_flops``), ``objective`` ("expected" |
-"worst"), ``migration_cost`` (seconds per moved expert copy; default when a current plan is given: one expert's
+"worst"; profiles are first scaled to the same token count unless ``normalize_profiles=false``),
+``migration_cost`` (seconds per moved expert copy; default when a current plan is given: one expert's
 weights over the intra-node link), ``keep_groups_on_nodes`` (bool: every expert group stays on one node, for
 node-limited routing), ``caps`` (load caps tried by the construction), ``sweeps``, ``smoothing`` (shrink
 transitions and co-activation towards independence, 0..1), ``local_search`` (bool), ``exact_limit``
@@ -173,6 +174,10 @@ def prepare(problem: Problem, options: Options) -> JointData:
                                "does not have; give a token trace or use --dataflow standard")
     loads = problem.profiles if problem.profiles is not None else problem.load[None]
     loads = np.asarray(loads, dtype=np.float64)
+    if loads.shape[0] > 1 and params.get("normalize_profiles", True):
+        # profiles recorded over different spans: compare them per token (every profile scaled to the mean total)
+        tot = loads.sum(axis=(1, 2), keepdims=True)
+        loads = loads / np.maximum(tot, 1e-300) * tot.mean()
     load = loads.mean(axis=0)
     mean_tot = np.maximum(load.sum(axis=1), 1e-300)
     scale = loads.sum(axis=2) / mean_tot[None, :]
@@ -441,9 +446,6 @@ class State:
         if moved_l is not None:
             self.moved[l] = moved_l
 
-    def holds(self, l: int, e: int, g: int) -> bool:
-        return self.P[l, e, g] > 0
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Construction: replica counts, then block coordinate descent with exact per-layer assignments
@@ -491,7 +493,7 @@ def layer_replicas(data: JointData, load: np.ndarray) -> np.ndarray:
 class Builder:
     """Per-layer assignment given the neighbouring layers (see the module docstring, step 3)."""
 
-    def __init__(self, data: JointData, affinity_scale: float = 1.0):
+    def __init__(self, data: JointData):
         self.d = d = data
         topo = d.topology
         self.G, self.m, self.S = topo.num_gpus, topo.slots_per_gpu, topo.num_slots
@@ -503,13 +505,11 @@ class Builder:
         # cost (seconds, averaged over GPUs) of one pair copy between GPU g and h
         self.K = np.where(np.eye(G, dtype=bool), 0.0,
                           np.where(same_node, 1.0 / topo.intra_node_bandwidth, 1.0 / topo.inter_node_bandwidth)) * B / G
-        # mean seconds saved by one fewer distinct token on a GPU (standard dataflow, both phases)
-        self.c_dup = 2.0 * B / G * ((n - 1) / (G * topo.intra_node_bandwidth) + (G - n) / (G * topo.inter_node_bandwidth))
-        self.aff = affinity_scale
         self.node = node
-        # seconds per distinct token received by a GPU, all-to-all (standard: both phases; coherent: ends only)
-        per = B * ((n - 1) / (G * topo.intra_node_bandwidth) + (G - n) / (G * topo.inter_node_bandwidth))
-        self.c_dist = 2.0 * per
+        # seconds a GPU spends receiving one more distinct token (standard dataflow, dispatch and combine), and
+        # the same averaged over the GPUs (what the mean GPU time gains)
+        self.c_dist = 2.0 * B * ((n - 1) / (G * topo.intra_node_bandwidth) + (G - n) / (G * topo.inter_node_bandwidth))
+        self.c_dup = self.c_dist / G
 
     def cost_matrix(self, l: int, X: np.ndarray, with_coactivation: bool = True) -> np.ndarray:
         """``[E, G]`` linearised seconds of putting expert e on GPU g (whole expert, before the 1/r share)."""
@@ -525,7 +525,6 @@ class Builder:
                 Pn = _shares(X[l + 1], E, self.gpu, G)
                 Vout = d.T[l] @ Pn  # [E, G]
                 cost += d.rho[l] * (Vout @ self.K.T)
-            cost *= self.aff
         if d.C is not None and with_coactivation:
             # duplicate copies of a token on one GPU: both phases of every layer (standard), or the first
             # layer's dispatch and the last layer's combine (coherent)
@@ -768,9 +767,9 @@ def stratified_start(data: JointData, r: np.ndarray) -> np.ndarray:
 
 
 def construct(data: JointData, r: np.ndarray, cap: float, sweeps: int, deadline: float,
-              start: np.ndarray | None = None, affinity_scale: float = 1.0) -> np.ndarray:
+              start: np.ndarray | None = None) -> np.ndarray:
     """Block coordinate descent over layers (forward then backward sweeps) from ``start``."""
-    b = Builder(data, affinity_scale)
+    b = Builder(data)
     X = balanced_start(data, r) if start is None else start.copy()
     L = data.L
     for sweep in range(sweeps):
