@@ -12,9 +12,10 @@ Every placement of every layer satisfies, for each layer l and workload profile 
   * standard dataflow: the GPUs together receive ``sum_g distinct_g`` token copies, at least the load minus the
     largest possible duplicate count; a GPU holds at most m slots, so expert a shares a GPU with at most
     ``m - 1`` other experts and the duplicates are at most ``1/2 sum_a top_{m-1}(coactivation[a, :])``.
-  * coherent dataflow: at most ``min(sum_a top_m(T[a, :]), sum_b top_m(T[:, b]))`` pair mass can be on a common
-    GPU (m slots per GPU per layer; replicas split their share) and at most the same with ``m x gpus_per_node``
-    on a common node; the rest is sent, at the cheapest link the node bound allows.
+  * coherent dataflow: the pair mass on a common GPU is at most a bipartite b-matching of the transitions (an
+    expert shares a GPU with at most m experts of the next layer: m slots per GPU per layer; replicas split their
+    share), bounded through its Lagrangian dual, and the same with ``m x gpus_per_node`` for a common node; the
+    rest is sent, at the cheapest link the node bound allows.
 
 Sum over layers; over profiles, the mean (expected objective) or the maximum (worst case) of the per-profile
 bounds is a valid bound of the mean or maximum. A migration penalty is >= 0 and adds nothing. The bound relaxes
@@ -113,6 +114,35 @@ def max_colocated_pairs(pairs: np.ndarray, partners: int, iterations: int = 30) 
     return best
 
 
+def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40) -> float:
+    """Upper bound on the adjacent-layer pair mass that can be local: a bipartite b-matching (each expert of
+    either layer shares groups with at most ``per_group`` experts of the other layer, as a group holds
+    ``per_group`` of each layer's slots; replicas split their share, so they obey the same limits).
+
+    Lagrangian dual ``min m (sum_a lam_a + sum_b mu_b) + sum_ab max(0, T_ab - lam_a - mu_b)`` by alternating
+    exact coordinate updates; any (lam, mu) >= 0 gives a valid bound, the best seen is returned (never above
+    the row-wise and column-wise top-sum bound).
+    """
+    T = np.asarray(T, dtype=np.float64)
+    E1, E2 = T.shape
+    m = per_group
+    if m >= min(E1, E2):
+        return float(T.sum())
+
+    def value(lam, mu):
+        return float(m * (lam.sum() + mu.sum()) + np.maximum(T - lam[:, None] - mu[None, :], 0.0).sum())
+
+    best = max_local_mass(T, m)
+    lam, mu = np.zeros(E1), np.zeros(E2)
+    for _ in range(iterations):
+        red = T - mu[None, :]
+        lam = np.maximum(-np.partition(-red, m, axis=1)[:, m], 0.0)  # (m+1)-th largest: m entries stay positive
+        red = T - lam[:, None]
+        mu = np.maximum(-np.partition(-red, m, axis=0)[m, :], 0.0)
+        best = min(best, value(lam, mu))
+    return best
+
+
 def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: CostModel, phases: int) -> np.ndarray:
     """Lower bound on ``mean_g comm_g`` (standard dataflow) when the GPUs receive ``distinct_total`` copies."""
     G, n = topology.num_gpus, topology.gpus_per_node
@@ -156,8 +186,8 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
         for l in range(1, L):
             Tl = transitions[l - 1]
             tot = float(Tl.sum())
-            x_lb = max(tot - max_local_mass(Tl, m), 0.0)
-            xe_lb = max(tot - max_local_mass(Tl, m * n), 0.0) if topology.num_nodes > 1 else 0.0
+            x_lb = max(tot - max_local_pairs(Tl, m), 0.0)
+            xe_lb = max(tot - max_local_pairs(Tl, m * n), 0.0) if topology.num_nodes > 1 else 0.0
             if be <= bi:
                 xi, xe = max(x_lb - xe_lb, 0.0), xe_lb
             else:

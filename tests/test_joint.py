@@ -17,7 +17,7 @@ import pytest
 from solvers import Options, Problem, SolverInputError, Topology, solve
 from solvers.cost import CostModel, estimate_layer_seconds
 from solvers.joint import State, local_search, objective_of, prepare
-from solvers.joint_bound import layer_bounds, max_colocated_pairs, min_max_piece, total_bound
+from solvers.joint_bound import layer_bounds, max_colocated_pairs, max_local_pairs, min_max_piece, total_bound
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,12 @@ def test_bound_pieces_and_pairs_are_valid():
     best = max(sum(W[a, b] for grp in (part, tuple(set(range(8)) - set(part))) for a, b in itertools.combinations(grp, 2))
                for part in itertools.combinations(range(8), 4))
     assert max_colocated_pairs(W, 3) >= best - 1e-9
+    # adjacent-layer pairs: the bipartite bound is above the best pair of placements of 6 + 6 experts on 3 GPUs
+    T = rng.random((6, 6)) ** 3
+    splits = [p for p in itertools.permutations(range(6)) if p[0] < p[2] < p[4] and all(p[i] < p[i + 1] for i in (0, 2, 4))]
+    local = max(sum(T[a, b] for g in range(3) for a in pa[2 * g:2 * g + 2] for b in pb[2 * g:2 * g + 2])
+                for pa in splits for pb in itertools.permutations(range(6)))
+    assert max_local_pairs(T, 2) >= local - 1e-9
 
 
 @pytest.mark.parametrize("dataflow", ["standard", "coherent"])
