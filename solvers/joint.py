@@ -790,9 +790,8 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
                  candidates: int = 12, say=None) -> int:
     """Improve ``state`` in place; returns the number of accepted moves."""
     d = state.d
-    L, G, m = d.L, state.G, state.m
+    L, m = d.L, state.m
     accepted = 0
-    eps = 1e-12
     for p in range(max_passes):
         gained = 0
         before = state.objective()
@@ -810,9 +809,8 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
         after = state.objective()
         if say:
             say(f"local search pass {p + 1}: objective {after:.6g} ({gained} moves)")
-        if gained == 0 or before - after < 1e-6 * abs(before):
-            if gained == 0:
-                break
+        if gained == 0:
+            break
     return accepted
 
 
