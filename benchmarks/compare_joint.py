@@ -1,0 +1,152 @@
+"""The joint planner against contiguous, EPLB (both policies), ExFlow and MoETuner on the bundled real trace.
+
+    PYTHONPATH=. python benchmarks/compare_joint.py                       # 4, 8 and 16 GPUs (8 per node)
+    PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --redundant 8 --markdown
+    PYTHONPATH=. python benchmarks/compare_joint.py --tasks --gpus 8 --redundant 8   # several profiles, counts only
+
+Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
+and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
+groups onto nodes). Columns: held-out load imbalance, cross-GPU transitions (and their ratio to
+contiguous), inter-node transitions, GPUs per token-layer, estimated MoE time per token under the standard and the
+coherent dataflow (DeepSeek-V2-Lite sizes, H100 defaults), solve seconds and the solver's own gap. The joint planner
+runs once per dataflow; its row says which it optimised.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrix products: one BLAS thread is fastest
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REFERENCES = ["contiguous", "eplb-hierarchical", "eplb-global", "exflow", "moetuner"]
+KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("cross_ratio", "x contig."),
+        ("inter_node_fraction", "inter-node"), ("dispatch_gpus", "GPUs/token"),
+        ("std_us_per_token", "std us/tok"), ("coherent_us_per_token", "coh. us/tok"), ("seconds", "solve s"),
+        ("gap", "gap")]
+
+
+def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
+        solvers: list[str], seed: int, say) -> list[dict]:
+    from placement.coherent import evaluate_coherent
+    from placement.evaluate import evaluate, prepare
+    from placement.plan import Plan
+    from placement.problem import build_problem
+    from solvers import Options, SolverInputError, Topology, names, solve
+    from solvers.cost import CostModel
+    from traces import datasets
+
+    trace = datasets.load()
+    fit, held = trace.split_by_sequence(0.5, seed=seed)
+    held_ev = prepare(held)
+    topo = Topology.for_experts(trace.num_experts, gpus, redundant, min(gpn, gpus))
+    # several nodes: 8 expert groups so that EPLB's hierarchical policy (groups -> nodes) applies
+    problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1)
+    cost_std, cost_coh = CostModel(), CostModel(dataflow="coherent")
+    rows = []
+    available = set(names())
+    for name in solvers:
+        if name not in available:
+            say(f"  {name}: not available here, skipped")
+            continue
+        for flow in (dataflows if name == "joint" else [None]):
+            params = {"dataflow": flow} if flow else {}
+            limit = joint_limit if name == "joint" else ref_limit
+            t = time.perf_counter()
+            try:
+                res = solve(name, problem, Options(time_limit=limit, seed=seed, threads=1, params=params))
+            except SolverInputError as exc:
+                say(f"  {name}: {exc}")
+                continue
+            secs = time.perf_counter() - t
+            plan = Plan.from_result(res, trace.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
+            o = evaluate(plan, held_ev, cost_std)["overall"]
+            c = evaluate_coherent(plan, held, cost_coh)
+            row = {"gpus": gpus, "redundant": redundant, "solver": name if not flow else f"joint ({flow})",
+                   "seconds": secs, "gap": res.gap, "status": res.status, "objective": res.objective,
+                   "bound": res.bound, "load_imbalance": o["load_imbalance"], "balancedness": o["balancedness"],
+                   "cross_gpu_fraction": o["cross_gpu_fraction"], "inter_node_fraction": o["inter_node_fraction"],
+                   "dispatch_gpus": o["dispatch_gpus"], "std_us_per_token": o["est_moe_us_per_token"],
+                   "coherent_us_per_token": c["est_moe_us_per_token"]}
+            rows.append(row)
+            say(f"  {row['solver']:22s} {secs:6.1f}s imb {row['load_imbalance']:.3f} cross "
+                f"{row['cross_gpu_fraction']:.3f} std {row['std_us_per_token']:.4f} coh {row['coherent_us_per_token']:.4f}"
+                f" gap {fmt(row['gap'])}")
+    base = next((r for r in rows if r["solver"] == "contiguous"), None)
+    for r in rows:
+        r["cross_ratio"] = r["cross_gpu_fraction"] / base["cross_gpu_fraction"] if base else None
+    return rows
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    out = []
+    for (gpus, red) in sorted({(r["gpus"], r["redundant"]) for r in rows}):
+        out.append(f"\n{gpus} GPUs, {red} redundant slots\n")
+        out.append("| solver | " + " | ".join(label for _, label in KEYS) + " |")
+        out.append("| --- |" + " ---: |" * len(KEYS))
+        for r in rows:
+            if (r["gpus"], r["redundant"]) != (gpus, red):
+                continue
+            cells = [fmt(r[k], 1 if k == "seconds" else (4 if k.endswith("per_token") else 3)) for k, _ in KEYS]
+            out.append(f"| {r['solver']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, nargs="*", default=[4, 8, 16])
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--redundant", type=int, default=0)
+    ap.add_argument("--time-limit", type=float, default=60.0, help="time limit of the reference ILP solvers")
+    ap.add_argument("--joint-time-limit", type=float, default=10.0)
+    ap.add_argument("--dataflow", nargs="*", default=["standard", "coherent"])
+    ap.add_argument("--solvers", default=",".join(REFERENCES + ["joint"]))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
+                    "profiles, measure balance on held-out traffic of unseen task mixtures")
+    args = ap.parse_args()
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    if args.tasks:
+        import numpy as np
+
+        from benchmarks.joint_scale import mixture_robustness
+        from solvers import Topology
+        from traces import datasets
+
+        fit, held = [], []
+        for task in datasets.ESFT_TASKS:
+            f, h = datasets.load(tasks=task).split_by_sequence(0.5, seed=args.seed)
+            fit.append(f.load_profile().logical_count[0])
+            held.append(h.load_profile().logical_count[0])
+        out = {}
+        for g in args.gpus:
+            topo = Topology.for_experts(64, g, args.redundant, min(args.gpus_per_node, g))
+            say(f"{g} GPUs, {args.redundant} redundant slots, counts of the three tasks")
+            out[g] = mixture_robustness(np.stack(fit), np.stack(held), topo, 8 if topo.num_nodes > 1 else 1,
+                                        args.joint_time_limit, {}, say)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
+    rows = []
+    for g in args.gpus:
+        say(f"{g} GPUs, {args.redundant} redundant")
+        rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
+                    args.solvers.split(","), args.seed, say)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
+    if args.markdown:
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

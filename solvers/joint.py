@@ -1,0 +1,1073 @@
+"""The joint planner: affinity, co-activation, balance, topology and replicas together, with a bound.
+
+Objective (minimised): the estimated MoE seconds of the fitted workload under the counts model of
+:mod:`solvers.cost` (:func:`solvers.cost.estimate_layer_seconds`): per layer the slowest GPU's compute plus
+all-to-all time, summed over layers; with several workload profiles the mean (``objective="expected"``) or the
+maximum (``"worst"``) over profiles; plus ``migration_cost`` seconds for every expert copy that must be moved
+onto a GPU that does not hold it in the current plan.
+
+Method (a decomposition that is exact where it can be, then local search on the true objective):
+
+1. Tiny instances are enumerated exactly (status "optimal", bound = objective).
+2. Replica counts per layer: water-filling of the redundant slots onto the largest pieces (optimal for the
+   smallest largest piece, as DeepSeek's EPLB does greedily); the local search below re-targets replicas, so
+   which experts are replicated and where is decided with the placement, on the same objective.
+3. Construction by block coordinate descent over layers: with the neighbouring layers fixed, the gain of
+   putting expert e on GPU g is linear (pairs with the neighbours that become GPU- or node-local, co-activated
+   pairs that share the GPU, migration), so each layer is an assignment problem solved exactly
+   (``scipy.optimize.linear_sum_assignment`` over slots), followed by a swap repair to a load cap. Sweeps run
+   forwards and backwards (ExFlow's chaining of layers, arXiv 2401.08383, with MoETuner's balance,
+   arXiv 2502.06643); several caps are tried and the cost model picks the best trade-off.
+4. Local search on the exact counts objective with incremental evaluation: swaps of two experts between GPUs
+   and replica re-targeting, aimed at each layer's slowest GPU, lexicographic on (objective, sum of squared GPU
+   times) so that plateaus still improve balance and traffic.
+5. Bound: :func:`solvers.joint_bound.layer_bounds` (valid for every placement); gap = (objective - bound) /
+   objective.
+
+Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`` (a
+:class:`solvers.cost.CostModel`), ``model`` (a cost preset such as "deepseek-v3"), any CostModel field
+(``hidden_size``, ``expert_intermediate_size``, ``dtype_bytes``, ``gpu_flops``), ``objective`` ("expected" |
+"worst"; profiles are first scaled to the same token count unless ``normalize_profiles=false``),
+``migration_cost`` (seconds per moved expert copy; default when a current plan is given: one expert's
+weights over the intra-node link), ``keep_groups_on_nodes`` (bool: every expert group stays on one node, for
+node-limited routing), ``caps`` (load caps tried by the construction), ``sweeps``, ``smoothing`` (shrink
+transitions and co-activation towards independence, 0..1), ``local_search`` (bool), ``exact_limit``
+(enumerate when there are at most this many placements).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
+from solvers.cost import CostModel, phase_seconds, standard_comm_seconds
+from solvers.joint_bound import layer_bounds, total_bound
+
+BIG = 1e30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Problem data in one set of units
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class JointData:
+    """Arrays the planner works on, all in the token units of the mean load profile.
+
+    loads ``[N, L, E]`` per profile; load ``[L, E]`` mean profile; T ``[L-1, E, E]`` transitions or None;
+    C ``[L, E, E]`` co-activation or None; rho ``[L-1]``; scale ``[N, L]`` token count of each profile relative
+    to the mean; current ``[L, S]`` or None; allowed_node ``[L, E]`` (-1 = any).
+    """
+
+    topology: Topology
+    cost: CostModel
+    loads: np.ndarray
+    load: np.ndarray
+    T: np.ndarray | None
+    C: np.ndarray | None
+    rho: np.ndarray
+    tokens: np.ndarray
+    U: np.ndarray | None
+    Kw: np.ndarray | None
+    scale: np.ndarray
+    worst: bool
+    current: np.ndarray | None
+    migration_cost: float
+    allowed_node: np.ndarray | None
+
+    @property
+    def L(self) -> int:
+        return int(self.load.shape[0])
+
+    @property
+    def E(self) -> int:
+        return int(self.load.shape[1])
+
+    @property
+    def N(self) -> int:
+        return int(self.loads.shape[0])
+
+    @property
+    def coherent(self) -> bool:
+        return self.cost.dataflow == "coherent"
+
+
+def _rescale_pairs(pairs: np.ndarray, load: np.ndarray, per_token: float) -> np.ndarray:
+    """Scale ``[P, E, E]`` pair counts so that each plane has ``per_token`` pairs per token of ``load``."""
+    k_tokens = load.sum(axis=1)  # assignments per layer
+    out = pairs.astype(np.float64, copy=True)
+    for p in range(pairs.shape[0]):
+        s = out[p].sum()
+        if s > 0:
+            out[p] *= (k_tokens[min(p, len(k_tokens) - 1)] * per_token) / s
+    return out
+
+
+def _smooth(pairs: np.ndarray, amount: float, symmetric_zero_diag: bool = False) -> np.ndarray:
+    """Shrink ``[P, E, E]`` pair counts towards the independent (outer product of marginals) counts."""
+    if amount <= 0:
+        return pairs
+    out = np.empty_like(pairs)
+    for p in range(pairs.shape[0]):
+        t = pairs[p]
+        tot = t.sum()
+        ind = np.outer(t.sum(axis=1), t.sum(axis=0)) / max(tot, 1e-300)
+        if symmetric_zero_diag:
+            np.fill_diagonal(ind, 0.0)
+            ind *= tot / max(ind.sum(), 1e-300)
+        out[p] = (1 - amount) * t + amount * ind
+    return out
+
+
+def estimate_rho(routes: np.ndarray, num_experts: int, num_gpus: int, seed: int = 0,
+                 max_tokens: int = 20000) -> np.ndarray:
+    """``[L-1]`` GPU copies per cross-GPU expert pair under the coherent dataflow, measured on token routes.
+
+    A token whose experts at l run on GPUs A and at l+1 on GPUs B costs ``|A| |B| - |A n B|`` copies but has
+    ``k x k - (local pairs)`` cross-GPU expert pairs; the ratio (under a random balanced placement) converts the
+    pair counts of the counts model into copies.
+    """
+    rng = np.random.default_rng(seed)
+    T, L, k = routes.shape
+    if T > max_tokens:
+        routes = routes[rng.choice(T, max_tokens, replace=False)]
+    E, G = num_experts, num_gpus
+    gpu_of = np.stack([rng.permutation(np.arange(E) % G) for _ in range(L)])  # [L, E]
+    ids = routes.astype(np.int64)
+    ok = ids >= 0
+    g = np.where(ok, gpu_of[np.arange(L)[None, :, None], np.maximum(ids, 0)], -1)  # [T, L, k]
+    onehot = np.zeros((g.shape[0], L, G), dtype=bool)
+    t_idx, l_idx, j_idx = np.nonzero(ok)
+    onehot[t_idx, l_idx, g[t_idx, l_idx, j_idx]] = True
+    a, b = onehot[:, :-1], onehot[:, 1:]
+    copies = a.sum(2) * b.sum(2) - (a & b).sum(2)  # [T, L-1]
+    na, nb = ok[:, :-1].sum(2), ok[:, 1:].sum(2)
+    same = (g[:, :-1, :, None] == g[:, 1:, None, :]) & ok[:, :-1, :, None] & ok[:, 1:, None, :]
+    cross = na * nb - same.sum(axis=(2, 3))
+    tot_c, tot_x = copies.sum(axis=0).astype(float), cross.sum(axis=0).astype(float)
+    return np.where(tot_x > 0, tot_c / np.maximum(tot_x, 1), 1.0)
+
+
+def prepare(problem: Problem, options: Options) -> JointData:
+    """Validate the request and bring every input to one set of units."""
+    params = dict(options.params or {})
+    if problem.budget_slots is not None:
+        raise SolverInputError("the joint planner keeps every expert resident; for a memory budget use a budget "
+                               "solver (drop --memory-budget to use joint)")
+    topo = problem.topology
+    E, L = problem.num_experts, problem.num_layers
+    if topo.slots_per_gpu > E:
+        raise SolverInputError(f"{topo.slots_per_gpu} slots per GPU exceed the {E} experts, so a GPU would hold the "
+                               f"same expert twice; use fewer redundant slots (at most {E * topo.num_gpus - E})")
+    cost = CostModel.from_params(params)
+    objective = str(params.get("objective", "expected"))
+    if objective not in ("expected", "worst"):
+        raise SolverInputError(f"objective {objective!r} must be 'expected' or 'worst'")
+    if cost.dataflow == "coherent" and problem.transitions is None:
+        raise SolverInputError("the coherent dataflow needs adjacent-layer transitions, which counts-only input "
+                               "does not have; give a token trace or use --dataflow standard")
+    loads = problem.profiles if problem.profiles is not None else problem.load[None]
+    loads = np.asarray(loads, dtype=np.float64)
+    if loads.shape[0] > 1 and params.get("normalize_profiles", True):
+        # profiles recorded over different spans: compare them per token (every profile scaled to the mean total)
+        tot = loads.sum(axis=(1, 2), keepdims=True)
+        loads = loads / np.maximum(tot, 1e-300) * tot.mean()
+    load = loads.mean(axis=0)
+    mean_tot = np.maximum(load.sum(axis=1), 1e-300)
+    scale = loads.sum(axis=2) / mean_tot[None, :]
+    k = max(int(problem.top_k), 1)
+    smoothing = float(params.get("smoothing", 0.0))
+    if not 0.0 <= smoothing <= 1.0:
+        raise SolverInputError(f"smoothing must be between 0 and 1, got {smoothing}")
+    T = C = None
+    if problem.transitions is not None and L > 1:
+        T = _smooth(_rescale_pairs(problem.transitions, load[:-1], float(k)), smoothing)
+    if problem.coactivation is not None and k > 1:
+        C = _smooth(_rescale_pairs(problem.coactivation, load, float(k - 1)), smoothing, symmetric_zero_diag=True)
+    tokens = load.sum(axis=1) / k
+    U = Kw = None
+    if C is not None:
+        from solvers.cost import distinct_terms
+
+        U = np.empty((L, E))
+        Kw = np.empty((L, E, E))
+        for l in range(L):
+            U[l], Kw[l] = distinct_terms(load[l], C[l], tokens[l])
+    rho = np.ones(max(L - 1, 0))
+    if "rho" in params:
+        rho = np.broadcast_to(np.asarray(params["rho"], dtype=float), rho.shape).copy()
+    elif cost.dataflow == "coherent" and problem.routes is not None and L > 1:
+        rho = estimate_rho(problem.routes, E, topo.num_gpus, seed=options.seed)
+    cur = None if problem.current is None else np.asarray(problem.current, dtype=np.int64)
+    if cur is not None and (cur.min() < -1 or cur.max() >= E):
+        raise SolverInputError("the current plan names experts outside 0..E-1; plan for the same model")
+    mig = params.get("migration_cost")
+    if mig is None:
+        mig = cost.expert_bytes / topo.intra_node_bandwidth if cur is not None else 0.0
+    mig = float(mig)
+    if mig < 0:
+        raise SolverInputError(f"migration_cost must be >= 0, got {mig}")
+    allowed = None
+    if params.get("keep_groups_on_nodes"):
+        allowed = _group_nodes(load, problem.expert_groups, topo)
+    return JointData(topo, cost, loads, load, T, C, rho, tokens, U, Kw, scale, objective == "worst", cur, mig,
+                     allowed)
+
+
+def _group_nodes(load: np.ndarray, groups: int, topo: Topology) -> np.ndarray:
+    """``[L, E]`` node allowed for each expert: whole expert groups packed onto nodes, heaviest group first into
+    the lightest node with room (EPLB's first step), every node getting ``groups / nodes`` groups."""
+    Nn = topo.num_nodes
+    L, E = load.shape
+    if groups < Nn or groups % Nn:
+        raise SolverInputError(f"keep_groups_on_nodes needs --expert-groups ({groups}) to be a multiple of the "
+                               f"{Nn} nodes")
+    per = E // groups
+    out = np.empty((L, E), dtype=np.int64)
+    for l in range(L):
+        gl = load[l].reshape(groups, per).sum(axis=1)
+        node_load = np.zeros(Nn)
+        count = np.zeros(Nn, dtype=int)
+        for grp in np.argsort(-gl, kind="stable"):
+            open_ = np.where(count < groups // Nn)[0]
+            n = open_[np.argmin(node_load[open_])]
+            node_load[n] += gl[grp]
+            count[n] += 1
+            out[l, grp * per:(grp + 1) * per] = n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Incremental state: the exact counts objective under moves
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class State:
+    """A placement plus the cached products that make a move's exact effect cheap to compute.
+
+    Arrays (l = layer): X ``[L, S]`` slots, r ``[L, E]`` replicas, P ``[L, E, G]`` shares (1/r per replica),
+    Lg ``[L, N, G]`` GPU load per profile, CP ``[L, E, G]`` = C P, dup ``[L, G]`` duplicate copies,
+    Vin ``[L, G, E]`` = P_{l-1}^T T_{l-1}, Vout ``[L, E, G]`` = T_l P_{l+1}, M ``[L, G, G]`` = pair mass into l,
+    tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies.
+    """
+
+    def __init__(self, data: JointData, X: np.ndarray):
+        self.d = d = data
+        topo = d.topology
+        self.G, self.m, self.S = topo.num_gpus, topo.slots_per_gpu, topo.num_slots
+        self.gpu = topo.gpu_of_slot()
+        self.node = topo.node_of_gpu()
+        self.alpha = d.cost.seconds_per_assignment
+        self.B = d.cost.token_bytes
+        L, E, G = d.L, d.E, self.G
+        self.X = X.astype(np.int64).copy()
+        self.P = np.zeros((L, E, G))
+        self.r = np.zeros((L, E), dtype=np.int64)
+        for l in range(L):
+            np.add.at(self.P[l], (self.X[l], self.gpu), 1.0)
+        self.r = self.P.sum(axis=2).astype(np.int64)
+        self.P /= np.maximum(self.r, 1)[:, :, None]
+        self.Lg = np.einsum("nle,leg->lng", d.loads, self.P)
+        if d.C is not None:
+            self.CP = np.einsum("lab,lbg->lag", d.C, self.P)
+            self.dup = 0.5 * np.einsum("lag,lag->lg", self.P, self.CP)
+            self.KP = np.einsum("lab,lbg->lag", d.Kw, self.P)
+            self.logp0 = np.einsum("le,leg->lg", d.U, self.P) + 0.5 * np.einsum("lag,lag->lg", self.P, self.KP)
+        else:
+            self.CP = self.KP = None
+            self.dup = np.zeros((L, G))
+            self.logp0 = np.zeros((L, G))
+        self.use_T = d.coherent and d.T is not None
+        self.Vin = np.zeros((L, G, E)) if self.use_T else None
+        self.Vout = np.zeros((L, E, G)) if self.use_T else None
+        self.M = np.zeros((L, G, G)) if self.use_T else None
+        if self.use_T:
+            for l in range(1, L):
+                self.Vin[l] = self.P[l - 1].T @ d.T[l - 1]
+                self.M[l] = self.Vin[l] @ self.P[l]
+            for l in range(L - 1):
+                self.Vout[l] = d.T[l] @ self.P[l + 1]
+        self.cur_mask = None
+        self.moved = np.zeros(L)
+        if d.current is not None:
+            self.cur_mask = np.zeros((L, E, G), dtype=bool)
+            for l in range(L):
+                ok = d.current[l] >= 0
+                self.cur_mask[l, d.current[l][ok], self.gpu[ok]] = True
+            self.moved = ((self.P > 0) & ~self.cur_mask).sum(axis=(1, 2)).astype(float)
+        self.tg = np.stack([self.layer_gpu_seconds(l) for l in range(L)])  # [L, N, G]
+        self.tl = self.tg.max(axis=2)  # [L, N]
+
+    # -- pieces and per-GPU seconds ----------------------------------------------------------------------------
+    def piece_max(self, l: int, X_row: np.ndarray, r_row: np.ndarray) -> np.ndarray:
+        """``[N, G]`` largest piece on each GPU."""
+        pieces = self.d.loads[:, l, X_row] / r_row[X_row][None, :]
+        return pieces.reshape(self.d.N, self.G, self.m).max(axis=2)
+
+    def layer_gpu_seconds(self, l: int, Lg=None, dup=None, X_row=None, r_row=None, M_in=None,
+                          logp0=None) -> np.ndarray:
+        """``[N, G]`` seconds of each GPU at layer l (optionally with replaced quantities)."""
+        d = self.d
+        Lg = self.Lg[l] if Lg is None else Lg
+        dup = self.dup[l] if dup is None else dup
+        logp0 = self.logp0[l] if logp0 is None else logp0
+        X_row = self.X[l] if X_row is None else X_row
+        r_row = self.r[l] if r_row is None else r_row
+        sc = d.scale[:, l][:, None]
+        if d.C is not None:
+            D = np.maximum(Lg - dup[None, :] * sc, self.piece_max(l, X_row, r_row))
+            D = np.maximum(D, sc * (d.tokens[l] * -np.expm1(np.minimum(logp0, 0.0)))[None, :])
+        else:
+            D = Lg
+        t = self.alpha * Lg
+        topo = d.topology
+        if not d.coherent:
+            return t + standard_comm_seconds(D, topo, d.cost, phases=2)
+        L = d.L
+        ends = int(l == 0) + int(l == L - 1)
+        if ends:
+            t = t + standard_comm_seconds(D, topo, d.cost, phases=ends)
+        if l >= 1:
+            M = self.M[l] if M_in is None else M_in
+            t = t + phase_seconds(M * (d.rho[l - 1] * self.B), topo)[None, :] * sc
+        return t
+
+    # -- objective ---------------------------------------------------------------------------------------------
+    def profile_totals(self, tl: np.ndarray | None = None) -> np.ndarray:
+        return (self.tl if tl is None else tl).sum(axis=0)
+
+    def objective(self) -> float:
+        tot = self.profile_totals()
+        base = float(tot.max() if self.d.worst else tot.mean())
+        return base + self.d.migration_cost * float(self.moved.sum())
+
+    def _combine(self, tot: np.ndarray, moved_total: float) -> float:
+        return float(tot.max() if self.d.worst else tot.mean()) + self.d.migration_cost * moved_total
+
+    # -- moves -------------------------------------------------------------------------------------------------
+    def _move_arrays(self, l: int, changes: list[tuple[int, int]]):
+        """New X row, r row and the sparse share change for slot changes [(slot, new expert)]."""
+        X_row = self.X[l].copy()
+        old = [int(X_row[s]) for s, _ in changes]
+        for s, e in changes:
+            X_row[s] = e
+        idx = sorted(set(old) | {e for _, e in changes})
+        idx_a = np.asarray(idx, dtype=np.int64)
+        pos = {e: i for i, e in enumerate(idx)}
+        Pold = self.P[l, idx_a]
+        cnt_new = np.rint(Pold * self.r[l, idx_a][:, None])
+        for (s, e), o in zip(changes, old):
+            g = self.gpu[s]
+            cnt_new[pos[o], g] -= 1.0
+            cnt_new[pos[e], g] += 1.0
+        r_new = cnt_new.sum(axis=1)
+        if np.any(r_new == 0) or np.any(cnt_new > 1):
+            return None
+        P_new = cnt_new / r_new[:, None]
+        dP = P_new - Pold
+        r_row = self.r[l].copy()
+        r_row[idx_a] = r_new.astype(np.int64)
+        return X_row, r_row, idx_a, dP, P_new
+
+    def evaluate_move(self, l: int, changes: list[tuple[int, int]]):
+        """Exact new objective (and secondary) after a move; None if the move is illegal."""
+        arr = self._move_arrays(l, changes)
+        if arr is None:
+            return None
+        X_row, r_row, idx, dP, P_new = arr
+        d = self.d
+        if d.allowed_node is not None:
+            an = d.allowed_node[l, idx]
+            if np.any((P_new > 0) & (self.node[None, :] != an[:, None])):
+                return None
+        Lg = self.Lg[l] + d.loads[:, l, idx] @ dP
+        dup = self.dup[l]
+        logp0 = self.logp0[l]
+        if self.CP is not None:
+            ix = np.ix_(idx, idx)
+            dup = dup + (dP * self.CP[l, idx]).sum(axis=0) + 0.5 * np.einsum("ag,ab,bg->g", dP, d.C[l][ix], dP)
+            logp0 = (logp0 + d.U[l, idx] @ dP + (dP * self.KP[l, idx]).sum(axis=0)
+                     + 0.5 * np.einsum("ag,ab,bg->g", dP, d.Kw[l][ix], dP))
+        layers = [l]
+        M_l = M_next = None
+        if self.use_T:
+            if l >= 1:
+                M_l = self.M[l] + self.Vin[l][:, idx] @ dP
+            if l + 1 < d.L:
+                M_next = self.M[l + 1] + dP.T @ self.Vout[l][idx, :]
+                layers.append(l + 1)
+        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, r_row, M_l, logp0)
+        new_tg = {l: tg_l}
+        if len(layers) == 2:
+            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, M_in=M_next)
+        tl = self.tl.copy()
+        for ll, t in new_tg.items():
+            tl[ll] = t.max(axis=1)
+        moved_total = float(self.moved.sum())
+        moved_l = None
+        if self.cur_mask is not None:
+            cm = self.cur_mask[l, idx]
+            moved_l = self.moved[l] - ((self.P[l, idx] > 0) & ~cm).sum() + ((P_new > 0) & ~cm).sum()
+            moved_total += moved_l - self.moved[l]
+        obj = self._combine(self.profile_totals(tl), moved_total)
+        sec_old = sum(float((self.tg[ll] ** 2).sum()) for ll in new_tg)
+        sec_new = sum(float((t ** 2).sum()) for t in new_tg.values())
+        return obj, sec_new - sec_old, (l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, new_tg, moved_l)
+
+    def apply(self, payload) -> None:
+        l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, new_tg, moved_l = payload
+        d = self.d
+        self.X[l] = X_row
+        self.r[l] = r_row
+        Pl = self.P[l, idx] + dP
+        self.P[l, idx] = np.where(np.abs(Pl) < 1e-12, 0.0, Pl)
+        self.Lg[l] = Lg
+        self.dup[l] = dup
+        self.logp0[l] = logp0
+        if self.CP is not None:
+            self.CP[l] += d.C[l][:, idx] @ dP
+            self.KP[l] += d.Kw[l][:, idx] @ dP
+        if self.use_T:
+            if l + 1 < d.L:
+                self.Vin[l + 1] += dP.T @ d.T[l][idx, :]
+                self.M[l + 1] = M_next
+            if l >= 1:
+                self.Vout[l - 1] += d.T[l - 1][:, idx] @ dP
+                self.M[l] = M_l
+        for ll, t in new_tg.items():
+            self.tg[ll] = t
+            self.tl[ll] = t.max(axis=1)
+        if moved_l is not None:
+            self.moved[l] = moved_l
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Construction: replica counts, then block coordinate descent with exact per-layer assignments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def replica_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
+    """``[E]`` replicas per expert: every expert once, then each extra slot to the largest piece ``load / r``
+    (water-filling; minimises the largest piece)."""
+    import heapq
+
+    E = load.shape[0]
+    r = np.ones(E, dtype=np.int64)
+    heap = [(-float(load[e]), e) for e in range(E)]
+    heapq.heapify(heap)
+    left = slots - E
+    while left > 0 and heap:
+        _, e = heapq.heappop(heap)
+        if r[e] >= max_replicas:
+            continue
+        r[e] += 1
+        left -= 1
+        heapq.heappush(heap, (-float(load[e]) / r[e], e))
+    if left > 0:
+        raise SolverInputError("more slots than experts x GPUs; use fewer redundant slots")
+    return r
+
+
+def layer_replicas(data: JointData, load: np.ndarray) -> np.ndarray:
+    """``[L, E]`` replica counts by water-filling ``load [L, E]``; with groups kept on nodes, each node's spare slots
+    go to that node's experts."""
+    topo = data.topology
+    G = topo.num_gpus
+    if data.allowed_node is None:
+        return np.stack([replica_counts(load[l], topo.num_slots, G) for l in range(data.L)])
+    per_node = topo.gpus_per_node * topo.slots_per_gpu
+    r = np.ones((data.L, data.E), dtype=np.int64)
+    for l in range(data.L):
+        for n in range(topo.num_nodes):
+            mine = np.nonzero(data.allowed_node[l] == n)[0]
+            r[l, mine] = replica_counts(load[l, mine], per_node, topo.gpus_per_node)
+    return r
+
+
+class Builder:
+    """Per-layer assignment given the neighbouring layers (see the module docstring, step 3)."""
+
+    def __init__(self, data: JointData):
+        self.d = d = data
+        topo = d.topology
+        self.G, self.m, self.S = topo.num_gpus, topo.slots_per_gpu, topo.num_slots
+        self.gpu = topo.gpu_of_slot()
+        node = topo.node_of_gpu()
+        same_node = node[:, None] == node[None, :]
+        B = d.cost.token_bytes
+        G, n = self.G, topo.gpus_per_node
+        # cost (seconds, averaged over GPUs) of one pair copy between GPU g and h
+        self.K = np.where(np.eye(G, dtype=bool), 0.0,
+                          np.where(same_node, 1.0 / topo.intra_node_bandwidth, 1.0 / topo.inter_node_bandwidth)) * B / G
+        self.node = node
+        # seconds a GPU spends receiving one more distinct token (standard dataflow, dispatch and combine), and
+        # the same averaged over the GPUs (what the mean GPU time gains)
+        self.c_dist = 2.0 * B * ((n - 1) / (G * topo.intra_node_bandwidth) + (G - n) / (G * topo.inter_node_bandwidth))
+        self.c_dup = self.c_dist / G
+
+    def cost_matrix(self, l: int, X: np.ndarray, with_coactivation: bool = True) -> np.ndarray:
+        """``[E, G]`` linearised seconds of putting expert e on GPU g (whole expert, before the 1/r share)."""
+        d = self.d
+        E, G = d.E, self.G
+        cost = np.zeros((E, G))
+        if d.coherent and d.T is not None:
+            if l >= 1:
+                Pp = _shares(X[l - 1], E, self.gpu, G)
+                Vin = Pp.T @ d.T[l - 1]  # [G, E]
+                cost += d.rho[l - 1] * (Vin.T @ self.K)
+            if l + 1 < d.L:
+                Pn = _shares(X[l + 1], E, self.gpu, G)
+                Vout = d.T[l] @ Pn  # [E, G]
+                cost += d.rho[l] * (Vout @ self.K.T)
+        if d.C is not None and with_coactivation:
+            # duplicate copies of a token on one GPU: both phases of every layer (standard), or the first
+            # layer's dispatch and the last layer's combine (coherent)
+            phases = 2.0 if not d.coherent else 1.0 * ((l == 0) + (l == d.L - 1))
+            if phases:
+                P = _shares(X[l], E, self.gpu, G)
+                logp0 = d.U[l] @ P + 0.5 * np.einsum("ag,ag->g", P, d.Kw[l] @ P)
+                # first-order growth of the distinct tokens on g when e joins it
+                grow = d.tokens[l] * np.exp(np.minimum(logp0, 0.0))[None, :] * -(d.U[l][:, None] + d.Kw[l] @ P)
+                cost += phases / 2.0 * self.c_dup * grow
+        return cost
+
+    def solve_layer(self, l: int, X: np.ndarray, r: np.ndarray, cap: float) -> np.ndarray:
+        """New slot row for layer l: exact assignment of pieces to slots, then a swap repair to ``cap``."""
+        from scipy.optimize import linear_sum_assignment
+
+        d = self.d
+        E, G, m = d.E, self.G, self.m
+        cost = self.cost_matrix(l, X)
+        pieces = np.repeat(np.arange(E), r)  # [S]
+        pc = cost[pieces] / r[pieces][:, None]  # [S, G]
+        if d.current is not None and d.migration_cost > 0:
+            cur = np.zeros((E, G), dtype=bool)
+            ok = d.current[l] >= 0
+            cur[d.current[l][ok], self.gpu[ok]] = True
+            pc = pc + d.migration_cost * ~cur[pieces]
+        if d.allowed_node is not None:
+            pc = pc + BIG * (self.node[None, :] != d.allowed_node[l, pieces][:, None])
+        self._layer = l
+        rows, cols = linear_sum_assignment(np.repeat(pc, m, axis=1))
+        g_of = np.empty(len(pieces), dtype=np.int64)
+        g_of[rows] = cols // m
+        g_of = self._fix_duplicates(pieces, g_of, pc)
+        g_of = self._repair(l, pieces, g_of, r, pc, cap)
+        order = np.lexsort((pieces, g_of))
+        return pieces[order]
+
+    def _fix_duplicates(self, pieces, g_of, pc):
+        """Move a second replica of an expert off a GPU that already holds it (cheapest legal swap)."""
+        G = self.G
+        E = self.d.E
+        for _ in range(len(pieces)):
+            key = pieces * G + g_of
+            srt = np.sort(key)
+            dupk = srt[1:][srt[1:] == srt[:-1]]
+            if dupk.size == 0:
+                break
+            i = int(np.nonzero(key == dupk[0])[0][1])
+            e, g = pieces[i], g_of[i]
+            has = np.zeros((E, G), dtype=bool)
+            has[pieces, g_of] = True
+            h = g_of
+            legal = (h != g) & ~has[e, h] & ~has[pieces, g]
+            if self.d.allowed_node is not None:
+                an = self.d.allowed_node[self._layer]
+                legal &= (self.node[h] == an[e]) & (self.node[g] == an[pieces])
+            c = pc[i, h] + pc[np.arange(len(pieces)), g] - pc[i, g] - pc[np.arange(len(pieces)), h]
+            c = np.where(legal, c, np.inf)
+            j = int(np.argmin(c))
+            if not np.isfinite(c[j]):
+                break
+            g_of[i], g_of[j] = g_of[j], g
+        return g_of
+
+    def _repair(self, l, pieces, g_of, r, pc, cap):
+        """Swap pieces off the most loaded GPU until it is within ``cap`` x mean, losing the least gain per load."""
+        d = self.d
+        G = self.G
+        x = d.load[l][pieces] / r[pieces]
+        mean = x.sum() / G
+        if mean <= 0:
+            return g_of
+        for _ in range(4 * len(pieces)):
+            gl = np.bincount(g_of, weights=x, minlength=G)
+            g = int(np.argmax(gl))
+            if gl[g] <= cap * mean * (1 + 1e-9):
+                break
+            A = np.nonzero(g_of == g)[0]
+            Bi = np.nonzero(g_of != g)[0]
+            dl = x[A][:, None] - x[Bi][None, :]
+            h = g_of[Bi]
+            ok = (dl > 0) & (gl[h][None, :] + dl < gl[g])
+            # no duplicate expert on either side
+            has = np.zeros((d.E, G), dtype=bool)
+            has[pieces, g_of] = True
+            ok &= ~has[pieces[A]][:, h] & ~has[pieces[Bi], g][None, :]
+            if d.allowed_node is not None:
+                an = d.allowed_node[l]
+                ok &= (self.node[h][None, :] == an[pieces[A]][:, None]) & (self.node[g] == an[pieces[Bi]])[None, :]
+            loss = pc[A][:, h] + pc[Bi, g][None, :] - pc[A, g][:, None] - pc[Bi, h][None, :]
+            score = np.where(ok, loss / np.maximum(dl, 1e-12), np.inf)
+            i, j = np.unravel_index(np.argmin(score), score.shape)
+            if not np.isfinite(score[i, j]):
+                break
+            a, b = A[i], Bi[j]
+            g_of[a], g_of[b] = g_of[b], g
+        return g_of
+
+
+def solve_layer_columns(b: "Builder", l: int, X: np.ndarray, lam: float, rounds: int = 3,
+                        linear: bool = True) -> np.ndarray:
+    """Improve layer l by exact assignments of one slot column at a time (block coordinate descent in the layer).
+
+    Column j holds the j-th slot of every GPU. With the other columns fixed, moving piece p onto GPU g changes
+    that GPU's estimated time by ``dt[p, g] = alpha x load_p + c x (new distinct tokens)`` (pairwise
+    estimate, exact for one added piece); the cost ``dt / G + lam x (2 t_g dt + dt^2) / (2 G mean_t)`` is the
+    change of ``mean_g t_g + lam x sum_g t_g^2 / (2 G mean_t)`` (mean time plus a spread penalty), plus the
+    linearised neighbour gains (coherent dataflow) and the migration penalty. Each column is a G x G assignment
+    problem solved exactly; rounds repeat until nothing moves.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    d = b.d
+    E, G, m = d.E, b.G, b.m
+    gpu = b.gpu
+    row = X[l].copy()
+    alpha = d.cost.seconds_per_assignment
+    c_D = b.c_dist if not d.coherent else 0.5 * b.c_dist * ((l == 0) + (l == d.L - 1))
+    # per-GPU seconds of the pair traffic an expert brings to a GPU (coherent; G x its share of the mean)
+    lin = G * b.cost_matrix(l, X, with_coactivation=False) if linear else np.zeros((E, G))
+    cur = None
+    if d.current is not None and d.migration_cost > 0:
+        cur = np.zeros((E, G), dtype=bool)
+        ok = d.current[l] >= 0
+        cur[d.current[l][ok], gpu[ok]] = True
+    load = d.load[l]
+    T = d.tokens[l]
+    ar = np.arange(G)
+    for _ in range(rounds):
+        moved = 0
+        for j in range(m):
+            cols = ar * m + j
+            pe = row[cols]  # [G] experts in the column
+            rest = row.copy()
+            rest[cols] = -1
+            P = np.zeros((E, G))
+            ok = rest >= 0
+            np.add.at(P, (rest[ok], gpu[ok]), 1.0)
+            cnt = np.bincount(row, minlength=E).astype(float)
+            share = 1.0 / cnt[pe]  # [G]
+            P_rest = P / cnt[:, None]
+            L_rest = load @ P_rest
+            dx = load[pe] * share  # [G] piece loads
+            if d.C is not None:
+                logp0 = d.U[l] @ P_rest + 0.5 * np.einsum("ag,ag->g", P_rest, d.Kw[l] @ P_rest)
+                D_rest = np.maximum(T * -np.expm1(np.minimum(logp0, 0.0)), 0.0)
+                delta = share[:, None] * (d.U[l][pe][:, None] + d.Kw[l][pe] @ P_rest)  # [G(piece), G(gpu)]
+                dD = T * np.exp(np.minimum(logp0, 0.0))[None, :] * -np.expm1(np.minimum(delta, 0.0))
+            else:
+                D_rest = L_rest
+                dD = np.broadcast_to(dx[:, None], (G, G))
+            t_rest = alpha * L_rest + c_D * D_rest + (lin * P_rest).sum(axis=0)
+            dt = alpha * dx[:, None] + c_D * dD + lin[pe] * share[:, None]
+            mean_t = max(float((t_rest.sum() + dt.diagonal().sum()) / G), 1e-300)
+            cost = dt / G + lam * (2 * t_rest[None, :] * dt + dt ** 2) / (2 * G * mean_t)
+            if cur is not None:
+                cost = cost + d.migration_cost * ~cur[pe]
+            if d.allowed_node is not None:
+                cost = cost + BIG * (b.node[None, :] != d.allowed_node[l, pe][:, None])
+            cost = cost + BIG * (P[pe] > 0)  # the expert already has a replica on that GPU
+            ri, ci = linear_sum_assignment(cost)
+            new = np.empty(G, dtype=np.int64)
+            new[ci] = pe[ri]
+            moved += int((new != pe).sum())
+            row[cols] = new
+        if moved == 0:
+            break
+    return row
+
+
+def _shares(X_row: np.ndarray, E: int, gpu: np.ndarray, G: int) -> np.ndarray:
+    P = np.zeros((E, G))
+    np.add.at(P, (X_row, gpu), 1.0)
+    r = P.sum(axis=1, keepdims=True)
+    return np.divide(P, r, out=np.zeros_like(P), where=r > 0)
+
+
+def balanced_start(data: JointData, r: np.ndarray) -> np.ndarray:
+    """``[L, S]`` a balanced start: pieces heaviest first into the lightest GPU with room (EPLB's packing), and
+    the current plan where one is given with a migration cost."""
+    d = data
+    topo = d.topology
+    G, m = topo.num_gpus, topo.slots_per_gpu
+    node = topo.node_of_gpu()
+    X = np.empty((d.L, topo.num_slots), dtype=np.int64)
+    for l in range(d.L):
+        pieces = np.repeat(np.arange(d.E), r[l])
+        x = d.load[l][pieces] / r[l][pieces]
+        gl = np.zeros(G)
+        cnt = np.zeros(G, dtype=int)
+        has = np.zeros((d.E, G), dtype=bool)
+        g_of = np.empty(len(pieces), dtype=np.int64)
+        for i in np.argsort(-x, kind="stable"):
+            ok = (cnt < m) & ~has[pieces[i]]
+            if d.allowed_node is not None:
+                ok &= node == d.allowed_node[l, pieces[i]]
+            if not ok.any():
+                ok = cnt < m
+            cand = np.nonzero(ok)[0]
+            g = cand[np.argmin(gl[cand])]
+            g_of[i] = g
+            gl[g] += x[i]
+            cnt[g] += 1
+            has[pieces[i], g] = True
+        X[l] = pieces[np.lexsort((pieces, g_of))]
+    return X
+
+
+def construct_columns(data: JointData, r: np.ndarray, lam: float, sweeps: int, deadline: float,
+                      start: np.ndarray | None = None) -> np.ndarray:
+    """Block coordinate descent over layers where each layer is improved column by column
+    (:func:`solve_layer_columns`); the neighbours' gains are refreshed at every visit."""
+    b = Builder(data)
+    X = balanced_start(data, r) if start is None else start.copy()
+    L = data.L
+    for sweep in range(sweeps):
+        order = range(L) if sweep % 2 == 0 else range(L - 1, -1, -1)
+        for l in order:
+            X[l] = solve_layer_columns(b, l, X, lam)
+            if time.perf_counter() > deadline:
+                return X
+    return X
+
+
+def stratified_start(data: JointData, r: np.ndarray) -> np.ndarray:
+    """``[L, S]`` pieces sorted by load and dealt in strata of G, snake order (stratum j fills column j: the j-th
+    slot of every GPU), so that one column holds pieces of similar load."""
+    topo = data.topology
+    G, m = topo.num_gpus, topo.slots_per_gpu
+    X = np.empty((data.L, topo.num_slots), dtype=np.int64)
+    for l in range(data.L):
+        pieces = np.repeat(np.arange(data.E), r[l])
+        x = data.load[l][pieces] / r[l][pieces]
+        order = pieces[np.argsort(-x, kind="stable")]
+        grid = order.reshape(m, G).copy()
+        grid[1::2] = grid[1::2, ::-1]
+        X[l] = grid.T.reshape(-1)  # slot g*m + j holds stratum j's g-th piece
+        # a second replica of one expert in one GPU is moved to the next GPU of its stratum
+    return X
+
+
+def construct(data: JointData, r: np.ndarray, cap: float, sweeps: int, deadline: float,
+              start: np.ndarray | None = None) -> np.ndarray:
+    """Block coordinate descent over layers (forward then backward sweeps) from ``start``."""
+    b = Builder(data)
+    X = balanced_start(data, r) if start is None else start.copy()
+    L = data.L
+    for sweep in range(sweeps):
+        order = range(L) if sweep % 2 == 0 else range(L - 1, -1, -1)
+        for l in order:
+            X[l] = b.solve_layer(l, X, r[l], cap)
+            if time.perf_counter() > deadline:
+                return X
+    return X
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Local search on the exact objective
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def local_search(state: State, deadline: float, rng: np.random.Generator, max_passes: int = 50,
+                 candidates: int = 12, say=None) -> int:
+    """Improve ``state`` in place; returns the number of accepted moves."""
+    d = state.d
+    L, m = d.L, state.m
+    accepted = 0
+    for p in range(max_passes):
+        gained = 0
+        before = state.objective()
+        order = rng.permutation(L)
+        for l in order:
+            if time.perf_counter() > deadline:
+                return accepted
+            for _ in range(m * 2):
+                mv = _best_move(state, l, rng, candidates)
+                if mv is None:
+                    break
+                state.apply(mv)
+                accepted += 1
+                gained += 1
+        after = state.objective()
+        if say:
+            say(f"local search pass {p + 1}: objective {after:.6g} ({gained} moves)")
+        if gained == 0:
+            break
+    return accepted
+
+
+def _weights(state: State) -> np.ndarray:
+    """``[N]`` how much each profile counts in the objective (mean, or the worst profile)."""
+    N = state.d.N
+    if not state.d.worst:
+        return np.full(N, 1.0 / N)
+    w = np.zeros(N)
+    w[int(np.argmax(state.profile_totals()))] = 1.0
+    return w
+
+
+def _attraction(state: State, l: int) -> np.ndarray | None:
+    """``[E, G]`` how strongly expert e is tied to the experts on GPU g: adjacent-layer pair mass that would be
+    local (coherent) or co-activation information with the GPU's experts (standard), in comparable units."""
+    d = state.d
+    if state.use_T:
+        A = np.zeros((d.E, state.G))
+        if l >= 1:
+            A += d.rho[l - 1] * state.Vin[l].T
+        if l + 1 < d.L:
+            A += d.rho[l] * state.Vout[l]
+        return A
+    if state.KP is not None:
+        return state.KP[l] * d.tokens[l]
+    return None
+
+
+def _best_move(state: State, l: int, rng: np.random.Generator, candidates: int):
+    """The best improving move at layer l among screened swaps and replica re-targets (or None)."""
+    d = state.d
+    G, m, S = state.G, state.m, state.S
+    gpu = state.gpu
+    w = _weights(state)
+    tg = np.tensordot(w, state.tg[l], axes=1)  # [G]
+    gstar = int(np.argmax(tg))
+    X = state.X[l]
+    r = state.r[l]
+    x = np.tensordot(w, d.loads[:, l, :], axes=1)[X] / r[X]  # piece loads [S]
+    Lg = np.tensordot(w, state.Lg[l], axes=1)
+    kappa = tg[gstar] / max(Lg[gstar], 1e-300)  # seconds per unit load on the slowest GPU
+    A = np.nonzero(gpu == gstar)[0]
+    Bi = np.nonzero(gpu != gstar)[0]
+    dl = x[A][:, None] - x[Bi][None, :]
+    h = gpu[Bi]
+    new_partner = tg[h][None, :] + kappa * dl
+    drop = np.minimum(kappa * dl, tg[gstar] - new_partner)
+    held = state.P[l] > 0
+    legal = (dl > 0) & ~held[X[A]][:, h] & ~held[X[Bi], gstar][None, :]
+    score = np.where(legal, drop, -np.inf)
+    moves: list[list[tuple[int, int]]] = []
+    flat = score.ravel()
+    k = min(candidates, int(np.isfinite(flat).sum()))
+    if k > 0:
+        top = np.argpartition(-flat, k - 1)[:k]
+        for t in top:
+            i, j = divmod(int(t), len(Bi))
+            s1, s2 = int(A[i]), int(Bi[j])
+            moves.append([(s1, int(X[s2])), (s2, int(X[s1]))])
+    # affinity / co-activation moves anywhere (plateaus): an expert drawn by how much it would gain on its most
+    # attractive GPU, swapped there with the piece of that GPU that is least attached and closest in load
+    attract = _attraction(state, l)  # [E, G] or None
+    if attract is not None:
+        here = attract[X, gpu]  # [S] attraction of each piece to its own GPU
+        best_g = np.argmax(np.where(held[X], -np.inf, attract[X]), axis=1)  # [S]
+        gain = attract[X, best_g] - here
+        pos = np.nonzero(gain > 0)[0]
+        if pos.size:
+            p = gain[pos] / gain[pos].sum()
+            picks = rng.choice(pos, size=min(pos.size, max(2, candidates // 3)), replace=False, p=p)
+            for s1 in picks:
+                g2 = int(best_g[s1])
+                cand = np.nonzero((gpu == g2) & ~held[X][:, gpu[s1]])[0]
+                if cand.size == 0:
+                    continue
+                loss = attract[X[cand], g2] - attract[X[cand], gpu[s1]]
+                mism = np.abs(x[cand] - x[s1]) / max(float(x.mean()), 1e-300)
+                score = loss / max(float(gain[s1]), 1e-300) + mism
+                s2 = int(cand[np.argmin(score)])
+                moves.append([(int(s1), int(X[s2])), (s2, int(X[s1]))])
+    for _ in range(2):
+        s1 = int(rng.integers(S))
+        g1 = gpu[s1]
+        g2 = int(rng.integers(G - 1))
+        g2 = g2 + (g2 >= g1)
+        cand = np.nonzero(gpu == g2)[0]
+        s2 = int(cand[np.argmin(np.abs(x[cand] - x[s1]))])
+        moves.append([(s1, int(X[s2])), (s2, int(X[s1]))])
+    # replica re-targets: give a spare replica (r >= 2) to the heaviest piece on the slowest GPU
+    if S > d.E:
+        hot = int(X[A[np.argmax(x[A])]])
+        if r[hot] < G:
+            spare = np.nonzero((r[X] >= 2) & (X != hot) & ~held[hot][gpu])[0]
+            if spare.size:
+                loss = d.load[l][X[spare]] / (r[X[spare]] - 1) - d.load[l][X[spare]] / r[X[spare]]
+                for s in spare[np.argsort(loss)[:max(2, candidates // 3)]]:
+                    moves.append([(int(s), hot)])
+        # and take a replica away from the slowest GPU, giving it to the heaviest piece elsewhere
+        mine = A[r[X[A]] >= 2]
+        if mine.size:
+            s = int(mine[np.argmin(x[mine])])
+            others = np.argsort(-d.load[l] / (r + 1))[:4]
+            for e in others:
+                if e != X[s] and not held[e, gstar] and r[e] < G:
+                    moves.append([(s, int(e))])
+    base = state.objective()
+    tol = 1e-12 * max(abs(base), 1e-300)
+    sec_tol = 1e-9 * max(float((state.tg[l] ** 2).sum()), 1e-300)
+    best, best_key = None, (-tol, -sec_tol)
+    for mv in moves:
+        if mv[0][1] == X[mv[0][0]]:
+            continue
+        res = state.evaluate_move(l, mv)
+        if res is None:
+            continue
+        obj, dsec, payload = res
+        dobj = obj - base
+        if dobj > tol:
+            continue
+        key = (min(dobj, 0.0) if dobj < -tol else 0.0, dsec)
+        if key[0] < best_key[0] - tol or (abs(key[0] - best_key[0]) <= tol and key[1] < best_key[1]):
+            best, best_key = payload, key
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact enumeration (tiny instances)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _layer_options(E: int, G: int, m: int) -> list[np.ndarray]:
+    """Every slot row (up to slot order within a GPU): per GPU m distinct experts, every expert somewhere."""
+    combos = list(itertools.combinations(range(E), m))
+    rows = []
+    for pick in itertools.product(combos, repeat=G):
+        flat = np.concatenate(pick)
+        if np.unique(flat).size == E:
+            rows.append(flat)
+    return rows
+
+
+def count_placements(E: int, G: int, m: int, L: int) -> float:
+    """Number of distinct placements (up to slot order inside a GPU), or inf when obviously huge."""
+    per_gpu = G * math.log(max(math.comb(E, m), 1))
+    if per_gpu > math.log(2e5):
+        return math.inf
+    log = L * math.log(max(len(_layer_options(E, G, m)), 1))
+    return math.exp(log) if log < 700 else math.inf
+
+
+def enumerate_exact(data: JointData, deadline: float) -> tuple[np.ndarray, float] | None:
+    """Best placement by exhaustive search, or None if the deadline passes first."""
+    topo = data.topology
+    rows = _layer_options(data.E, topo.num_gpus, topo.slots_per_gpu)
+    best, best_X = np.inf, None
+    for combo in itertools.product(range(len(rows)), repeat=data.L):
+        if time.perf_counter() > deadline:
+            return None
+        X = np.stack([rows[i] for i in combo])
+        v = objective_of(data, X)
+        if v < best - 1e-15:
+            best, best_X = v, X
+    return best_X, best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective from scratch, and the solver
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def objective_of(data: JointData, X: np.ndarray) -> float:
+    """Exact counts objective of ``X [L, S]`` computed from scratch (for one profile and no migration it equals
+    ``solvers.cost.estimate_layer_seconds(...).sum()``)."""
+    return State(data, X).objective()
+
+
+def solve(problem: Problem, options: Options) -> Result:
+    """Joint placement minimising the estimated MoE time (see the module docstring)."""
+    from solvers._blas import blas_threads
+
+    with blas_threads(options.threads or 1):
+        return _solve(problem, options)
+
+
+def _solve(problem: Problem, options: Options) -> Result:
+    t0 = time.perf_counter()
+    limit = options.time_limit
+    deadline = t0 + (limit if limit is not None else 1e9) * 0.97
+    data = prepare(problem, options)
+    params = dict(options.params or {})
+    rng = np.random.default_rng(options.seed)
+    topo = data.topology
+    G, m = topo.num_gpus, topo.slots_per_gpu
+    say = options.say
+    lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.rho, max_replicas=G)
+    bound = total_bound(lb, data.worst)
+    stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
+                   "profiles": data.N, "migration_cost": data.migration_cost,
+                   "bound_seconds": time.perf_counter() - t0}
+
+    exact_limit = float(params.get("exact_limit", 4096))
+    if count_placements(data.E, G, m, data.L) <= exact_limit:
+        found = enumerate_exact(data, deadline)
+        if found is not None:
+            X, obj = found
+            return _result(X, obj, obj, "optimal", t0, data, {**stats, "method": "enumeration"})
+
+    # replica counts from the profile-normalised mean load (robust to which profile is hot)
+    norm = data.loads / np.maximum(data.loads.sum(axis=2, keepdims=True), 1e-300)
+    r = layer_replicas(data, norm.mean(axis=0))
+    coherent = data.coherent and data.T is not None
+    candidates: list[tuple[str, np.ndarray]] = []
+    if data.current is not None and (np.asarray(data.current) >= 0).all():
+        candidates.append(("current", np.asarray(data.current, dtype=np.int64).copy()))
+    base = balanced_start(data, r)
+    candidates.append(("balanced", base))
+    # construction gets at most 40% of the time left; the local search the rest
+    c_deadline = time.perf_counter() + 0.4 * max(deadline - time.perf_counter(), 0.0)
+    if coherent:
+        caps = params.get("caps") or [1.02, 1.05, 1.1]
+        sweeps = int(params.get("sweeps", 8))
+        for cap in caps:
+            if time.perf_counter() > c_deadline:
+                break
+            candidates.append((f"chain cap {cap}", construct(data, r, float(cap), sweeps, c_deadline, start=base)))
+    elif data.C is not None and time.perf_counter() < c_deadline:
+        lam = float(params.get("balance_weight", 8.0))
+        sweeps = int(params.get("sweeps", 3))
+        start = stratified_start(data, r) if data.allowed_node is None else base
+        candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
+    scored = []
+    for name, X in candidates:
+        v = objective_of(data, X)
+        scored.append((v, name, X))
+        say(f"construction {name}: objective {v:.6g}")
+    # the column construction trades a little balance for co-activation that the local search turns into time
+    prefer = [c for c in scored if c[1] == "columns"]
+    best = min(scored, key=lambda c: c[0])
+    if prefer and data.current is None:
+        best = prefer[0]
+    stats["construction"] = {name: v for v, name, _ in scored}
+    stats["construction_pick"] = best[1]
+    stats["construction_seconds"] = time.perf_counter() - t0
+    state = State(data, best[2])
+    if params.get("local_search", True):
+        stats["local_search_moves"] = local_search(state, deadline, rng, say=say)
+    X = state.X
+    obj = objective_of(data, X)
+    return _result(X, obj, bound, "feasible", t0, data, stats)
+
+
+def _result(X, obj, bound, status, t0, data: JointData, stats) -> Result:
+    g = gap_of(obj, bound)
+    return Result(phy2log=np.asarray(X, dtype=np.int64), solver="joint", status=status, objective=float(obj),
+                  bound=float(bound), gap=g, seconds=time.perf_counter() - t0, backend="scipy-lsa+local-search",
+                  objective_name=f"est_moe_seconds ({data.cost.dataflow} dataflow, counts model)", stats=stats)
+
+
+SOLVERS = {"joint": solve}

@@ -1,0 +1,204 @@
+"""A valid lower bound on the counts-model step time (:func:`solvers.cost.estimate_layer_seconds`).
+
+Every placement of every layer satisfies, for each layer l and workload profile n,
+
+    t_l = max_g (compute_g + comm_g) >= max( LB_compute, LB_mean )
+
+- ``LB_compute = alpha x max(total / G, p*)``: the busiest GPU carries at least the mean load and at least the
+  smallest achievable largest piece ``p* = min over replica counts of max_e load_e / r_e`` (water-filling the
+  S - E redundant slots onto the heaviest pieces, at most one replica per GPU, is optimal for that min-max).
+- ``LB_mean = alpha x total / G + (lower bound on the mean communication time)``: the maximum is at least the mean.
+
+  * standard dataflow: the GPUs together receive ``sum_g distinct_g`` token copies, at least the load minus the
+    largest possible duplicate count; a GPU holds at most m slots, so expert a shares a GPU with at most
+    ``m - 1`` other experts and the duplicates are at most ``1/2 sum_a top_{m-1}(coactivation[a, :])``.
+  * coherent dataflow: the pair mass on a common GPU is at most a bipartite b-matching of the transitions (an
+    expert shares a GPU with at most m experts of the next layer: m slots per GPU per layer; replicas split their
+    share), bounded through its Lagrangian dual, and the same with ``m x gpus_per_node`` for a common node; the
+    rest is sent, at the cheapest link the node bound allows.
+
+Sum over layers; over profiles, the mean (expected objective) or the maximum (worst case) of the per-profile
+bounds is a valid bound of the mean or maximum. A migration penalty is >= 0 and adds nothing. The bound relaxes
+the coupling between layers (a layer's expert sits on one GPU for both of its boundaries), so it is loosest when
+adjacent-layer affinity is strong and the coherent dataflow is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from solvers.base import Topology
+from solvers.cost import CostModel
+
+
+def min_max_piece(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
+    """``[...]`` smallest achievable ``max_e load_e / r_e`` with ``sum_e r_e = slots``, ``1 <= r_e <= max_replicas``.
+
+    Args:
+        load: ``[..., E]`` per-expert load.
+    Water-filling: the answer is the smallest x with ``sum_e ceil(load_e / x) <= slots`` (capped per expert);
+    found exactly by checking the candidate values ``load_e / r``.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    flat = load.reshape(-1, load.shape[-1])
+    out = np.empty(flat.shape[0])
+    E = flat.shape[1]
+    extra = slots - E
+    for i, row in enumerate(flat):
+        r = np.ones(E, dtype=np.int64)
+        if extra > 0 and max_replicas > 1:
+            # heap-free greedy: repeatedly split the largest piece (optimal for the min-max piece)
+            import heapq
+
+            heap = [(-row[e], e) for e in range(E)]
+            heapq.heapify(heap)
+            left = extra
+            while left > 0 and heap:
+                neg, e = heapq.heappop(heap)
+                if r[e] >= max_replicas:
+                    continue
+                r[e] += 1
+                left -= 1
+                heapq.heappush(heap, (-row[e] / r[e], e))
+        out[i] = (row / r).max() if E else 0.0
+    return out.reshape(load.shape[:-1])
+
+
+def _top_sum(mat: np.ndarray, n: int, axis: int) -> float:
+    """Sum over the other axis of the ``n`` largest entries along ``axis`` of a ``[E, E]`` matrix."""
+    E = mat.shape[axis]
+    if n >= E:
+        return float(mat.sum())
+    if n <= 0:
+        return 0.0
+    part = -np.partition(-mat, n - 1, axis=axis)
+    return float(np.take(part, np.arange(n), axis=axis).sum())
+
+
+def max_local_mass(T: np.ndarray, per_group: int) -> float:
+    """Upper bound on the pair mass of a ``[E, E]`` transition matrix that can be local when every group (GPU or
+    node) holds ``per_group`` experts of each layer: ``min(row-wise, column-wise)`` sums of the top entries."""
+    return min(_top_sum(T, per_group, axis=1), _top_sum(T, per_group, axis=0))
+
+
+def max_colocated_pairs(pairs: np.ndarray, partners: int, iterations: int = 30) -> float:
+    """Upper bound on ``sum_{a<b} pairs[a, b] y_ab`` over fractional b-matchings (``sum_b y_ab <= partners``,
+    ``0 <= y <= 1``): the co-activated pairs that can share a GPU when a GPU holds ``partners + 1`` experts.
+
+    Lagrangian dual ``min_{lam >= 0} partners x sum_a lam_a + sum_{a<b} max(0, pairs_ab - lam_a - lam_b)``; any
+    lam gives a valid bound, so a few damped coordinate updates (lam_a = the ``partners``-th largest of
+    ``pairs[a, :] - lam``) are enough; the best value seen is returned. Replicas (shares 1/r) satisfy the same
+    constraints, so the bound holds for them too.
+    """
+    W = np.triu(np.asarray(pairs, dtype=np.float64), 1)
+    W = W + W.T  # symmetric, zero diagonal (pairs[a, b] counts the unordered pair once)
+    E = W.shape[0]
+    if partners <= 0 or E < 2:
+        return 0.0
+    if partners >= E - 1:
+        return float(np.triu(W, 1).sum())
+    iu = np.triu_indices(E, 1)
+
+    def value(lam):
+        slack = W - lam[:, None] - lam[None, :]
+        return float(partners * lam.sum() + np.maximum(slack[iu], 0.0).sum())
+
+    lam = -np.partition(-W, partners - 1, axis=1)[:, partners - 1] / 2.0
+    best = value(lam)
+    for it in range(iterations):
+        red = W - lam[None, :]
+        np.fill_diagonal(red, -np.inf)
+        target = np.maximum(-np.partition(-red, partners - 1, axis=1)[:, partners - 1], 0.0)
+        lam = 0.5 * lam + 0.5 * target
+        best = min(best, value(lam))
+    return best
+
+
+def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40) -> float:
+    """Upper bound on the adjacent-layer pair mass that can be local: a bipartite b-matching (each expert of
+    either layer shares groups with at most ``per_group`` experts of the other layer, as a group holds
+    ``per_group`` of each layer's slots; replicas split their share, so they obey the same limits).
+
+    Lagrangian dual ``min m (sum_a lam_a + sum_b mu_b) + sum_ab max(0, T_ab - lam_a - mu_b)`` by alternating
+    exact coordinate updates; any (lam, mu) >= 0 gives a valid bound, the best seen is returned (never above
+    the row-wise and column-wise top-sum bound).
+    """
+    T = np.asarray(T, dtype=np.float64)
+    E1, E2 = T.shape
+    m = per_group
+    if m >= min(E1, E2):
+        return float(T.sum())
+
+    def value(lam, mu):
+        return float(m * (lam.sum() + mu.sum()) + np.maximum(T - lam[:, None] - mu[None, :], 0.0).sum())
+
+    best = max_local_mass(T, m)
+    lam, mu = np.zeros(E1), np.zeros(E2)
+    for _ in range(iterations):
+        red = T - mu[None, :]
+        lam = np.maximum(-np.partition(-red, m, axis=1)[:, m], 0.0)  # (m+1)-th largest: m entries stay positive
+        red = T - lam[:, None]
+        mu = np.maximum(-np.partition(-red, m, axis=0)[m, :], 0.0)
+        best = min(best, value(lam, mu))
+    return best
+
+
+def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: CostModel, phases: int) -> np.ndarray:
+    """Lower bound on ``mean_g comm_g`` (standard dataflow) when the GPUs receive ``distinct_total`` copies."""
+    G, n = topology.num_gpus, topology.gpus_per_node
+    per = (n - 1) / topology.intra_node_bandwidth + (G - n) / topology.inter_node_bandwidth
+    return phases * cost.token_bytes * distinct_total / (G * G) * per
+
+
+def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
+                 coactivation: np.ndarray | None = None, rho: np.ndarray | None = None,
+                 max_replicas: int | None = None) -> np.ndarray:
+    """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
+
+    Args:
+        load: ``[N, L, E]`` per-profile load; transitions ``[L-1, E, E]`` and coactivation ``[L, E, E]`` in the
+            units of the mean profile (they are scaled by each profile's token count); rho ``[L-1]``.
+    """
+    N, L, E = load.shape
+    G, S = topology.num_gpus, topology.num_slots
+    m = topology.slots_per_gpu
+    alpha = cost.seconds_per_assignment
+    total = load.sum(axis=2)  # [N, L]
+    mean_total = np.maximum(total.mean(axis=0), 1e-300)  # [L]
+    scale = total / mean_total  # [N, L]
+    p_star = min_max_piece(load, S, max_replicas or G)  # [N, L]
+    lb_compute = alpha * np.maximum(total / G, p_star)
+    # duplicates (standard) and local pair mass (coherent), in mean-profile units
+    dup_max = np.zeros(L)
+    if coactivation is not None:
+        for l in range(L):
+            dup_max[l] = min(0.5 * _top_sum(coactivation[l], m - 1, axis=1),
+                             max_colocated_pairs(coactivation[l], m - 1))
+    distinct_lb = np.maximum(total - dup_max[None, :] * scale, 0.0)  # [N, L]
+    if cost.dataflow == "standard":
+        comm_lb = standard_mean_comm(distinct_lb, topology, cost, phases=2)
+    else:
+        comm_lb = np.zeros((N, L))
+        comm_lb[:, 0] += standard_mean_comm(distinct_lb[:, 0], topology, cost, phases=1)
+        comm_lb[:, -1] += standard_mean_comm(distinct_lb[:, -1], topology, cost, phases=1)
+        n = topology.gpus_per_node
+        bi, be = topology.intra_node_bandwidth, topology.inter_node_bandwidth
+        for l in range(1, L):
+            Tl = transitions[l - 1]
+            tot = float(Tl.sum())
+            x_lb = max(tot - max_local_pairs(Tl, m), 0.0)
+            xe_lb = max(tot - max_local_pairs(Tl, m * n), 0.0) if topology.num_nodes > 1 else 0.0
+            if be <= bi:
+                xi, xe = max(x_lb - xe_lb, 0.0), xe_lb
+            else:
+                xi, xe = 0.0, max(x_lb, xe_lb)
+            f = 1.0 if rho is None else float(rho[l - 1])
+            comm_lb[:, l] += f * cost.token_bytes / G * (xi / bi + xe / be) * scale[:, l]
+    lb_mean = alpha * total / G + comm_lb
+    return np.maximum(lb_compute, lb_mean)
+
+
+def total_bound(layer_lb: np.ndarray, worst_case: bool = False) -> float:
+    """Bound on the objective from ``[N, L]`` per-layer bounds: mean (expected) or max (worst case) over profiles."""
+    per_profile = layer_lb.sum(axis=1)
+    return float(per_profile.max() if worst_case else per_profile.mean())
