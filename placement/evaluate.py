@@ -174,6 +174,14 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
         if l < L - 1:
             p = loc["pairs"][l]
             per_layer[l]["affinity_locality_next"] = float(loc["same_gpu"][l] / p) if p else None
+    overall["dataflow"] = cost.dataflow
+    if cost.dataflow == "coherent":  # time and bytes of ExFlow's dataflow; a2a_bytes above stay standard-EP bytes
+        from placement.coherent import evaluate_coherent
+
+        coh = evaluate_coherent(plan, ev, cost)
+        overall["est_moe_seconds"] = coh["est_moe_seconds"]
+        overall["est_moe_us_per_token"] = coh["est_moe_us_per_token"]
+        overall["coherent_a2a_bytes_per_token"] = coh["a2a_bytes_per_token"]
     result["gpu_pair_bytes"] = all_pairs.tolist()
     result["cost_model"] = {"hidden_size": cost.hidden_size, "dtype_bytes": cost.dtype_bytes,
                             "expert_intermediate_size": cost.expert_intermediate_size, "gpu_flops": cost.gpu_flops,

@@ -43,6 +43,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of that split."),
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time."),
         dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16, fp8 or fp32."),
+        dataflow: str = typer.Option("standard", "--dataflow", help="Dataflow of the time estimate: standard or "
+                                     "coherent (ExFlow)."),
         per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
@@ -59,7 +61,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError("--holdout needs a token trace; counts cannot be split by sequence")
             data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
         ev = prepare(data)
-        cost = cost_model(hidden_size, dtype)
+        cost = cost_model(hidden_size, dtype, dataflow)
         results = {}
         for path, plan in zip(plans, plan_objs):
             key = plan.name if plan.name not in results else f"{plan.name} ({path})"

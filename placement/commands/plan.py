@@ -71,7 +71,11 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
     topo = budget.topology(gpus_per_node) if budget else Topology.for_experts(E, gpus, redundant, gpus_per_node)
     problem = build_problem(fit, topo, expert_groups=expert_groups, current=current,
                             budget_slots=budget.total_slots if budget else None)
-    options = Options(time_limit=time_limit, seed=seed, backend=backend, threads=threads, params=params or {},
+    params = dict(params or {})
+    if cost is not None:  # the planner optimises the same cost model the plan is evaluated with
+        for key in ("dataflow", "hidden_size", "dtype_bytes"):
+            params.setdefault(key, getattr(cost, key))
+    options = Options(time_limit=time_limit, seed=seed, backend=backend, threads=threads, params=params,
                       progress=progress)
     result = solve(solver, problem, options)
     n_seq = getattr(fit, "num_sequences", 0)
@@ -116,6 +120,9 @@ def register(app: typer.Typer) -> None:
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model hidden size for bytes/time "
                                                   "(default 2048, DeepSeek-V2-Lite)."),
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
+        dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
+                                     "optimises: standard (dispatch + combine) or coherent (ExFlow: tokens stay where "
+                                     "their experts ran, so inter-layer affinity pays)."),
         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="GPU memory for expert weights, per "
                                                     "GPU: expert slots (416), a share of all experts (25%) or bytes "
                                                     "(6GiB); other experts stay in host memory (docs/memory-budget.md)."),
@@ -137,7 +144,7 @@ def register(app: typer.Typer) -> None:
         cur = Plan.load(current) if current else None
         with err.status(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
-                             backend, threads, parse_params(param), holdout, cur, cost_model(hidden_size, dtype),
+                             backend, threads, parse_params(param), holdout, cur, cost_model(hidden_size, dtype, dataflow),
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config)
         plan.save(out_path)
