@@ -146,6 +146,7 @@ def mixture_robustness(fit_counts: np.ndarray, held_counts: np.ndarray, topo, ex
                       "fitted_tasks_worst": float(fitted.max()), "heldout_tasks_mean": float(tasks.mean()),
                       "heldout_tasks_worst": float(tasks.max()), "unseen_mixes_mean": float(mix.mean()),
                       "unseen_mixes_worst": float(mix.max()),
+                      "fitted_sum": float(imb(fit_counts.sum(axis=0)[None])[0]),
                       "heldout_sum": float(imb(held_counts.sum(axis=0)[None])[0])}
         o = out[label]
         say(f"  {label:32s} {secs:6.1f}s gap {fmt(res.gap)} fitted tasks {o['fitted_tasks_mean']:.3f}/"
