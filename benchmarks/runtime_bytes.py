@@ -7,8 +7,8 @@ sizes actually exchanged, the prediction (the evaluator for the standard dataflo
 ``placement.runtime.coherent_traffic`` for the coherent one) and the time per MoE layer (slowest rank, median
 and range over the repetitions).
 
-Plans: contiguous, and an affinity plan: the project's ``joint`` solver when it is installed, else ``exflow``,
-else the co-activation greedy below (Occult-style: experts often chosen together share a GPU).
+Plans: contiguous, and an affinity plan: the ``joint`` solver (default) or, with ``--affinity-plan greedy``, the
+co-activation greedy below (Occult-style: experts often chosen together share a GPU; the first recorded table).
 
 Usage::
 
@@ -53,23 +53,20 @@ def coactivation_greedy(fit, gpus: int) -> np.ndarray:
     return out
 
 
-def make_plans(fit, gpus: int, time_limit: float):
+def make_plans(fit, gpus: int, time_limit: float, affinity_plan: str = "joint"):
     from placement.plan import Plan
     from placement.problem import build_problem
-    from solvers import Options, Topology, names, solve
+    from solvers import Options, Topology, solve
 
     topo = Topology.for_experts(fit.num_experts, gpus)
     problem = build_problem(fit, topo)
     mk = lambda res: Plan.from_result(res, fit.num_experts, topo, fit.moe_layer_index, fit.decoder_layers)  # noqa: E731
     plans = [mk(solve("contiguous", problem, Options()))]
-    available = names()
-    for name in ("joint", "exflow"):
-        if name in available:
-            plans.append(mk(solve(name, problem, Options(time_limit=time_limit, threads=2, seed=0))))
-            break
-    else:
+    if affinity_plan == "greedy":
         plans.append(Plan(coactivation_greedy(fit, gpus), fit.num_experts, topo, fit.moe_layer_index,
                           fit.decoder_layers, solver={"name": "coactivation-greedy", "status": "heuristic"}))
+    else:
+        plans.append(mk(solve(affinity_plan, problem, Options(time_limit=time_limit, threads=2, seed=0))))
     return plans
 
 
@@ -84,6 +81,7 @@ def main() -> None:
     ap.add_argument("--backend", default="gloo")
     ap.add_argument("--time-limit", type=float, default=60.0, help="solver time limit for the affinity plan")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--affinity-plan", default="joint", help="solver of the affinity plan, or 'greedy'")
     ap.add_argument("--json", help="also write every row as JSON to this file")
     args = ap.parse_args()
 
@@ -98,7 +96,7 @@ def main() -> None:
     rows = []
     t_start = time.perf_counter()
     for W in [int(w) for w in args.worlds.split(",")]:
-        plans = make_plans(fit, W, args.time_limit)
+        plans = make_plans(fit, W, args.time_limit, args.affinity_plan)
         spec = BenchSpec(plans=[p.to_dict() for p in plans], names=[p.name for p in plans], expert_ids=sub.expert_ids,
                          gate_weights=sub.gate_weights, sequence_index=sub.sequence_index(),
                          hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, dtype=args.dtype,

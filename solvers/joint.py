@@ -46,7 +46,7 @@ import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
 from solvers.cost import CostModel, phase_seconds, standard_comm_seconds
-from solvers.joint_bound import layer_bounds, total_bound
+from solvers.joint_bound import layer_bounds, total_bound, water_fill
 
 BIG = 1e30
 
@@ -453,22 +453,9 @@ class State:
 
 
 def replica_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
-    """``[E]`` replicas per expert: every expert once, then each extra slot to the largest piece ``load / r``
-    (water-filling; minimises the largest piece)."""
-    import heapq
-
-    E = load.shape[0]
-    r = np.ones(E, dtype=np.int64)
-    heap = [(-float(load[e]), e) for e in range(E)]
-    heapq.heapify(heap)
-    left = slots - E
-    while left > 0 and heap:
-        _, e = heapq.heappop(heap)
-        if r[e] >= max_replicas:
-            continue
-        r[e] += 1
-        left -= 1
-        heapq.heappush(heap, (-float(load[e]) / r[e], e))
+    """``[E]`` replicas per expert by water-filling (:func:`solvers.joint_bound.water_fill`); refuses slots that
+    cannot all be used."""
+    r, left = water_fill(load, slots, max_replicas)
     if left > 0:
         raise SolverInputError("more slots than experts x GPUs; use fewer redundant slots")
     return r
@@ -733,20 +720,25 @@ def balanced_start(data: JointData, r: np.ndarray) -> np.ndarray:
     return X
 
 
-def construct_columns(data: JointData, r: np.ndarray, lam: float, sweeps: int, deadline: float,
-                      start: np.ndarray | None = None) -> np.ndarray:
-    """Block coordinate descent over layers where each layer is improved column by column
-    (:func:`solve_layer_columns`); the neighbours' gains are refreshed at every visit."""
-    b = Builder(data)
-    X = balanced_start(data, r) if start is None else start.copy()
-    L = data.L
+def _sweeps(data: JointData, X: np.ndarray, sweeps: int, deadline: float, solve_layer) -> np.ndarray:
+    """Block coordinate descent over layers, forward then backward: ``X[l] = solve_layer(l, X)`` in turn until
+    ``sweeps`` passes are done or ``deadline`` (perf_counter seconds) passes."""
     for sweep in range(sweeps):
-        order = range(L) if sweep % 2 == 0 else range(L - 1, -1, -1)
+        order = range(data.L) if sweep % 2 == 0 else range(data.L - 1, -1, -1)
         for l in order:
-            X[l] = solve_layer_columns(b, l, X, lam)
+            X[l] = solve_layer(l, X)
             if time.perf_counter() > deadline:
                 return X
     return X
+
+
+def construct_columns(data: JointData, r: np.ndarray, lam: float, sweeps: int, deadline: float,
+                      start: np.ndarray | None = None) -> np.ndarray:
+    """Sweeps where each layer is improved column by column (:func:`solve_layer_columns`); the neighbours' gains
+    are refreshed at every visit."""
+    b = Builder(data)
+    X = balanced_start(data, r) if start is None else start.copy()
+    return _sweeps(data, X, sweeps, deadline, lambda l, X: solve_layer_columns(b, l, X, lam))
 
 
 def stratified_start(data: JointData, r: np.ndarray) -> np.ndarray:
@@ -762,23 +754,15 @@ def stratified_start(data: JointData, r: np.ndarray) -> np.ndarray:
         grid = order.reshape(m, G).copy()
         grid[1::2] = grid[1::2, ::-1]
         X[l] = grid.T.reshape(-1)  # slot g*m + j holds stratum j's g-th piece
-        # a second replica of one expert in one GPU is moved to the next GPU of its stratum
     return X
 
 
 def construct(data: JointData, r: np.ndarray, cap: float, sweeps: int, deadline: float,
               start: np.ndarray | None = None) -> np.ndarray:
-    """Block coordinate descent over layers (forward then backward sweeps) from ``start``."""
+    """Sweeps (:func:`_sweeps`) from ``start`` where each layer is an exact assignment under a load cap."""
     b = Builder(data)
     X = balanced_start(data, r) if start is None else start.copy()
-    L = data.L
-    for sweep in range(sweeps):
-        order = range(L) if sweep % 2 == 0 else range(L - 1, -1, -1)
-        for l in order:
-            X[l] = b.solve_layer(l, X, r[l], cap)
-            if time.perf_counter() > deadline:
-                return X
-    return X
+    return _sweeps(data, X, sweeps, deadline, lambda l, X: b.solve_layer(l, X, r[l], cap))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,36 +31,38 @@ from solvers.base import Topology
 from solvers.cost import CostModel
 
 
+def water_fill(load: np.ndarray, slots: int, max_replicas: int) -> tuple[np.ndarray, int]:
+    """``([E] replicas, slots left over)``: every expert once, then each extra slot to the largest piece
+    ``load / r`` (ties: lower expert id), at most ``max_replicas`` per expert. Minimises the largest piece."""
+    import heapq
+
+    E = load.shape[0]
+    r = np.ones(E, dtype=np.int64)
+    heap = [(-float(load[e]), e) for e in range(E)]
+    heapq.heapify(heap)
+    left = slots - E
+    while left > 0 and heap:
+        _, e = heapq.heappop(heap)
+        if r[e] >= max_replicas:
+            continue
+        r[e] += 1
+        left -= 1
+        heapq.heappush(heap, (-float(load[e]) / r[e], e))
+    return r, left
+
+
 def min_max_piece(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
-    """``[...]`` smallest achievable ``max_e load_e / r_e`` with ``sum_e r_e = slots``, ``1 <= r_e <= max_replicas``.
+    """``[...]`` smallest achievable ``max_e load_e / r_e`` with ``sum_e r_e = slots``, ``1 <= r_e <= max_replicas``
+    (reached by :func:`water_fill`).
 
     Args:
         load: ``[..., E]`` per-expert load.
-    Water-filling: the answer is the smallest x with ``sum_e ceil(load_e / x) <= slots`` (capped per expert);
-    found exactly by checking the candidate values ``load_e / r``.
     """
     load = np.asarray(load, dtype=np.float64)
     flat = load.reshape(-1, load.shape[-1])
     out = np.empty(flat.shape[0])
-    E = flat.shape[1]
-    extra = slots - E
     for i, row in enumerate(flat):
-        r = np.ones(E, dtype=np.int64)
-        if extra > 0 and max_replicas > 1:
-            # heap-free greedy: repeatedly split the largest piece (optimal for the min-max piece)
-            import heapq
-
-            heap = [(-row[e], e) for e in range(E)]
-            heapq.heapify(heap)
-            left = extra
-            while left > 0 and heap:
-                neg, e = heapq.heappop(heap)
-                if r[e] >= max_replicas:
-                    continue
-                r[e] += 1
-                left -= 1
-                heapq.heappush(heap, (-row[e] / r[e], e))
-        out[i] = (row / r).max() if E else 0.0
+        out[i] = (row / water_fill(row, slots, max_replicas)[0]).max() if row.size else 0.0
     return out.reshape(load.shape[:-1])
 
 

@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from placement.affinity import AffinityStats  # noqa: E402
 from placement.evaluate import evaluate  # noqa: E402
 from placement.plan import Plan  # noqa: E402
 from placement.runtime import (BenchSpec, anchor_column, coherent_traffic, plan_moves,  # noqa: E402
@@ -37,18 +38,12 @@ def affinity_plan(fit: RoutingTrace, gpus: int, redundant: int = 0) -> np.ndarra
     then physical experts (replicated ones first, then heaviest first) join the GPU with room whose experts they
     are most often chosen with (ties: lighter GPU); never two replicas of one expert on one GPU."""
     E, L = fit.num_experts, fit.num_layers
-    ids = fit.expert_ids.astype(np.int64)
     S = E + redundant
     cap = S // gpus
     out = np.zeros((L, S), dtype=np.int64)
+    stats = AffinityStats.from_trace(fit)
     for l in range(L):
-        a = ids[:, l]
-        load = np.bincount(a[a >= 0], minlength=E).astype(float)
-        co = np.zeros((E, E))
-        for i in range(a.shape[1]):
-            for j in range(a.shape[1]):
-                if i != j:
-                    np.add.at(co, (a[:, i], a[:, j]), 1.0)
+        load, co = stats.load[l], stats.coactivation[l]
         phys = list(range(E)) + list(np.argsort(-load)[:redundant])
         reps = np.bincount(phys, minlength=E)
         weight = np.array([load[e] / reps[e] for e in phys])
