@@ -1,16 +1,22 @@
 """Exact per-token traffic and estimated time under the context-coherent dataflow (ExFlow, arXiv 2401.08383).
 
-In context-coherent expert parallelism, contexts are all-gathered so attention can run wherever a token is;
-each MoE layer then needs one all-to-all instead of a dispatch and a combine. A token's partial expert
-outputs stay on the GPUs that computed them: every GPU holding one of the token's layer-l experts sends its
-partial sum to every other GPU holding one of its layer-(l+1) experts, so a boundary costs
-``|A| x |B| - |A n B|`` copies of the hidden state (A, B: the distinct GPUs serving the token's experts at l and
-l+1). The first layer is dispatched from the token's home GPU (sequence index mod G) and the last layer is
-combined back to it.
+In context-coherent expert parallelism (Yao et al., "Exploiting Inter-Layer Expert Affinity for Accelerating
+Mixture-of-Experts Model Inference", IPDPS 2024) attention can run wherever a token is, so a token does not go
+back to a fixed home GPU after each MoE layer. The protocol here is the one the torch.distributed runtime
+(:mod:`placement.runtime`) executes, so predicted bytes equal measured bytes:
 
-Which replica serves a token: one on a GPU the token is already on (the lowest such GPU), else the static
-dispatch rule of :func:`solvers.objective.dispatch_table` for its home GPU. Served tokens (not an even split)
-give the per-GPU compute here.
+- a token is *at* a position GPU p: its home (sequence index mod G) before the first MoE layer;
+- at layer l it is dispatched from p to the distinct GPUs D serving its experts (``dispatch_table[l, e, p]``:
+  a replica on p itself when there is one), one copy per GPU other than p;
+- the serving GPUs send their partial sums to the token's *anchor*, the GPU serving its highest-gate expert
+  (without gate weights: its first listed expert), one copy per GPU of D other than the anchor; the next
+  layer starts there (p = anchor).
+
+Per token and layer: ``|D \\ {p}|`` dispatch copies plus ``|D| - 1`` combine copies. Inter-layer affinity pays
+off when the previous anchor also serves one of the token's next experts (then that copy stays local); with
+top-1 routing a token whose next expert sits on its GPU moves nothing (ExFlow's case). Compared with the
+standard dataflow (dispatch from and combine back to a fixed home every layer), the combine never leaves a
+copy at a GPU that serves none of the token's experts. Tokens end at their last anchor (no final combine home).
 
 :func:`evaluate_coherent` returns the time and byte metrics under this dataflow; the load and affinity metrics
 are those of :func:`placement.evaluate.evaluate` (they do not depend on the dataflow).
@@ -20,67 +26,101 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.evaluate import _distinct, prepare
+from placement.evaluate import prepare
 from placement.plan import Plan
 from solvers import Topology
-from solvers.cost import CostModel, coherent_layer_seconds
-from solvers.objective import dispatch_table, gpu_mask
+from solvers.cost import CostModel, phase_seconds
+from solvers.objective import dispatch_table
 from traces import LoadProfile, RoutingTrace
 
-_CHUNK = 16384
+
+def serving_ranks(table_l: np.ndarray, ids: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """``[T, k]`` rank serving each chosen expert for a token at ``position`` (-1 where the id is -1).
+
+    Args:
+        table_l: int ``[E, G]`` one layer of :func:`solvers.objective.dispatch_table`.
+        ids: int ``[T, k]`` expert ids (-1 = none); position: int ``[T]`` rank the token is on.
+    """
+    ids = ids.astype(np.int64)
+    return np.where(ids >= 0, table_l[np.maximum(ids, 0), position[:, None]], -1)
+
+
+def anchor_column(ids: np.ndarray, gates: np.ndarray | None) -> np.ndarray:
+    """``[T]`` column of the token's highest-gate valid expert (first valid one without gates; -1 if none).
+
+    Args:
+        ids: int ``[T, k]`` (-1 = none); gates: float ``[T, k]`` or None.
+    """
+    valid = ids >= 0
+    if gates is None:
+        score = np.where(valid, -np.arange(ids.shape[1])[None, :], -np.inf)
+    else:
+        score = np.where(valid, gates.astype(np.float64), -np.inf)
+    col = np.argmax(score, axis=1)
+    return np.where(valid.any(axis=1), col, -1)
+
+
+def _distinct_mask(ranks: np.ndarray) -> np.ndarray:
+    """bool ``[T, k]``: first occurrence of each non-negative value in its row (same order as ``ranks``)."""
+    T, k = ranks.shape
+    first = ranks >= 0
+    for j in range(1, k):
+        first[:, j] &= np.all(ranks[:, :j] != ranks[:, j:j + 1], axis=1)
+    return first
 
 
 def coherent_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
-                     sequence_index: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token traffic under the coherent dataflow.
+                     gate_weights: np.ndarray | None, sequence_index: np.ndarray) -> dict[str, np.ndarray]:
+    """Token copies of the context-coherent dataflow (module docstring), as the runtime moves them.
 
     Args:
-        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); sequence_index: ``[T]``.
+        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); gate_weights: ``[T, L, k]`` or None (then
+            the first listed expert is the anchor); sequence_index: ``[T]``.
     Returns:
-        ``pairs [L, G, G]`` token copies src -> dst in the all-to-all before layer l (layer 0: from home),
-        ``final [G, G]`` copies of the combine back home after the last layer, ``served [L, G]`` token-expert
-        assignments computed on each GPU.
+        ``dispatch_pairs [L, G, G]`` copies position -> serving rank, ``combine_pairs [L, G, G]`` copies serving
+        rank -> anchor (remote only), ``served [L, G]`` token-expert assignments computed on each rank,
+        ``position [T, L + 1]`` rank of each token before each layer and at the end.
     """
     T, L, k = expert_ids.shape
     G = topology.num_gpus
     table = dispatch_table(phy2log, num_experts, topology)  # [L, E, G]
-    mask = gpu_mask(phy2log, num_experts, topology)  # [L, E, G]
-    pairs = np.zeros((L, G, G))
-    final = np.zeros((G, G))
+    pos = (np.asarray(sequence_index) % G).astype(np.int64)
+    positions = np.empty((T, L + 1), dtype=np.int64)
+    dispatch = np.zeros((L, G, G))
+    combine = np.zeros((L, G, G))
     served = np.zeros((L, G))
-    for s in range(0, T, _CHUNK):
-        ids = expert_ids[s:s + _CHUNK].astype(np.int64)
-        home = (sequence_index[s:s + _CHUNK] % G).astype(np.int64)
-        n = ids.shape[0]
-        prev = np.broadcast_to(home[:, None], (n, 1))  # [n, 1] GPUs the token is on
-        for l in range(L):
-            e = ids[:, l]  # [n, k]
-            ok = e >= 0
-            ec = np.maximum(e, 0)
-            gpu = table[l, ec, home[:, None]]  # [n, k] static rule
-            if l > 0:
-                on = np.zeros((n, G), dtype=bool)
-                pv = prev >= 0
-                on[np.nonzero(pv)[0], prev[pv]] = True
-                cand = mask[l][ec] & on[:, None, :]  # [n, k, G] replicas where the token already is
-                has = cand.any(axis=2)
-                gpu = np.where(has, np.argmax(cand, axis=2), gpu)
-            gpu = np.where(ok, gpu, -1)
-            served[l] += np.bincount(gpu[ok], minlength=G)
-            reached = ok.any(axis=1)
-            srcs, sfirst = _distinct(prev)
-            dsts, dfirst = _distinct(gpu)
-            src = np.where(sfirst, srcs, -1)[:, :, None]
-            dst = np.where(dfirst, dsts, -1)[:, None, :]
-            live = (src >= 0) & (dst >= 0) & (src != dst) & reached[:, None, None]
-            flat = (np.broadcast_to(src, live.shape) * G + np.broadcast_to(dst, live.shape))[live]
-            pairs[l] += np.bincount(flat, minlength=G * G).reshape(G, G)
-            prev = np.where(reached[:, None], gpu, prev)
-        srcs, sfirst = _distinct(prev)
-        live = sfirst & (srcs != home[:, None])
-        flat = (srcs * G + home[:, None])[live]
-        final += np.bincount(flat, minlength=G * G).reshape(G, G)
-    return {"pairs": pairs, "final": final, "served": served}
+    rows = np.arange(T)
+    for l in range(L):
+        positions[:, l] = pos
+        ids = expert_ids[:, l].astype(np.int64)
+        dest = serving_ranks(table[l], ids, pos)  # [T, k]
+        served[l] = np.bincount(dest[dest >= 0], minlength=G)
+        first = _distinct_mask(dest)
+        col = anchor_column(ids, None if gate_weights is None else gate_weights[:, l])
+        active = col >= 0
+        anchor = np.where(active, dest[rows, np.maximum(col, 0)], pos)
+        src = np.broadcast_to(pos[:, None], dest.shape)
+        d_mask = first & (dest != src)
+        dispatch[l] = np.bincount((src[d_mask] * G + dest[d_mask]), minlength=G * G).reshape(G, G)
+        anc = np.broadcast_to(anchor[:, None], dest.shape)
+        c_mask = first & (dest != anc)
+        combine[l] = np.bincount((dest[c_mask] * G + anc[c_mask]), minlength=G * G).reshape(G, G)
+        pos = anchor
+    positions[:, L] = pos
+    return {"dispatch_pairs": dispatch, "combine_pairs": combine, "served": served, "position": positions}
+
+
+def coherent_layer_seconds(served: np.ndarray, dispatch_bytes: np.ndarray, combine_bytes: np.ndarray,
+                           topology: Topology, cost: CostModel) -> np.ndarray:
+    """``[L]`` estimated MoE-layer time under the coherent dataflow: the slowest GPU's compute plus its dispatch
+    and combine phases (:func:`solvers.cost.phase_seconds`).
+
+    Args:
+        served: ``[L, G]`` assignments computed per GPU; dispatch_bytes, combine_bytes: ``[L, G, G]`` src -> dst.
+    """
+    t = served * cost.seconds_per_assignment + phase_seconds(dispatch_bytes, topology) \
+        + phase_seconds(combine_bytes, topology)
+    return t.max(axis=-1)
 
 
 def evaluate_coherent(plan: Plan, data: RoutingTrace | LoadProfile, cost: CostModel | None = None) -> dict:
@@ -98,10 +138,11 @@ def evaluate_coherent(plan: Plan, data: RoutingTrace | LoadProfile, cost: CostMo
         return {k: None for k in keys}
     cost = cost or CostModel(dataflow="coherent")
     topo = plan.topology
-    tr = coherent_traffic(plan.phy2log, plan.num_experts, topo, ev.expert_ids, ev.sequence_index)
+    # the evaluator keeps each token's experts highest gate first, so the first listed one is the anchor
+    tr = coherent_traffic(plan.phy2log, plan.num_experts, topo, ev.expert_ids, None, ev.sequence_index)
     B = cost.token_bytes
-    secs = coherent_layer_seconds(tr["served"], tr["pairs"] * B, topo, cost, tr["final"] * B)
-    all_pairs = tr["pairs"].sum(axis=0) + tr["final"]
+    secs = coherent_layer_seconds(tr["served"], tr["dispatch_pairs"] * B, tr["combine_pairs"] * B, topo, cost)
+    all_pairs = (tr["dispatch_pairs"] + tr["combine_pairs"]).sum(axis=0)
     node = topo.node_of_gpu()
     inter = node[:, None] != node[None, :]
     total = float(all_pairs.sum() * B)

@@ -37,7 +37,7 @@ class EvalData:
     num_experts: int
     load: np.ndarray  # [L, E] (summed over profiles)
     profiles: np.ndarray | None = None  # [N, L, E] counts-only input
-    expert_ids: np.ndarray | None = None  # [T, L, k]
+    expert_ids: np.ndarray | None = None  # [T, L, k], each token's experts highest gate first
     sequence_index: np.ndarray | None = None  # [T]
     transitions: np.ndarray | None = None  # [L-1, E, E]
     transitions_top1: np.ndarray | None = None  # [L-1, E, E]
@@ -58,7 +58,7 @@ def prepare(data: RoutingTrace | LoadProfile | EvalData) -> EvalData:
         return data
     if isinstance(data, LoadProfile):
         return EvalData(data.num_experts, data.total(), profiles=data.logical_count, source=data.source)
-    ids = data.expert_ids
+    ids = data.sorted_by_gate().expert_ids  # highest gate first (the coherent dataflow's anchor is column 0)
     E = data.num_experts
     top1 = None
     if data.gate_weights is not None:

@@ -55,6 +55,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from solvers import Topology
+from placement.coherent import anchor_column, coherent_traffic, serving_ranks  # noqa: F401 (re-exported)
 from solvers.objective import dispatch_table, replica_counts
 
 DATAFLOWS = ("standard", "coherent")
@@ -94,83 +95,6 @@ def check_runnable(phy2log: np.ndarray, num_experts: int, where: str = "the plan
         l, e = missing[0]
         raise RuntimeInputError(f"{where} leaves expert {e} of MoE layer {l} without a slot; the runtime needs every "
                                 f"expert resident on some rank (plan without a memory budget)")
-
-
-def serving_ranks(table_l: np.ndarray, ids: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """``[T, k]`` rank serving each chosen expert for a token at ``position`` (-1 where the id is -1).
-
-    Args:
-        table_l: int ``[E, G]`` one layer of :func:`solvers.objective.dispatch_table`.
-        ids: int ``[T, k]`` expert ids (-1 = none); position: int ``[T]`` rank the token is on.
-    """
-    ids = ids.astype(np.int64)
-    return np.where(ids >= 0, table_l[np.maximum(ids, 0), position[:, None]], -1)
-
-
-def anchor_column(ids: np.ndarray, gates: np.ndarray | None) -> np.ndarray:
-    """``[T]`` column of the token's highest-gate valid expert (first valid one without gates; -1 if none).
-
-    Args:
-        ids: int ``[T, k]`` (-1 = none); gates: float ``[T, k]`` or None.
-    """
-    valid = ids >= 0
-    if gates is None:
-        score = np.where(valid, -np.arange(ids.shape[1])[None, :], -np.inf)
-    else:
-        score = np.where(valid, gates.astype(np.float64), -np.inf)
-    col = np.argmax(score, axis=1)
-    return np.where(valid.any(axis=1), col, -1)
-
-
-def _distinct_mask(ranks: np.ndarray) -> np.ndarray:
-    """bool ``[T, k]``: first occurrence of each non-negative value in its row (same order as ``ranks``)."""
-    T, k = ranks.shape
-    first = ranks >= 0
-    for j in range(1, k):
-        first[:, j] &= np.all(ranks[:, :j] != ranks[:, j:j + 1], axis=1)
-    return first
-
-
-def coherent_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
-                     gate_weights: np.ndarray | None, sequence_index: np.ndarray) -> dict[str, np.ndarray]:
-    """Token copies of the context-coherent dataflow (ExFlow, arXiv 2401.08383), as this runtime moves them.
-
-    A token starts at its home ``sequence_index mod G``; at layer l it is dispatched from its position p to the
-    distinct serving ranks D of its experts (``dispatch_table[l, e, p]``), partial outputs are combined onto the
-    rank of its highest-gate expert (its anchor), and it continues from there.
-
-    Args:
-        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); gate_weights: ``[T, L, k]`` or None;
-        sequence_index: ``[T]``.
-    Returns:
-        ``dispatch_pairs [L, G, G]`` copies position -> serving rank, ``combine_pairs [L, G, G]`` copies serving
-        rank -> anchor (remote only), ``position [T, L + 1]`` rank of each token before each layer and at the end.
-    """
-    T, L, k = expert_ids.shape
-    G = topology.num_gpus
-    table = dispatch_table(phy2log, num_experts, topology)  # [L, E, G]
-    pos = (sequence_index % G).astype(np.int64)
-    positions = np.empty((T, L + 1), dtype=np.int64)
-    dispatch = np.zeros((L, G, G))
-    combine = np.zeros((L, G, G))
-    rows = np.arange(T)
-    for l in range(L):
-        positions[:, l] = pos
-        ids = expert_ids[:, l].astype(np.int64)
-        dest = serving_ranks(table[l], ids, pos)  # [T, k]
-        first = _distinct_mask(dest)
-        col = anchor_column(ids, None if gate_weights is None else gate_weights[:, l])
-        active = col >= 0
-        anchor = np.where(active, dest[rows, np.maximum(col, 0)], pos)
-        src = np.broadcast_to(pos[:, None], dest.shape)
-        d_mask = first & (dest != src)
-        np.add.at(dispatch[l], (src[d_mask], dest[d_mask]), 1.0)
-        anc = np.broadcast_to(anchor[:, None], dest.shape)
-        c_mask = first & (dest != anc)
-        np.add.at(combine[l], (dest[c_mask], anc[c_mask]), 1.0)
-        pos = anchor
-    positions[:, L] = pos
-    return {"dispatch_pairs": dispatch, "combine_pairs": combine, "position": positions}
 
 
 def predict_a2a(plan, trace, token_bytes: int, dataflow: str = "standard") -> dict:

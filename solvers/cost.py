@@ -12,18 +12,22 @@ The model (documented for users in docs/concepts.md, "The joint planner and the 
   * ``standard`` (DeepEP-style expert parallelism): a token lives on its home GPU (data-parallel attention),
     is dispatched to every distinct remote GPU serving one of its k experts and combined back: two phases per
     layer, one copy of the hidden state per distinct remote GPU and phase.
-  * ``coherent`` (ExFlow, arXiv 2401.08383): contexts are all-gathered so attention runs wherever a token is;
-    a token's partial expert outputs stay on the GPUs that computed them and are sent straight to the GPUs of
-    its experts at the next layer: one phase per layer. Each GPU holding one of the token's layer-l experts
-    sends its partial sum to each other GPU holding one of its layer-(l+1) experts (|A| x |B| - |A n B| copies).
-    The first layer is dispatched from the home GPU and the last layer is combined back to it.
+  * ``coherent`` (context-coherent expert parallelism, ExFlow, arXiv 2401.08383): attention runs wherever a
+    token is, so a token does not return to a fixed home. At layer l it is dispatched from its position p to
+    the distinct GPUs serving its experts and their partial sums are combined onto its *anchor*, the GPU of its
+    highest-gate expert, where layer l+1 starts. Two phases per layer: ``|D \\ {p}|`` dispatch copies and
+    ``|D| - 1`` combine copies (D = the token's serving GPUs); affinity saves the dispatch copy when the
+    previous anchor serves one of the next experts. Layer 0 is dispatched from the home GPU; tokens end at
+    their last anchor. This is the protocol the torch.distributed runtime executes
+    (:mod:`placement.coherent`, :mod:`placement.runtime`).
 
 Two ways to feed the model: exact per-token traffic (:mod:`placement.evaluate`, :mod:`placement.coherent`) and
 the *counts model* (:func:`estimate_layer_seconds`) that the joint planner optimises. The counts model needs only
-per-layer load ``[L, E]``, co-activation ``[L, E, E]`` and adjacent-layer transitions ``[L-1, E, E]``; it
-assumes homes spread evenly over GPUs, replicas splitting their expert's tokens evenly and independently, and
-counts a token's duplicate copies on one GPU from pairs of co-activated experts (first-order
-inclusion-exclusion).
+per-layer load ``[L, E]``, co-activation ``[L, E, E]`` and, for the coherent dataflow, anchor transitions
+``[L-1, E, E]`` (anchor a at l, expert b at l+1) and anchor pairs ``[L, E, E]`` (anchor a, other expert b at
+the same layer) from :func:`anchor_counts`; it assumes homes spread evenly over GPUs, replicas splitting their
+expert's tokens evenly and independently, and counts a token's duplicate copies on one GPU from pairs of
+co-activated experts (first-order inclusion-exclusion).
 
 Defaults: DeepSeek-V2-Lite sizes (the bundled trace: hidden 2048, expert intermediate 1408), bf16, H100 at
 400 TFLOP/s effective for grouped GEMMs (about 40% of the dense bf16 peak); link bandwidths live on
@@ -149,23 +153,6 @@ def layer_seconds(gpu_load: np.ndarray, dispatch_bytes: np.ndarray, topology: To
     return (compute + comm).max(axis=-1)
 
 
-def coherent_layer_seconds(gpu_load: np.ndarray, pair_bytes: np.ndarray, topology: Topology, cost: CostModel,
-                           final_bytes: np.ndarray | None = None) -> np.ndarray:
-    """``[L]`` estimated MoE-layer time, context-coherent dataflow (one all-to-all phase per layer).
-
-    Args:
-        gpu_load: ``[L, G]`` token-expert assignments per GPU.
-        pair_bytes: ``[L, G, G]`` bytes src -> dst of the all-to-all before layer l (layer 0: home dispatch).
-        final_bytes: ``[G, G]`` bytes of the combine back to the home GPUs after the last layer (or None).
-    """
-    compute = gpu_load * cost.seconds_per_assignment
-    comm = phase_seconds(pair_bytes, topology)
-    if final_bytes is not None:
-        comm = comm.copy()
-        comm[-1] += phase_seconds(final_bytes, topology)
-    return (compute + comm).max(axis=-1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The counts model (what the joint planner optimises)
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,27 +234,67 @@ def standard_distinct(share: np.ndarray, load: np.ndarray, coactivation: np.ndar
     return gl, D
 
 
-def coherent_traffic(share_prev: np.ndarray, share_next: np.ndarray, transitions: np.ndarray) -> np.ndarray:
-    """``[G, G]`` token copies between GPUs at one boundary, coherent dataflow (counts model).
+def anchor_counts(routes: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anchor statistics of token routes for the coherent dataflow (the anchor is a token's highest-gate expert).
 
-    ``M = share_prev^T @ transitions @ share_next`` with a zero diagonal: a pair (a at l, b at l+1) whose experts
-    run on the same GPU costs nothing; replicas split pairs evenly.
+    Args:
+        routes: int ``[T, L, k]`` expert ids, each token's highest gate first (-1 = none, listed last).
+    Returns:
+        ``anchor_load [L, E]`` tokens anchored at each expert, ``transitions [L-1, E, E]`` (a, b): tokens
+        anchored at a in layer l that use b in layer l+1, ``pairs [L, E, E]`` (a, b): tokens anchored at a that
+        also use b (b != a) in the same layer.
     """
-    M = share_prev.T @ transitions @ share_next
-    np.fill_diagonal(M, 0.0)
-    return M
+    T, L, k = routes.shape
+    E = num_experts
+    ids = routes.astype(np.int64)
+    anchor = ids[:, :, 0]  # [T, L]
+    load = np.stack([np.bincount(anchor[:, l][anchor[:, l] >= 0], minlength=E) for l in range(L)]).astype(float)
+
+    def pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a = np.broadcast_to(a[:, None], b.shape)
+        ok = (a >= 0) & (b >= 0)
+        return np.bincount(a[ok] * E + b[ok], minlength=E * E).reshape(E, E).astype(float)
+
+    trans = np.stack([pairs(anchor[:, l], ids[:, l + 1]) for l in range(L - 1)]) if L > 1 else np.zeros((0, E, E))
+    same = np.stack([pairs(anchor[:, l], ids[:, l, 1:]) for l in range(L)])
+    return load, trans, same
+
+
+def coherent_comm_seconds(distinct: np.ndarray, gpu_load: np.ndarray, into: np.ndarray | None, anchor: np.ndarray,
+                          topology: Topology, cost: CostModel, scale: np.ndarray | float = 1.0) -> np.ndarray:
+    """``[N, G]`` all-to-all seconds per GPU of one layer under the coherent dataflow (counts model).
+
+    Args:
+        distinct: ``[N, G]`` distinct tokens served on each GPU; gpu_load: ``[N, G]`` token-expert assignments.
+        into: ``[G, G]`` (g, h): token-expert assignments on h whose token was anchored on g at the layer before
+            (``P_{l-1}^T transitions P_l``); None for the first layer (dispatched from homes spread evenly).
+        anchor: ``[G, G]`` (g, h): assignments on h of tokens anchored on g at this layer (``P^T pairs P``).
+        scale: ``[N]`` profile token counts relative to the pair counts' units.
+    A GPU h receives one dispatch copy per distinct token from each other GPU and sends one combine copy per
+    distinct token to each other anchor GPU: pair counts are de-duplicated by ``distinct_h / gpu_load_h``.
+    """
+    sc = np.broadcast_to(np.asarray(scale, dtype=float), distinct.shape[:1])[:, None, None]
+    dd = np.divide(distinct, gpu_load, out=np.zeros_like(distinct), where=gpu_load > 0)[:, None, :]  # [N, 1, G]
+    B = cost.token_bytes
+    if into is None:
+        disp = standard_comm_seconds(distinct, topology, cost, phases=1)
+    else:
+        disp = phase_seconds(into[None] * sc * dd * B, topology)
+    comb = phase_seconds(np.swapaxes(anchor[None] * sc * dd, -1, -2) * B, topology)
+    return disp + comb
 
 
 def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topology, cost: CostModel,
                            transitions: np.ndarray | None = None, coactivation: np.ndarray | None = None,
-                           rho: np.ndarray | None = None, tokens: np.ndarray | None = None, detail: bool = False):
+                           anchor_pairs: np.ndarray | None = None, tokens: np.ndarray | None = None,
+                           detail: bool = False):
     """``[L]`` estimated MoE-layer seconds of a placement from counts (the joint planner's objective).
 
     Args:
-        phy2log: ``[L, S]``; load: ``[L, E]`` token-expert assignments; transitions: ``[L-1, E, E]`` pair counts
-            (coherent dataflow; needed there); coactivation: ``[L, E, E]`` (optional: duplicate copies);
-        rho: ``[L-1]`` GPU-level de-duplication factor of coherent pair traffic (copies per cross-GPU expert
-            pair; default 1); tokens: ``[L]`` tokens per layer (default: pairs-only duplicate estimate).
+        phy2log: ``[L, S]``; load: ``[L, E]`` token-expert assignments; coactivation: ``[L, E, E]`` (optional:
+            duplicate copies); transitions ``[L-1, E, E]`` and anchor_pairs ``[L, E, E]``: anchor statistics of
+            :func:`anchor_counts` (coherent dataflow; needed there); tokens: ``[L]`` tokens per layer (default:
+            pairs-only duplicate estimate).
         detail: also return ``(compute [L, G], comm [L, G])``.
     All counts must refer to the same tokens (the planner rescales them so).
     """
@@ -280,18 +307,17 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
     for l in range(L):
         compute[l], distinct[l] = standard_distinct(shares[l], load[l], None if coactivation is None else coactivation[l],
                                                     None if tokens is None else float(tokens[l]))
+    gl = compute.copy()
     compute *= alpha
     if cost.dataflow == "standard":
         comm = standard_comm_seconds(distinct, topology, cost, phases=2)
     else:
-        if transitions is None:
-            raise SolverInputError("the coherent dataflow needs adjacent-layer transitions; give a token trace")
+        if transitions is None or anchor_pairs is None:
+            raise SolverInputError("the coherent dataflow needs anchor transitions and pairs; give a token trace")
         comm = np.zeros((L, G))
-        comm[0] = standard_comm_seconds(distinct[0], topology, cost, phases=1)
-        comm[-1] += standard_comm_seconds(distinct[-1], topology, cost, phases=1)
-        for l in range(1, L):
-            M = coherent_traffic(shares[l - 1], shares[l], transitions[l - 1])
-            f = 1.0 if rho is None else float(rho[l - 1])
-            comm[l] += phase_seconds(M * (f * cost.token_bytes), topology)
+        for l in range(L):
+            into = None if l == 0 else shares[l - 1].T @ transitions[l - 1] @ shares[l]
+            anc = shares[l].T @ anchor_pairs[l] @ shares[l]
+            comm[l] = coherent_comm_seconds(distinct[l][None], gl[l][None], into, anc, topology, cost)[0]
     t = (compute + comm).max(axis=1)
     return (t, compute, comm) if detail else t

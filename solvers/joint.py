@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
-from solvers.cost import CostModel, phase_seconds, standard_comm_seconds
+from solvers.cost import CostModel, coherent_comm_seconds, standard_comm_seconds
 from solvers.joint_bound import layer_bounds, total_bound, water_fill
 
 BIG = 1e30
@@ -60,9 +60,10 @@ BIG = 1e30
 class JointData:
     """Arrays the planner works on, all in the token units of the mean load profile.
 
-    loads ``[N, L, E]`` per profile; load ``[L, E]`` mean profile; T ``[L-1, E, E]`` transitions or None;
-    C ``[L, E, E]`` co-activation or None; rho ``[L-1]``; scale ``[N, L]`` token count of each profile relative
-    to the mean; current ``[L, S]`` or None; allowed_node ``[L, E]`` (-1 = any).
+    loads ``[N, L, E]`` per profile; load ``[L, E]`` mean profile; T ``[L-1, E, E]`` anchor transitions and
+    Q ``[L, E, E]`` anchor pairs (coherent dataflow, :func:`solvers.cost.anchor_counts`) or None;
+    C ``[L, E, E]`` co-activation or None; scale ``[N, L]`` token count of each profile relative to the mean;
+    current ``[L, S]`` or None; allowed_node ``[L, E]`` (-1 = any).
     """
 
     topology: Topology
@@ -71,7 +72,7 @@ class JointData:
     load: np.ndarray
     T: np.ndarray | None
     C: np.ndarray | None
-    rho: np.ndarray
+    Q: np.ndarray | None
     tokens: np.ndarray
     U: np.ndarray | None
     Kw: np.ndarray | None
@@ -125,35 +126,6 @@ def _smooth(pairs: np.ndarray, amount: float, symmetric_zero_diag: bool = False)
     return out
 
 
-def estimate_rho(routes: np.ndarray, num_experts: int, num_gpus: int, seed: int = 0,
-                 max_tokens: int = 20000) -> np.ndarray:
-    """``[L-1]`` GPU copies per cross-GPU expert pair under the coherent dataflow, measured on token routes.
-
-    A token whose experts at l run on GPUs A and at l+1 on GPUs B costs ``|A| |B| - |A n B|`` copies but has
-    ``k x k - (local pairs)`` cross-GPU expert pairs; the ratio (under a random balanced placement) converts the
-    pair counts of the counts model into copies.
-    """
-    rng = np.random.default_rng(seed)
-    T, L, k = routes.shape
-    if T > max_tokens:
-        routes = routes[rng.choice(T, max_tokens, replace=False)]
-    E, G = num_experts, num_gpus
-    gpu_of = np.stack([rng.permutation(np.arange(E) % G) for _ in range(L)])  # [L, E]
-    ids = routes.astype(np.int64)
-    ok = ids >= 0
-    g = np.where(ok, gpu_of[np.arange(L)[None, :, None], np.maximum(ids, 0)], -1)  # [T, L, k]
-    onehot = np.zeros((g.shape[0], L, G), dtype=bool)
-    t_idx, l_idx, j_idx = np.nonzero(ok)
-    onehot[t_idx, l_idx, g[t_idx, l_idx, j_idx]] = True
-    a, b = onehot[:, :-1], onehot[:, 1:]
-    copies = a.sum(2) * b.sum(2) - (a & b).sum(2)  # [T, L-1]
-    na, nb = ok[:, :-1].sum(2), ok[:, 1:].sum(2)
-    same = (g[:, :-1, :, None] == g[:, 1:, None, :]) & ok[:, :-1, :, None] & ok[:, 1:, None, :]
-    cross = na * nb - same.sum(axis=(2, 3))
-    tot_c, tot_x = copies.sum(axis=0).astype(float), cross.sum(axis=0).astype(float)
-    return np.where(tot_x > 0, tot_c / np.maximum(tot_x, 1), 1.0)
-
-
 def prepare(problem: Problem, options: Options) -> JointData:
     """Validate the request and bring every input to one set of units."""
     params = dict(options.params or {})
@@ -169,7 +141,7 @@ def prepare(problem: Problem, options: Options) -> JointData:
     objective = str(params.get("objective", "expected"))
     if objective not in ("expected", "worst"):
         raise SolverInputError(f"objective {objective!r} must be 'expected' or 'worst'")
-    if cost.dataflow == "coherent" and problem.transitions is None:
+    if cost.dataflow == "coherent" and problem.transitions is None and problem.routes is None:
         raise SolverInputError("the coherent dataflow needs adjacent-layer transitions, which counts-only input "
                                "does not have; give a token trace or use --dataflow standard")
     loads = problem.profiles if problem.profiles is not None else problem.load[None]
@@ -185,11 +157,19 @@ def prepare(problem: Problem, options: Options) -> JointData:
     smoothing = float(params.get("smoothing", 0.0))
     if not 0.0 <= smoothing <= 1.0:
         raise SolverInputError(f"smoothing must be between 0 and 1, got {smoothing}")
-    T = C = None
-    if problem.transitions is not None and L > 1:
-        T = _smooth(_rescale_pairs(problem.transitions, load[:-1], float(k)), smoothing)
+    T = C = Q = None
     if problem.coactivation is not None and k > 1:
         C = _smooth(_rescale_pairs(problem.coactivation, load, float(k - 1)), smoothing, symmetric_zero_diag=True)
+    if cost.dataflow == "coherent":
+        # anchor statistics (highest-gate expert); without routes, the anchor is taken to be any of the k experts
+        if problem.routes is not None:
+            from solvers.cost import anchor_counts
+
+            _, T, Q = anchor_counts(problem.routes, E)
+        else:
+            T, Q = problem.transitions, problem.coactivation if problem.coactivation is not None else np.zeros((L, E, E))
+        T = _smooth(_rescale_pairs(T, load[:-1], 1.0), smoothing) if L > 1 else np.zeros((0, E, E))
+        Q = _smooth(_rescale_pairs(Q, load, (k - 1) / k), smoothing)
     tokens = load.sum(axis=1) / k
     U = Kw = None
     if C is not None:
@@ -199,11 +179,6 @@ def prepare(problem: Problem, options: Options) -> JointData:
         Kw = np.empty((L, E, E))
         for l in range(L):
             U[l], Kw[l] = distinct_terms(load[l], C[l], tokens[l])
-    rho = np.ones(max(L - 1, 0))
-    if "rho" in params:
-        rho = np.broadcast_to(np.asarray(params["rho"], dtype=float), rho.shape).copy()
-    elif cost.dataflow == "coherent" and problem.routes is not None and L > 1:
-        rho = estimate_rho(problem.routes, E, topo.num_gpus, seed=options.seed)
     cur = None if problem.current is None else np.asarray(problem.current, dtype=np.int64)
     if cur is not None and (cur.min() < -1 or cur.max() >= E):
         raise SolverInputError("the current plan names experts outside 0..E-1; plan for the same model")
@@ -216,7 +191,7 @@ def prepare(problem: Problem, options: Options) -> JointData:
     allowed = None
     if params.get("keep_groups_on_nodes"):
         allowed = _group_nodes(load, problem.expert_groups, topo)
-    return JointData(topo, cost, loads, load, T, C, rho, tokens, U, Kw, scale, objective == "worst", cur, mig,
+    return JointData(topo, cost, loads, load, T, C, Q, tokens, U, Kw, scale, objective == "worst", cur, mig,
                      allowed)
 
 
@@ -253,8 +228,9 @@ class State:
 
     Arrays (l = layer): X ``[L, S]`` slots, r ``[L, E]`` replicas, P ``[L, E, G]`` shares (1/r per replica),
     Lg ``[L, N, G]`` GPU load per profile, CP ``[L, E, G]`` = C P, dup ``[L, G]`` duplicate copies,
-    Vin ``[L, G, E]`` = P_{l-1}^T T_{l-1}, Vout ``[L, E, G]`` = T_l P_{l+1}, M ``[L, G, G]`` = pair mass into l,
-    tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies.
+    coherent dataflow: Vin ``[L, G, E]`` = P_{l-1}^T T_{l-1}, Vout ``[L, E, G]`` = T_l P_{l+1},
+    M ``[L, G, G]`` = anchor-to-expert mass into l, QP / QtP ``[L, E, G]`` = Q P / Q^T P, A ``[L, G, G]`` =
+    P^T Q P (anchor GPU, serving GPU) within l; tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies.
     """
 
     def __init__(self, data: JointData, X: np.ndarray):
@@ -287,12 +263,16 @@ class State:
         self.Vin = np.zeros((L, G, E)) if self.use_T else None
         self.Vout = np.zeros((L, E, G)) if self.use_T else None
         self.M = np.zeros((L, G, G)) if self.use_T else None
+        self.QP = self.QtP = self.A = None
         if self.use_T:
             for l in range(1, L):
                 self.Vin[l] = self.P[l - 1].T @ d.T[l - 1]
                 self.M[l] = self.Vin[l] @ self.P[l]
             for l in range(L - 1):
                 self.Vout[l] = d.T[l] @ self.P[l + 1]
+            self.QP = np.einsum("lab,lbg->lag", d.Q, self.P)
+            self.QtP = np.einsum("lba,lbg->lag", d.Q, self.P)
+            self.A = np.einsum("lag,lah->lgh", self.P, self.QP)
         self.cur_mask = None
         self.moved = np.zeros(L)
         if d.current is not None:
@@ -311,7 +291,7 @@ class State:
         return pieces.reshape(self.d.N, self.G, self.m).max(axis=2)
 
     def layer_gpu_seconds(self, l: int, Lg=None, dup=None, X_row=None, r_row=None, M_in=None,
-                          logp0=None) -> np.ndarray:
+                          logp0=None, A=None) -> np.ndarray:
         """``[N, G]`` seconds of each GPU at layer l (optionally with replaced quantities)."""
         d = self.d
         Lg = self.Lg[l] if Lg is None else Lg
@@ -329,14 +309,9 @@ class State:
         topo = d.topology
         if not d.coherent:
             return t + standard_comm_seconds(D, topo, d.cost, phases=2)
-        L = d.L
-        ends = int(l == 0) + int(l == L - 1)
-        if ends:
-            t = t + standard_comm_seconds(D, topo, d.cost, phases=ends)
-        if l >= 1:
-            M = self.M[l] if M_in is None else M_in
-            t = t + phase_seconds(M * (d.rho[l - 1] * self.B), topo)[None, :] * sc
-        return t
+        M = None if l == 0 else (self.M[l] if M_in is None else M_in)
+        A = self.A[l] if A is None else A
+        return t + coherent_comm_seconds(D, Lg, M, A, topo, d.cost, d.scale[:, l])
 
     # -- objective ---------------------------------------------------------------------------------------------
     def profile_totals(self, tl: np.ndarray | None = None) -> np.ndarray:
@@ -395,14 +370,16 @@ class State:
             logp0 = (logp0 + d.U[l, idx] @ dP + (dP * self.KP[l, idx]).sum(axis=0)
                      + 0.5 * np.einsum("ag,ab,bg->g", dP, d.Kw[l][ix], dP))
         layers = [l]
-        M_l = M_next = None
+        M_l = M_next = A_l = None
         if self.use_T:
             if l >= 1:
                 M_l = self.M[l] + self.Vin[l][:, idx] @ dP
             if l + 1 < d.L:
                 M_next = self.M[l + 1] + dP.T @ self.Vout[l][idx, :]
                 layers.append(l + 1)
-        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, r_row, M_l, logp0)
+            A_l = (self.A[l] + dP.T @ self.QP[l, idx] + self.QtP[l, idx].T @ dP
+                   + dP.T @ d.Q[l][np.ix_(idx, idx)] @ dP)
+        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, r_row, M_l, logp0, A_l)
         new_tg = {l: tg_l}
         if len(layers) == 2:
             new_tg[l + 1] = self.layer_gpu_seconds(l + 1, M_in=M_next)
@@ -418,10 +395,10 @@ class State:
         obj = self._combine(self.profile_totals(tl), moved_total)
         sec_old = sum(float((self.tg[ll] ** 2).sum()) for ll in new_tg)
         sec_new = sum(float((t ** 2).sum()) for t in new_tg.values())
-        return obj, sec_new - sec_old, (l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, new_tg, moved_l)
+        return obj, sec_new - sec_old, (l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, A_l, new_tg, moved_l)
 
     def apply(self, payload) -> None:
-        l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, new_tg, moved_l = payload
+        l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, A_l, new_tg, moved_l = payload
         d = self.d
         self.X[l] = X_row
         self.r[l] = r_row
@@ -440,6 +417,9 @@ class State:
             if l >= 1:
                 self.Vout[l - 1] += d.T[l - 1][:, idx] @ dP
                 self.M[l] = M_l
+            self.QP[l] += d.Q[l][:, idx] @ dP
+            self.QtP[l] += d.Q[l][idx].T @ dP
+            self.A[l] = A_l
         for ll, t in new_tg.items():
             self.tg[ll] = t
             self.tl[ll] = t.max(axis=1)
@@ -504,18 +484,19 @@ class Builder:
         E, G = d.E, self.G
         cost = np.zeros((E, G))
         if d.coherent and d.T is not None:
+            # copies between anchors and serving GPUs: dispatch into l, dispatch into l+1, combine within l
             if l >= 1:
                 Pp = _shares(X[l - 1], E, self.gpu, G)
-                Vin = Pp.T @ d.T[l - 1]  # [G, E]
-                cost += d.rho[l - 1] * (Vin.T @ self.K)
+                cost += (Pp.T @ d.T[l - 1]).T @ self.K
             if l + 1 < d.L:
                 Pn = _shares(X[l + 1], E, self.gpu, G)
-                Vout = d.T[l] @ Pn  # [E, G]
-                cost += d.rho[l] * (Vout @ self.K.T)
+                cost += (d.T[l] @ Pn) @ self.K.T
+            P = _shares(X[l], E, self.gpu, G)
+            cost += (d.Q[l] @ P) @ self.K.T + (d.Q[l].T @ P) @ self.K
         if d.C is not None and with_coactivation:
             # duplicate copies of a token on one GPU: both phases of every layer (standard), or the first
-            # layer's dispatch and the last layer's combine (coherent)
-            phases = 2.0 if not d.coherent else 1.0 * ((l == 0) + (l == d.L - 1))
+            # layer's dispatch from home (coherent)
+            phases = 2.0 if not d.coherent else 1.0 * (l == 0)
             if phases:
                 P = _shares(X[l], E, self.gpu, G)
                 logp0 = d.U[l] @ P + 0.5 * np.einsum("ag,ag->g", P, d.Kw[l] @ P)
@@ -629,7 +610,7 @@ def solve_layer_columns(b: "Builder", l: int, X: np.ndarray, lam: float, rounds:
     gpu = b.gpu
     row = X[l].copy()
     alpha = d.cost.seconds_per_assignment
-    c_D = b.c_dist if not d.coherent else 0.5 * b.c_dist * ((l == 0) + (l == d.L - 1))
+    c_D = b.c_dist if not d.coherent else 0.5 * b.c_dist * (l == 0)
     # per-GPU seconds of the pair traffic an expert brings to a GPU (coherent; G x its share of the mean)
     lin = G * b.cost_matrix(l, X, with_coactivation=False) if linear else np.zeros((E, G))
     cur = None
@@ -815,10 +796,10 @@ def _attraction(state: State, l: int) -> np.ndarray | None:
     if state.use_T:
         A = np.zeros((d.E, state.G))
         if l >= 1:
-            A += d.rho[l - 1] * state.Vin[l].T
+            A += state.Vin[l].T
         if l + 1 < d.L:
-            A += d.rho[l] * state.Vout[l]
-        return A
+            A += state.Vout[l]
+        return A + state.QP[l] + state.QtP[l]
     if state.KP is not None:
         return state.KP[l] * d.tokens[l]
     return None
@@ -990,7 +971,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     topo = data.topology
     G, m = topo.num_gpus, topo.slots_per_gpu
     say = options.say
-    lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.rho, max_replicas=G)
+    lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G)
     bound = total_bound(lb, data.worst)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
                    "profiles": data.N, "migration_cost": data.migration_cost,

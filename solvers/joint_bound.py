@@ -12,10 +12,14 @@ Every placement of every layer satisfies, for each layer l and workload profile 
   * standard dataflow: the GPUs together receive ``sum_g distinct_g`` token copies, at least the load minus the
     largest possible duplicate count; a GPU holds at most m slots, so expert a shares a GPU with at most
     ``m - 1`` other experts and the duplicates are at most ``1/2 sum_a top_{m-1}(coactivation[a, :])``.
-  * coherent dataflow: the pair mass on a common GPU is at most a bipartite b-matching of the transitions (an
-    expert shares a GPU with at most m experts of the next layer: m slots per GPU per layer; replicas split their
-    share), bounded through its Lagrangian dual, and the same with ``m x gpus_per_node`` for a common node; the
-    rest is sent, at the cheapest link the node bound allows.
+  * coherent dataflow (dispatch from the previous anchor, combine onto the anchor): a GPU h receives
+    ``dd_h (load_h - local_h)`` dispatch copies and sends ``dd_h (load_h - anchored_h - local'_h)`` combine
+    copies, with ``dd_h = distinct_h / load_h >= 1 - dup_h / load_h``, so the copies of a layer are at least
+    the load (minus the tokens, for the combine) minus the largest duplicate count minus the largest local
+    mass: anchor-to-next-expert pairs on one GPU (a bipartite b-matching of the anchor transitions: an expert
+    shares a GPU with at most m experts of the other layer; replicas split their share), anchor-to-other-expert
+    pairs on one GPU (a b-matching with ``m - 1`` partners). The same with ``m x gpus_per_node`` for a common
+    node bounds the inter-node copies; the copies are sent at the cheapest link the node bound allows.
 
 Sum over layers; over profiles, the mean (expected objective) or the maximum (worst case) of the per-profile
 bounds is a valid bound of the mean or maximum. A migration penalty is >= 0 and adds nothing. The bound relaxes
@@ -153,13 +157,14 @@ def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: Cos
 
 
 def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
-                 coactivation: np.ndarray | None = None, rho: np.ndarray | None = None,
+                 coactivation: np.ndarray | None = None, anchor_pairs: np.ndarray | None = None,
                  max_replicas: int | None = None) -> np.ndarray:
     """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
 
     Args:
-        load: ``[N, L, E]`` per-profile load; transitions ``[L-1, E, E]`` and coactivation ``[L, E, E]`` in the
-            units of the mean profile (they are scaled by each profile's token count); rho ``[L-1]``.
+        load: ``[N, L, E]`` per-profile load; coactivation ``[L, E, E]``, and for the coherent dataflow the anchor
+            transitions ``[L-1, E, E]`` and anchor pairs ``[L, E, E]`` (:func:`solvers.cost.anchor_counts`), in the
+            units of the mean profile (they are scaled by each profile's token count).
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -182,20 +187,32 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
     else:
         comm_lb = np.zeros((N, L))
         comm_lb[:, 0] += standard_mean_comm(distinct_lb[:, 0], topology, cost, phases=1)
-        comm_lb[:, -1] += standard_mean_comm(distinct_lb[:, -1], topology, cost, phases=1)
         n = topology.gpus_per_node
         bi, be = topology.intra_node_bandwidth, topology.inter_node_bandwidth
-        for l in range(1, L):
-            Tl = transitions[l - 1]
-            tot = float(Tl.sum())
-            x_lb = max(tot - max_local_pairs(Tl, m), 0.0)
-            xe_lb = max(tot - max_local_pairs(Tl, m * n), 0.0) if topology.num_nodes > 1 else 0.0
-            if be <= bi:
-                xi, xe = max(x_lb - xe_lb, 0.0), xe_lb
-            else:
-                xi, xe = 0.0, max(x_lb, xe_lb)
-            f = 1.0 if rho is None else float(rho[l - 1])
-            comm_lb[:, l] += f * cost.token_bytes / G * (xi / bi + xe / be) * scale[:, l]
+        multi = topology.num_nodes > 1
+
+        for l in range(L):
+            parts = []  # (pair counts [E, E] whose column sums are the experts' shares of the copies, local mass)
+            if l >= 1:  # dispatch from the previous anchors
+                Tl = transitions[l - 1]
+                parts.append((Tl, max_local_pairs(Tl, m), max_local_pairs(Tl, m * n) if multi else None))
+            Ql = anchor_pairs[l]  # combine onto the anchors
+            sym = Ql + Ql.T
+            parts.append((Ql, max_colocated_pairs(sym, m - 1), max_colocated_pairs(sym, m * n - 1) if multi else None))
+            for pairs, local, local_node in parts:
+                # a GPU's copies are dd_h x its pair mass Y_h, dd_h >= 1 - dup_h / load_h and Y_h <= c x load_h
+                col = pairs.sum(axis=0)
+                lo = load[:, l, :]
+                c = np.where(col[None, :] > 0, scale[:, l][:, None] * col[None, :] / np.where(lo > 0, lo, 1e-300), 0.0)
+                c = np.maximum(c.max(axis=1), 1.0)  # [N]
+                tp = float(pairs.sum())
+                x = np.maximum(scale[:, l] * (tp - local - c * dup_max[l]), 0.0)
+                xe = np.maximum(scale[:, l] * (tp - local_node - c * dup_max[l]), 0.0) if multi else np.zeros(N)
+                if be <= bi:
+                    secs = np.maximum(x - xe, 0.0) / bi + xe / be
+                else:
+                    secs = np.maximum(x, xe) / be
+                comm_lb[:, l] += cost.token_bytes / G * secs
     lb_mean = alpha * total / G + comm_lb
     return np.maximum(lb_compute, lb_mean)
 

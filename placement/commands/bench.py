@@ -39,7 +39,7 @@ def predictions(plan, trace, hidden_size: int, dtype_bytes: int, dataflow: str) 
                     est_seconds_per_layer_h100=ev["est_moe_seconds"] / plan.num_layers,
                     load_imbalance=ev["load_imbalance"], dispatch_gpus=ev["dispatch_gpus"])
     else:
-        pred["source"] = "placement.runtime.coherent_traffic"
+        pred["source"] = "placement.coherent.coherent_traffic"
     return pred
 
 
