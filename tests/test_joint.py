@@ -127,7 +127,7 @@ def test_incremental_objective_equals_from_scratch(real, dataflow):
     state = State(data, start)
     local_search(state, deadline=float("inf"), rng=np.random.default_rng(0), max_passes=1)
     assert state.objective() == pytest.approx(objective_of(data, state.X), rel=1e-9)
-    direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, data.T, data.C, data.rho, data.tokens).sum()
+    direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, data.T, data.C, data.Q, data.tokens).sum()
     assert state.objective() == pytest.approx(direct, rel=1e-9)
 
 
@@ -248,7 +248,7 @@ def test_worst_case_profiles(real):
     assert objective_of(dw, worst.phy2log) <= objective_of(dw, mean.phy2log) * (1 + 1e-9)
     assert objective_of(dm, mean.phy2log) <= objective_of(dm, worst.phy2log) * (1 + 0.02)
     # the expected-case bound is the mean of the per-profile bounds, the worst-case one their maximum
-    lb = layer_bounds(dw.loads, topo, dw.cost, None, dw.C, dw.rho)
+    lb = layer_bounds(dw.loads, topo, dw.cost, None, dw.C)
     assert total_bound(lb, True) >= total_bound(lb, False)
 
 
@@ -264,19 +264,51 @@ def test_cost_model_parameters():
 
 
 def test_coherent_traffic_on_hand_made_tokens():
-    """|A| x |B| - |A n B| copies per boundary, home dispatch first and combine back last."""
+    """Dispatch from the token's position to its serving GPUs, combine onto its anchor (highest gate), go on from
+    there; counted by hand."""
     from placement.coherent import coherent_traffic
 
     topo = Topology.for_experts(4, 2)
-    phy2log = np.array([[0, 1, 2, 3], [0, 2, 1, 3]])  # layer 0: GPU0 {0,1}; layer 1: GPU0 {0,2}
-    ids = np.array([[[0, 1], [0, 2]],  # GPU0 -> GPU0 at both layers: nothing moves
-                    [[0, 2], [1, 3]]])  # {0,1} -> {1}: GPU0->GPU1 and GPU1 stays; home 1
-    tr = coherent_traffic(phy2log, 4, topo, ids, np.array([0, 1]))
-    # token 1 (home GPU1): dispatch home->GPU0 (expert 0); boundary A={0,1}, B={1}: one copy 0->1; ends at home
-    assert tr["pairs"][0].tolist() == [[0, 0], [1, 0]]
-    assert tr["pairs"][1].tolist() == [[0, 1], [0, 0]]
-    assert tr["final"].sum() == 0
+    phy2log = np.array([[0, 1, 2, 3], [0, 2, 1, 3]])  # layer 0: GPU0 {0,1} GPU1 {2,3}; layer 1: GPU0 {0,2} GPU1 {1,3}
+    ids = np.array([[[0, 1], [0, 2]],  # home 0: everything on GPU0 at both layers: nothing moves
+                    [[2, 0], [1, 3]]])  # home 1: layer 0 on {GPU1 (anchor, expert 2), GPU0}; layer 1 on GPU1 only
+    tr = coherent_traffic(phy2log, 4, topo, ids, None, np.array([0, 1]))
+    # token 1 at layer 0: dispatch home GPU1 -> GPU0 (expert 0), combine GPU0 -> anchor GPU1
+    assert tr["dispatch_pairs"][0].tolist() == [[0, 0], [1, 0]]
+    assert tr["combine_pairs"][0].tolist() == [[0, 1], [0, 0]]
+    # layer 1: the anchor GPU1 serves both next experts: nothing moves; both tokens end where they are
+    assert tr["dispatch_pairs"][1].sum() == 0 and tr["combine_pairs"][1].sum() == 0
+    assert tr["position"][:, -1].tolist() == [0, 1]
     assert tr["served"].sum() == 8
+    # with gate weights the anchor follows the highest gate: expert 0 (GPU0) leads token 1 at layer 0, so the
+    # combine goes GPU1 -> GPU0 and layer 1 (both experts on GPU1) costs one dispatch copy GPU0 -> GPU1
+    gates = np.array([[[0.6, 0.4], [0.5, 0.5]], [[0.3, 0.7], [0.5, 0.5]]])
+    tr = coherent_traffic(phy2log, 4, topo, ids, gates, np.array([0, 1]))
+    assert tr["combine_pairs"][0].tolist() == [[0, 0], [1, 0]]
+    assert tr["dispatch_pairs"][1].tolist() == [[0, 1], [0, 0]]
+
+
+def test_coherent_counts_model_tracks_the_token_evaluator(real):
+    """The coherent counts model (anchor statistics) agrees with the exact per-token replay on unoptimised plans,
+    and the joint plan is cheaper than contiguous under the exact replay too."""
+    from placement.coherent import evaluate_coherent
+    from placement.plan import Plan
+    from placement.problem import build_problem
+
+    fit, held = real
+    topo = Topology.for_experts(64, 8)
+    problem = build_problem(fit, topo)
+    data = prepare(problem, Options(params={"dataflow": "coherent"}))
+    plans = {}
+    for name in ("contiguous", "round-robin", "joint"):
+        res = solve(name, problem, Options(time_limit=10, params={"dataflow": "coherent"} if name == "joint" else {}))
+        plans[name] = Plan.from_result(res, 64, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
+    for name in ("contiguous", "round-robin"):
+        est = objective_of(data, plans[name].phy2log)
+        exact = evaluate_coherent(plans[name], fit, data.cost)["est_moe_seconds"]
+        assert est == pytest.approx(exact, rel=0.05), name
+    held_t = {n: evaluate_coherent(p, held, data.cost)["est_moe_seconds"] for n, p in plans.items()}
+    assert held_t["joint"] < 0.85 * held_t["contiguous"]
 
 
 def test_synthetic_generator_reproduces_real_statistics(real):
