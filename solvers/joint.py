@@ -753,10 +753,12 @@ def construct(data: JointData, r: np.ndarray, cap: float, sweeps: int, deadline:
 
 def local_search(state: State, deadline: float, rng: np.random.Generator, max_passes: int = 50,
                  candidates: int = 12, say=None) -> int:
-    """Improve ``state`` in place; returns the number of accepted moves."""
+    """Improve ``state`` in place; returns the number of accepted moves. When a pass finds nothing, the screened
+    neighbourhood widens (twice the candidates, up to 8x) before the search stops."""
     d = state.d
     L, m = d.L, state.m
     accepted = 0
+    widest = 8 * candidates
     for p in range(max_passes):
         gained = 0
         before = state.objective()
@@ -773,9 +775,11 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
                 gained += 1
         after = state.objective()
         if say:
-            say(f"local search pass {p + 1}: objective {after:.6g} ({gained} moves)")
+            say(f"local search pass {p + 1}: objective {after:.6g} ({gained} moves, {candidates} candidates)")
         if gained == 0:
-            break
+            if candidates >= widest:
+                break
+            candidates *= 2
     return accepted
 
 

@@ -121,8 +121,8 @@ def register(app: typer.Typer) -> None:
                                                   "(default 2048, DeepSeek-V2-Lite)."),
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
-                                     "optimises: standard (dispatch + combine) or coherent (ExFlow: tokens stay where "
-                                     "their experts ran, so inter-layer affinity pays)."),
+                                     "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
+                                     "from the GPU of its highest-gate expert, so inter-layer affinity pays)."),
         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="GPU memory for expert weights, per "
                                                     "GPU: expert slots (416), a share of all experts (25%) or bytes "
                                                     "(6GiB); other experts stay in host memory (docs/memory-budget.md)."),
