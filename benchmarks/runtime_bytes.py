@@ -4,7 +4,7 @@ Fits plans on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (see
 ``--tokens`` tokens of the other half (whole sequences) through the expert-parallel runtime
 (:mod:`placement.runtime`) on W local ranks, and prints, per plan and dataflow, the bytes counted from the split
 sizes actually exchanged, the prediction (the evaluator for the standard dataflow,
-``placement.runtime.coherent_traffic`` for the coherent one) and the time per MoE layer (slowest rank, median
+``placement.coherent.coherent_traffic`` for the coherent one) and the time per MoE layer (slowest rank, median
 and range over the repetitions).
 
 Plans: contiguous, and an affinity plan: the ``joint`` solver (default) or, with ``--affinity-plan greedy``, the
