@@ -321,3 +321,70 @@ def test_synthetic_generator_reproduces_real_statistics(real):
         assert synth[key] == pytest.approx(target[key], rel=0.25), key
     # and the structure is real information, not estimator bias: far above the shuffled baseline
     assert synth["transition_mi_excess"] > 10 * synth["transition_mi_shuffled"]
+
+
+def test_anchor_counts_match_a_naive_loop(real):
+    from solvers.cost import anchor_counts
+
+    fit, _ = real
+    routes = fit.take(np.arange(300)).sorted_by_gate().expert_ids[:, :4].astype(np.int64)
+    E = fit.num_experts
+    load, trans, same = anchor_counts(routes, E)
+    T, L, k = routes.shape
+    n_load, n_trans, n_same = np.zeros((L, E)), np.zeros((L - 1, E, E)), np.zeros((L, E, E))
+    for t in range(T):
+        for l in range(L):
+            a = routes[t, l, 0]
+            n_load[l, a] += 1
+            for b in routes[t, l, 1:]:
+                n_same[l, a, b] += 1
+            if l + 1 < L:
+                for b in routes[t, l + 1]:
+                    n_trans[l, a, b] += 1
+    assert np.array_equal(load, n_load) and np.array_equal(trans, n_trans) and np.array_equal(same, n_same)
+    # the anchor is the highest gate: the same counts from the unsorted trace's top-1 ids
+    assert np.array_equal(load.argmax(axis=1), np.array([np.bincount(fit.take(np.arange(300)).top1_ids()[:, l],
+                                                                      minlength=E).argmax() for l in range(4)]))
+
+
+def test_coherent_bound_holds_for_random_placements_with_profiles():
+    """Several token traces kept apart as profiles, coherent dataflow: the bound is below the objective of every
+    placement tried (random ones included), not only the planner's."""
+    from placement.problem import build_problem
+    from traces import datasets
+
+    tasks = [datasets.load(tasks=t).take(np.arange(1500)) for t in ("intent", "law", "summary")]
+    topo = Topology.for_experts(64, 8, 8, gpus_per_node=4)
+    problem = build_problem(tasks, topo)
+    assert problem.profiles.shape[0] == 3 and problem.routes is not None
+    rng = np.random.default_rng(1)
+    for worst in (False, True):
+        opts = Options(time_limit=5, params={"dataflow": "coherent", "objective": "worst" if worst else "expected"})
+        data = prepare(problem, opts)
+        lb = total_bound(layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=8), worst)
+        for _ in range(5):
+            X = np.stack([rng.permutation(np.concatenate([np.arange(64), rng.choice(64, 8, replace=False)]))
+                          for _ in range(data.L)])
+            X = np.stack([_dedupe_gpu(row, topo) for row in X])
+            assert lb <= objective_of(data, X) * (1 + 1e-9)
+        res = solve("joint", problem, opts)
+        assert res.bound <= res.objective
+
+
+def _dedupe_gpu(row: np.ndarray, topo: Topology) -> np.ndarray:
+    """Swap slots until no GPU holds the same expert twice."""
+    row = row.copy()
+    m = topo.slots_per_gpu
+    for _ in range(100):
+        grid = row.reshape(topo.num_gpus, m)
+        bad = [(g, j) for g in range(topo.num_gpus) for j in range(m) if list(grid[g]).count(grid[g, j]) > 1]
+        if not bad:
+            return row
+        g, j = bad[0]
+        s = g * m + j
+        for t in range(row.size):
+            h = t // m
+            if h != g and row[s] not in row[h * m:(h + 1) * m] and row[t] not in grid[g]:
+                row[s], row[t] = row[t], row[s]
+                break
+    return row
