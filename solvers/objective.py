@@ -86,31 +86,40 @@ def pair_locality(phy2log: np.ndarray, transitions: np.ndarray, topology: Topolo
             "cross_node": pairs - same_gpu - same_node}
 
 
+def dispatch_rows(mask: np.ndarray, topology: Topology) -> np.ndarray:
+    """int ``[n, G]``: for each row (an expert's GPU mask) the GPU serving a token whose position is GPU h.
+
+    Args:
+        mask: bool ``[n, G]``: the expert of row i has a replica on GPU g.
+    The rule (static dispatch, as SGLang's ``--ep-dispatch-algorithm static`` does in spirit): a replica on GPU h
+    if there is one; else one of the replicas on h's node, the ``(h mod n)``-th of those n in GPU order; else the
+    ``(h mod n)``-th of all n GPUs holding the expert. -1 where the row is empty. A row's answer depends on that
+    row only, so moving one expert changes one row.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    G = topology.num_gpus
+    node = topology.node_of_gpu()
+    same_node = node[:, None] == node[None, :]  # [H, G]
+    h = np.arange(G)
+    cand_node = mask[:, None, :] & same_node[None, :, :]  # [n, H, G]
+    has_node = cand_node.any(axis=2)  # [n, H]
+    cand = np.where(has_node[:, :, None], cand_node, mask[:, None, :])  # [n, H, G]
+    cnt = cand.sum(axis=2)  # [n, H]
+    rank = np.cumsum(cand, axis=2) - 1
+    want = (h[None, :] % np.maximum(cnt, 1))[:, :, None]
+    chosen = np.argmax(cand & (rank == want), axis=2)
+    chosen = np.where(mask, h[None, :], chosen)  # mask[i, h]: a replica on GPU h itself wins
+    return np.where(cnt > 0, chosen, -1).astype(np.int64)
+
+
 def dispatch_table(phy2log: np.ndarray, num_experts: int, topology: Topology) -> np.ndarray:
     """int ``[L, E, G]``: the GPU that serves expert e of layer l for a token whose home is GPU h.
 
-    The rule (static dispatch, as SGLang's ``--ep-dispatch-algorithm static`` does in spirit): a replica on the
-    home GPU if there is one; else one of the replicas on the home node, the ``(h mod n)``-th of those n in GPU
-    order; else the ``(h mod n)``-th of all n GPUs holding the expert. -1 where the expert has no slot.
-    Used by the evaluator for fan-out and bytes and by the runtime for routing, so they agree exactly.
+    The rule is :func:`dispatch_rows` applied to every expert's GPU mask (-1 where the expert has no slot).
+    Used by the evaluator for fan-out and bytes, by the runtime for routing and by the counts model's effective
+    shares (:func:`solvers.cost.effective_share`), so they agree exactly.
     """
     L = phy2log.shape[0]
     G = topology.num_gpus
     mask = gpu_mask(phy2log, num_experts, topology)  # [L, E, G]
-    node = topology.node_of_gpu()
-    same_node = node[:, None] == node[None, :]  # [H, G]
-    out = np.full((L, num_experts, G), -1, dtype=np.int64)
-    h = np.arange(G)
-    for l in range(L):
-        m = mask[l]  # [E, G]
-        cand_node = m[:, None, :] & same_node[None, :, :]  # [E, H, G]
-        has_node = cand_node.any(axis=2)  # [E, H]
-        cand = np.where(has_node[:, :, None], cand_node, m[:, None, :])  # [E, H, G]
-        n = cand.sum(axis=2)  # [E, H]
-        rank = np.cumsum(cand, axis=2) - 1
-        want = (h[None, :] % np.maximum(n, 1))[:, :, None]
-        pick = cand & (rank == want)
-        chosen = np.argmax(pick, axis=2)
-        chosen = np.where(m, h[None, :], chosen)  # m[e, h]: a replica on the home GPU wins
-        out[l] = np.where(n > 0, chosen, -1)
-    return out
+    return dispatch_rows(mask.reshape(L * num_experts, G), topology).reshape(L, num_experts, G)
