@@ -260,6 +260,40 @@ def anchor_counts(routes: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.
     return load, trans, same
 
 
+def effective_share(share: np.ndarray, table: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    """``[k, G]`` position-aware share of each expert's tokens served on each GPU (coherent dataflow).
+
+    Args:
+        share: ``[k, G]`` even-split shares (:func:`share_matrix` rows), the fallback where no token reaches an
+            expert; table: int ``[k, G]`` serving GPU for a token at position p (:func:`solvers.objective.dispatch_rows`,
+            -1 = none); positions: ``[G, k]`` mass of the expert's tokens at each position (``P_{l-1}^T T_{l-1}``),
+            or None for homes spread evenly (the first layer).
+    ``W[e, h] = sum_p positions[p, e] [table[e, p] == h] / sum_p positions[p, e]``: a token uses the replica the
+    dispatch rule picks for its position, so a replica next to the anchors of a hot expert serves more than 1/r.
+    An expert with one replica keeps share 1 there.
+    """
+    k, G = share.shape
+    w = np.ones((G, k)) if positions is None else np.asarray(positions, dtype=np.float64)
+    ok = table >= 0
+    flat = (np.arange(k)[:, None] * G + np.maximum(table, 0))[ok]
+    W = np.bincount(flat, weights=w.T[ok], minlength=k * G).reshape(k, G)
+    tot = W.sum(axis=1, keepdims=True)
+    return np.where(tot > 0, W / np.where(tot > 0, tot, 1.0), share)
+
+
+def dispatch_matrix(positions: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``[G, G]`` (p, h): token-expert mass dispatched from position p to serving GPU h.
+
+    Args:
+        positions: ``[G, k]`` mass of each expert's tokens at each position; table: int ``[k, G]`` serving GPU per
+            position (-1 = none). ``M[p, h] = sum_e positions[p, e] [table[e, p] == h]`` (a weighted bincount).
+    """
+    G = positions.shape[0]
+    ok = table >= 0
+    flat = (np.arange(G)[None, :] * G + np.maximum(table, 0))[ok]
+    return np.bincount(flat, weights=positions.T[ok], minlength=G * G).reshape(G, G)
+
+
 def coherent_comm_seconds(distinct: np.ndarray, gpu_load: np.ndarray, into: np.ndarray | None, anchor: np.ndarray,
                           topology: Topology, cost: CostModel, scale: np.ndarray | float = 1.0) -> np.ndarray:
     """``[N, G]`` all-to-all seconds per GPU of one layer under the coherent dataflow (counts model).
@@ -301,23 +335,32 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
     L, E = load.shape
     G = topology.num_gpus
     alpha = cost.seconds_per_assignment
-    shares = np.stack([share_matrix(phy2log[l], E, topology) for l in range(L)])  # [L, E, G]
+    shares = np.stack([share_matrix(phy2log[l], E, topology) for l in range(L)])  # [L, E, G] even split
+    coherent = cost.dataflow == "coherent"
+    if coherent and (transitions is None or anchor_pairs is None):
+        raise SolverInputError("the coherent dataflow needs anchor transitions and pairs; give a token trace")
+    served = shares
+    if coherent:
+        from solvers.objective import dispatch_rows
+
+        table = np.stack([dispatch_rows(shares[l] > 0, topology) for l in range(L)])  # [L, E, G]
+        # positions of layer l's tokens: the previous layer's anchors, replicas splitting evenly
+        pos = [None] + [shares[l - 1].T @ transitions[l - 1] for l in range(1, L)]  # [G, E] each
+        served = np.stack([effective_share(shares[l], table[l], pos[l]) for l in range(L)])
     compute = np.empty((L, G))
     distinct = np.empty((L, G))
     for l in range(L):
-        compute[l], distinct[l] = standard_distinct(shares[l], load[l], None if coactivation is None else coactivation[l],
+        compute[l], distinct[l] = standard_distinct(served[l], load[l], None if coactivation is None else coactivation[l],
                                                     None if tokens is None else float(tokens[l]))
     gl = compute.copy()
     compute *= alpha
-    if cost.dataflow == "standard":
+    if not coherent:
         comm = standard_comm_seconds(distinct, topology, cost, phases=2)
     else:
-        if transitions is None or anchor_pairs is None:
-            raise SolverInputError("the coherent dataflow needs anchor transitions and pairs; give a token trace")
         comm = np.zeros((L, G))
         for l in range(L):
-            into = None if l == 0 else shares[l - 1].T @ transitions[l - 1] @ shares[l]
-            anc = shares[l].T @ anchor_pairs[l] @ shares[l]
+            into = None if l == 0 else dispatch_matrix(pos[l], table[l])
+            anc = served[l].T @ anchor_pairs[l] @ served[l]
             comm[l] = coherent_comm_seconds(distinct[l][None], gl[l][None], into, anc, topology, cost)[0]
     t = (compute + comm).max(axis=1)
     return (t, compute, comm) if detail else t

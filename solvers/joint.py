@@ -45,8 +45,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
-from solvers.cost import CostModel, coherent_comm_seconds, standard_comm_seconds
+from solvers.cost import (CostModel, coherent_comm_seconds, dispatch_matrix, effective_share,
+                          standard_comm_seconds)
 from solvers.joint_bound import layer_bounds, total_bound, water_fill
+from solvers.objective import dispatch_rows
 
 BIG = 1e30
 
@@ -226,11 +228,20 @@ def _group_nodes(load: np.ndarray, groups: int, topo: Topology) -> np.ndarray:
 class State:
     """A placement plus the cached products that make a move's exact effect cheap to compute.
 
-    Arrays (l = layer): X ``[L, S]`` slots, r ``[L, E]`` replicas, P ``[L, E, G]`` shares (1/r per replica),
-    Lg ``[L, N, G]`` GPU load per profile, CP ``[L, E, G]`` = C P, dup ``[L, G]`` duplicate copies,
-    coherent dataflow: Vin ``[L, G, E]`` = P_{l-1}^T T_{l-1}, Vout ``[L, E, G]`` = T_l P_{l+1},
-    M ``[L, G, G]`` = anchor-to-expert mass into l, QP / QtP ``[L, E, G]`` = Q P / Q^T P, A ``[L, G, G]`` =
-    P^T Q P (anchor GPU, serving GPU) within l; tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies.
+    Arrays (l = layer): X ``[L, S]`` slots, r ``[L, E]`` replicas, P ``[L, E, G]`` even-split shares (1/r per
+    replica), W ``[L, E, G]`` served shares (what load, duplicates and traffic use: P under the standard
+    dataflow; under the coherent one the position-aware shares of :func:`solvers.cost.effective_share`, where a
+    token uses the replica the dispatch rule picks for its position), Lg ``[L, N, G]`` GPU load per profile,
+    CP ``[L, E, G]`` = C W, KP = Kw W, dup / logp0 ``[L, G]`` duplicate-copy terms; coherent dataflow:
+    tab ``[L, E, G]`` dispatch table (:func:`solvers.objective.dispatch_rows`), Vin ``[L, G, E]`` =
+    P_{l-1}^T T_{l-1} (positions of layer l's tokens, from the previous anchors split evenly), Vout
+    ``[L, E, G]`` = T_l P_{l+1} (search guidance only), M ``[L, G, G]`` = position-to-serving mass into l
+    (:func:`solvers.cost.dispatch_matrix`), QP / QtP ``[L, E, G]`` = Q W / Q^T W, A ``[L, G, G]`` = W^T Q W
+    (anchor GPU, serving GPU) within l; tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies.
+
+    A move at layer l changes P, tab and W at the moved experts' rows and every quantity of layer l; at layer
+    l+1 it changes the positions (Vin), hence M and the W rows of replicated experts (and what depends on them).
+    Positions use P, not W, so nothing cascades further.
     """
 
     def __init__(self, data: JointData, X: np.ndarray):
@@ -249,30 +260,37 @@ class State:
             np.add.at(self.P[l], (self.X[l], self.gpu), 1.0)
         self.r = self.P.sum(axis=2).astype(np.int64)
         self.P /= np.maximum(self.r, 1)[:, :, None]
-        self.Lg = np.einsum("nle,leg->lng", d.loads, self.P)
-        if d.C is not None:
-            self.CP = np.einsum("lab,lbg->lag", d.C, self.P)
-            self.dup = 0.5 * np.einsum("lag,lag->lg", self.P, self.CP)
-            self.KP = np.einsum("lab,lbg->lag", d.Kw, self.P)
-            self.logp0 = np.einsum("le,leg->lg", d.U, self.P) + 0.5 * np.einsum("lag,lag->lg", self.P, self.KP)
-        else:
-            self.CP = self.KP = None
-            self.dup = np.zeros((L, G))
-            self.logp0 = np.zeros((L, G))
         self.use_T = d.coherent and d.T is not None
         self.Vin = np.zeros((L, G, E)) if self.use_T else None
         self.Vout = np.zeros((L, E, G)) if self.use_T else None
         self.M = np.zeros((L, G, G)) if self.use_T else None
-        self.QP = self.QtP = self.A = None
+        self.tab = None
+        self.W = self.P
         if self.use_T:
+            self.tab = np.stack([dispatch_rows(self.P[l] > 0, topo) for l in range(L)])
             for l in range(1, L):
                 self.Vin[l] = self.P[l - 1].T @ d.T[l - 1]
-                self.M[l] = self.Vin[l] @ self.P[l]
+                self.M[l] = dispatch_matrix(self.Vin[l], self.tab[l])
             for l in range(L - 1):
                 self.Vout[l] = d.T[l] @ self.P[l + 1]
-            self.QP = np.einsum("lab,lbg->lag", d.Q, self.P)
-            self.QtP = np.einsum("lba,lbg->lag", d.Q, self.P)
-            self.A = np.einsum("lag,lah->lgh", self.P, self.QP)
+            self.W = np.stack([effective_share(self.P[l], self.tab[l], self.Vin[l] if l >= 1 else None)
+                               for l in range(L)])
+        W = self.W
+        self.Lg = np.einsum("nle,leg->lng", d.loads, W)
+        if d.C is not None:
+            self.CP = np.einsum("lab,lbg->lag", d.C, W)
+            self.dup = 0.5 * np.einsum("lag,lag->lg", W, self.CP)
+            self.KP = np.einsum("lab,lbg->lag", d.Kw, W)
+            self.logp0 = np.einsum("le,leg->lg", d.U, W) + 0.5 * np.einsum("lag,lag->lg", W, self.KP)
+        else:
+            self.CP = self.KP = None
+            self.dup = np.zeros((L, G))
+            self.logp0 = np.zeros((L, G))
+        self.QP = self.QtP = self.A = None
+        if self.use_T:
+            self.QP = np.einsum("lab,lbg->lag", d.Q, W)
+            self.QtP = np.einsum("lba,lbg->lag", d.Q, W)
+            self.A = np.einsum("lag,lah->lgh", W, self.QP)
         self.cur_mask = None
         self.moved = np.zeros(L)
         if d.current is not None:
@@ -285,12 +303,12 @@ class State:
         self.tl = self.tg.max(axis=2)  # [L, N]
 
     # -- pieces and per-GPU seconds ----------------------------------------------------------------------------
-    def piece_max(self, l: int, X_row: np.ndarray, r_row: np.ndarray) -> np.ndarray:
-        """``[N, G]`` largest piece on each GPU."""
-        pieces = self.d.loads[:, l, X_row] / r_row[X_row][None, :]
+    def piece_max(self, l: int, X_row: np.ndarray, W_row: np.ndarray) -> np.ndarray:
+        """``[N, G]`` largest piece on each GPU (the expert's load times its served share there)."""
+        pieces = self.d.loads[:, l, X_row] * W_row[X_row, self.gpu][None, :]
         return pieces.reshape(self.d.N, self.G, self.m).max(axis=2)
 
-    def layer_gpu_seconds(self, l: int, Lg=None, dup=None, X_row=None, r_row=None, M_in=None,
+    def layer_gpu_seconds(self, l: int, Lg=None, dup=None, X_row=None, W_row=None, M_in=None,
                           logp0=None, A=None) -> np.ndarray:
         """``[N, G]`` seconds of each GPU at layer l (optionally with replaced quantities)."""
         d = self.d
@@ -298,10 +316,10 @@ class State:
         dup = self.dup[l] if dup is None else dup
         logp0 = self.logp0[l] if logp0 is None else logp0
         X_row = self.X[l] if X_row is None else X_row
-        r_row = self.r[l] if r_row is None else r_row
+        W_row = self.W[l] if W_row is None else W_row
         sc = d.scale[:, l][:, None]
         if d.C is not None:
-            D = np.maximum(Lg - dup[None, :] * sc, self.piece_max(l, X_row, r_row))
+            D = np.maximum(Lg - dup[None, :] * sc, self.piece_max(l, X_row, W_row))
             D = np.maximum(D, sc * (d.tokens[l] * -np.expm1(np.minimum(logp0, 0.0)))[None, :])
         else:
             D = Lg
@@ -350,6 +368,24 @@ class State:
         r_row[idx_a] = r_new.astype(np.int64)
         return X_row, r_row, idx_a, dP, P_new
 
+    def _layer_update(self, l: int, idx: np.ndarray, dW: np.ndarray):
+        """New (Lg ``[N, G]``, dup ``[G]``, logp0 ``[G]``, A ``[G, G]`` or None) of layer l when the served shares of
+        experts ``idx`` change by ``dW [k, G]``."""
+        d = self.d
+        Lg = self.Lg[l] + d.loads[:, l, idx] @ dW
+        dup = self.dup[l]
+        logp0 = self.logp0[l]
+        if self.CP is not None:
+            ix = np.ix_(idx, idx)
+            dup = dup + (dW * self.CP[l, idx]).sum(axis=0) + 0.5 * np.einsum("ag,ab,bg->g", dW, d.C[l][ix], dW)
+            logp0 = (logp0 + d.U[l, idx] @ dW + (dW * self.KP[l, idx]).sum(axis=0)
+                     + 0.5 * np.einsum("ag,ab,bg->g", dW, d.Kw[l][ix], dW))
+        A = None
+        if self.use_T:
+            A = (self.A[l] + dW.T @ self.QP[l, idx] + self.QtP[l, idx].T @ dW
+                 + dW.T @ d.Q[l][np.ix_(idx, idx)] @ dW)
+        return Lg, dup, logp0, A
+
     def evaluate_move(self, l: int, changes: list[tuple[int, int]]):
         """Exact new objective (and secondary) after a move; None if the move is illegal."""
         arr = self._move_arrays(l, changes)
@@ -361,28 +397,45 @@ class State:
             an = d.allowed_node[l, idx]
             if np.any((P_new > 0) & (self.node[None, :] != an[:, None])):
                 return None
-        Lg = self.Lg[l] + d.loads[:, l, idx] @ dP
-        dup = self.dup[l]
-        logp0 = self.logp0[l]
-        if self.CP is not None:
-            ix = np.ix_(idx, idx)
-            dup = dup + (dP * self.CP[l, idx]).sum(axis=0) + 0.5 * np.einsum("ag,ab,bg->g", dP, d.C[l][ix], dP)
-            logp0 = (logp0 + d.U[l, idx] @ dP + (dP * self.KP[l, idx]).sum(axis=0)
-                     + 0.5 * np.einsum("ag,ab,bg->g", dP, d.Kw[l][ix], dP))
-        layers = [l]
-        M_l = M_next = A_l = None
+        tab_new = W_new = None
+        dW = dP
+        W_row = None
+        if self.use_T:
+            tab_new = dispatch_rows(P_new > 0, d.topology)
+            W_new = effective_share(P_new, tab_new, self.Vin[l][:, idx] if l >= 1 else None)
+            dW = W_new - self.W[l, idx]
+            W_row = self.W[l].copy()
+            W_row[idx] = W_new
+        else:
+            W_row = self.P[l].copy()
+            W_row[idx] = P_new
+        Lg, dup, logp0, A_l = self._layer_update(l, idx, dW)
+        M_l = nxt = None
         if self.use_T:
             if l >= 1:
-                M_l = self.M[l] + self.Vin[l][:, idx] @ dP
+                V = self.Vin[l][:, idx]
+                M_l = self.M[l] + dispatch_matrix(V, tab_new) - dispatch_matrix(V, self.tab[l, idx])
             if l + 1 < d.L:
-                M_next = self.M[l + 1] + dP.T @ self.Vout[l][idx, :]
-                layers.append(l + 1)
-            A_l = (self.A[l] + dP.T @ self.QP[l, idx] + self.QtP[l, idx].T @ dP
-                   + dP.T @ d.Q[l][np.ix_(idx, idx)] @ dP)
-        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, r_row, M_l, logp0, A_l)
+                # the anchors of layer l moved: positions, dispatch and replicated experts' shares of l+1 change
+                dV = dP.T @ d.T[l][idx, :]  # [G, E]
+                Vin_next = self.Vin[l + 1] + dV
+                M_next = self.M[l + 1] + dispatch_matrix(dV, self.tab[l + 1])
+                R = np.nonzero(self.r[l + 1] >= 2)[0]
+                W2 = dW2 = None
+                upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1])
+                W2_row = None
+                if R.size:
+                    W2 = effective_share(self.P[l + 1, R], self.tab[l + 1, R], Vin_next[:, R])
+                    dW2 = W2 - self.W[l + 1, R]
+                    upd = self._layer_update(l + 1, R, dW2)
+                    W2_row = self.W[l + 1].copy()
+                    W2_row[R] = W2
+                nxt = (Vin_next, M_next, R, W2, dW2, upd, W2_row)
+        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, W_row, M_l, logp0, A_l)
         new_tg = {l: tg_l}
-        if len(layers) == 2:
-            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, M_in=M_next)
+        if nxt is not None:
+            Lg2, dup2, logp02, A2 = nxt[5]
+            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[6], nxt[1], logp02, A2)
         tl = self.tl.copy()
         for ll, t in new_tg.items():
             tl[ll] = t.max(axis=1)
@@ -395,31 +448,46 @@ class State:
         obj = self._combine(self.profile_totals(tl), moved_total)
         sec_old = sum(float((self.tg[ll] ** 2).sum()) for ll in new_tg)
         sec_new = sum(float((t ** 2).sum()) for t in new_tg.values())
-        return obj, sec_new - sec_old, (l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, A_l, new_tg, moved_l)
+        payload = (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
+                   moved_l)
+        return obj, sec_new - sec_old, payload
+
+    def _store_layer(self, l: int, idx: np.ndarray, dW: np.ndarray, Lg, dup, logp0, A) -> None:
+        d = self.d
+        self.Lg[l] = Lg
+        self.dup[l] = dup
+        self.logp0[l] = logp0
+        if self.CP is not None:
+            self.CP[l] += d.C[l][:, idx] @ dW
+            self.KP[l] += d.Kw[l][:, idx] @ dW
+        if self.use_T:
+            self.QP[l] += d.Q[l][:, idx] @ dW
+            self.QtP[l] += d.Q[l][idx].T @ dW
+            self.A[l] = A
 
     def apply(self, payload) -> None:
-        l, X_row, r_row, idx, dP, Lg, dup, logp0, M_l, M_next, A_l, new_tg, moved_l = payload
+        (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
+         moved_l) = payload
         d = self.d
         self.X[l] = X_row
         self.r[l] = r_row
         Pl = self.P[l, idx] + dP
         self.P[l, idx] = np.where(np.abs(Pl) < 1e-12, 0.0, Pl)
-        self.Lg[l] = Lg
-        self.dup[l] = dup
-        self.logp0[l] = logp0
-        if self.CP is not None:
-            self.CP[l] += d.C[l][:, idx] @ dP
-            self.KP[l] += d.Kw[l][:, idx] @ dP
         if self.use_T:
-            if l + 1 < d.L:
-                self.Vin[l + 1] += dP.T @ d.T[l][idx, :]
+            self.tab[l, idx] = tab_new
+            self.W[l, idx] = W_new
+        self._store_layer(l, idx, dW, Lg, dup, logp0, A_l)
+        if self.use_T:
+            if nxt is not None:
+                Vin_next, M_next, R, W2, dW2, upd, _ = nxt
+                self.Vin[l + 1] = Vin_next
                 self.M[l + 1] = M_next
+                if R.size:
+                    self.W[l + 1, R] = W2
+                    self._store_layer(l + 1, R, dW2, *upd)
             if l >= 1:
                 self.Vout[l - 1] += d.T[l - 1][:, idx] @ dP
                 self.M[l] = M_l
-            self.QP[l] += d.Q[l][:, idx] @ dP
-            self.QtP[l] += d.Q[l][idx].T @ dP
-            self.A[l] = A_l
         for ll, t in new_tg.items():
             self.tg[ll] = t
             self.tl[ll] = t.max(axis=1)
