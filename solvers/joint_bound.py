@@ -120,7 +120,23 @@ def max_colocated_pairs(pairs: np.ndarray, partners: int, iterations: int = 30) 
     return best
 
 
-def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40) -> float:
+def _top_copies(mu: np.ndarray, count: int, max_copies: int) -> float:
+    """Sum of the ``count`` largest values of ``mu`` (>= 0) when each entry may be taken up to ``max_copies``
+    times."""
+    if count <= 0 or max_copies <= 0:
+        return 0.0
+    total, left = 0.0, count
+    for v in np.sort(mu)[::-1]:
+        if left <= 0 or v <= 0:
+            break
+        take = min(left, max_copies)
+        total += take * float(v)
+        left -= take
+    return total
+
+
+def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_slots: int = 0,
+                    max_copies: int = 0) -> float:
     """Upper bound on the adjacent-layer pair mass that can be local: a bipartite b-matching (each expert of
     either layer shares groups with at most ``per_group`` experts of the other layer, as a group holds
     ``per_group`` of each layer's slots; replicas split their share, so they obey the same limits).
@@ -128,17 +144,29 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40) -> floa
     Lagrangian dual ``min m (sum_a lam_a + sum_b mu_b) + sum_ab max(0, T_ab - lam_a - mu_b)`` by alternating
     exact coordinate updates; any (lam, mu) >= 0 gives a valid bound, the best seen is returned (never above
     the row-wise and column-wise top-sum bound).
+
+    ``extra_slots > 0`` is the position-aware case (coherent dataflow): a token at position p uses the replica
+    of b on p's group whenever there is one, so the local mass is ``sum_ab T_ab z_ab`` with
+    ``z_ab = sum_p P_prev[a, p] [b has a replica in p's group]`` (a's anchors spread over positions, ``P_prev``
+    the previous layer's shares). Then ``z_ab <= 1`` and ``sum_b z_ab <= m`` as before, but
+    ``sum_a z_ab <= m x (groups holding b)``: an expert with ``c_b`` extra groups has ``(1 + c_b) m`` column
+    capacity, with ``sum_b c_b <= extra_slots`` (the redundant slots) and ``c_b <= max_copies``. The dual adds
+    ``m sum_b c_b mu_b`` and its largest value over such c (the ``extra_slots`` largest mu, each at most
+    ``max_copies`` times) keeps every (lam, mu) a valid bound for every replica allocation.
     """
     T = np.asarray(T, dtype=np.float64)
     E1, E2 = T.shape
     m = per_group
+    extra = max(int(extra_slots), 0) if max_copies > 0 else 0
     if m >= min(E1, E2):
         return float(T.sum())
 
     def value(lam, mu):
-        return float(m * (lam.sum() + mu.sum()) + np.maximum(T - lam[:, None] - mu[None, :], 0.0).sum())
+        v = float(m * (lam.sum() + mu.sum()) + np.maximum(T - lam[:, None] - mu[None, :], 0.0).sum())
+        return v + m * _top_copies(mu, extra, max_copies) if extra else v
 
-    best = max_local_mass(T, m)
+    # without extra slots: min(row-wise, column-wise) top sums; with them only the row-wise one (mu = 0) holds
+    best = max_local_mass(T, m) if not extra else _top_sum(T, m, axis=1)
     lam, mu = np.zeros(E1), np.zeros(E2)
     for _ in range(iterations):
         red = T - mu[None, :]
@@ -146,6 +174,11 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40) -> floa
         red = T - lam[:, None]
         mu = np.maximum(-np.partition(-red, m, axis=0)[m, :], 0.0)
         best = min(best, value(lam, mu))
+        if extra:
+            # the columns with extra capacity want a smaller mu: try the same lam with those mu dropped
+            keep = mu.copy()
+            keep[np.argsort(-mu)[:extra]] = 0.0
+            best = min(best, value(lam, keep))
     return best
 
 
@@ -193,9 +226,11 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
 
         for l in range(L):
             parts = []  # (pair counts [E, E] whose column sums are the experts' shares of the copies, local mass)
-            if l >= 1:  # dispatch from the previous anchors
+            if l >= 1:  # dispatch from the previous anchors (to the replica the dispatch rule picks)
                 Tl = transitions[l - 1]
-                parts.append((Tl, max_local_pairs(Tl, m), max_local_pairs(Tl, m * n) if multi else None))
+                parts.append((Tl, max_local_pairs(Tl, m, extra_slots=S - E, max_copies=G - 1),
+                              max_local_pairs(Tl, m * n, extra_slots=S - E, max_copies=topology.num_nodes - 1)
+                              if multi else None))
             Ql = anchor_pairs[l]  # combine onto the anchors
             sym = Ql + Ql.T
             parts.append((Ql, max_colocated_pairs(sym, m - 1), max_colocated_pairs(sym, m * n - 1) if multi else None))
