@@ -129,6 +129,53 @@ def test_incremental_objective_equals_from_scratch(real, dataflow):
     assert state.objective() == pytest.approx(objective_of(data, state.X), rel=1e-9)
     direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, data.T, data.C, data.Q, data.tokens).sum()
     assert state.objective() == pytest.approx(direct, rel=1e-9)
+    fresh = State(data, state.X)
+    assert np.allclose(state.W, fresh.W, atol=1e-12) and np.allclose(state.Lg, fresh.Lg, rtol=1e-9)
+    if dataflow == "coherent":
+        # the served shares follow positions: some replicated expert is not split evenly
+        assert np.abs(state.W - state.P).max() > 0.05
+        assert np.allclose(state.M, fresh.M, rtol=1e-9, atol=1e-9 * state.M.max())
+
+
+def test_incremental_objective_with_profiles_coherent():
+    """Several profiles (worst case), coherent dataflow, redundant slots: moves keep the position-aware shares,
+    the dispatch matrices and the objective equal to a fresh state's."""
+    from placement.problem import build_problem
+    from traces import datasets
+
+    tasks = [datasets.load(tasks=t).take(np.arange(1500)) for t in ("intent", "law", "summary")]
+    topo = Topology.for_experts(64, 8, 16, gpus_per_node=4)
+    problem = build_problem(tasks, topo)
+    data = prepare(problem, Options(params={"dataflow": "coherent", "objective": "worst"}))
+    rng = np.random.default_rng(2)
+    X = np.stack([_dedupe_gpu(rng.permutation(np.concatenate([np.arange(64), rng.choice(64, 16, replace=False)])),
+                               topo) for _ in range(data.L)])
+    state = State(data, X)
+    assert local_search(state, deadline=float("inf"), rng=rng, max_passes=1) > 0
+    fresh = State(data, state.X)
+    assert state.objective() == pytest.approx(fresh.objective(), rel=1e-9)
+    assert np.allclose(state.W, fresh.W, atol=1e-12)
+    assert np.allclose(state.tg, fresh.tg, rtol=1e-9)
+
+
+def test_coherent_counts_model_tracks_the_token_evaluator_with_replicas(real):
+    """With redundant slots the coherent counts model gives each replica the tokens whose positions the dispatch
+    rule sends to it (not 1/r each); it then tracks the exact replay on the fitted trace, also for the joint plan,
+    whose replicas sit next to the anchors that use them (an even split was 14% optimistic there)."""
+    from placement.coherent import evaluate_coherent
+    from placement.plan import Plan
+    from placement.problem import build_problem
+
+    fit, _ = real
+    topo = Topology.for_experts(64, 8, 16)
+    problem = build_problem(fit, topo)
+    opts = Options(time_limit=8, params={"dataflow": "coherent"})
+    data = prepare(problem, opts)
+    for name, rel in (("eplb-global", 0.03), ("joint", 0.07)):
+        res = solve(name, problem, opts if name == "joint" else Options())
+        plan = Plan.from_result(res, 64, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
+        exact = evaluate_coherent(plan, fit, data.cost)["est_moe_seconds"]
+        assert objective_of(data, res.phy2log) == pytest.approx(exact, rel=rel), name
 
 
 def test_counts_model_tracks_the_token_evaluator(real, real_problem8):
