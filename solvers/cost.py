@@ -17,17 +17,30 @@ The model (documented for users in docs/concepts.md, "The joint planner and the 
     the distinct GPUs serving its experts and their partial sums are combined onto its *anchor*, the GPU of its
     highest-gate expert, where layer l+1 starts. Two phases per layer: ``|D \\ {p}|`` dispatch copies and
     ``|D| - 1`` combine copies (D = the token's serving GPUs); affinity saves the dispatch copy when the
-    previous anchor serves one of the next experts. Layer 0 is dispatched from the home GPU; tokens end at
-    their last anchor. This is the protocol the torch.distributed runtime executes
+    previous anchor serves one of the next experts, and replicas next to the anchors of an expert's tokens
+    serve more of them (position-aware served shares, below). Layer 0 is dispatched from the home GPU; tokens
+    end at their last anchor. This is the protocol the torch.distributed runtime executes
     (:mod:`placement.coherent`, :mod:`placement.runtime`).
 
 Two ways to feed the model: exact per-token traffic (:mod:`placement.evaluate`, :mod:`placement.coherent`) and
 the *counts model* (:func:`estimate_layer_seconds`) that the joint planner optimises. The counts model needs only
 per-layer load ``[L, E]``, co-activation ``[L, E, E]`` and, for the coherent dataflow, anchor transitions
 ``[L-1, E, E]`` (anchor a at l, expert b at l+1) and anchor pairs ``[L, E, E]`` (anchor a, other expert b at
-the same layer) from :func:`anchor_counts`; it assumes homes spread evenly over GPUs, replicas splitting their
-expert's tokens evenly and independently, and counts a token's duplicate copies on one GPU from pairs of
-co-activated experts (first-order inclusion-exclusion).
+the same layer) from :func:`anchor_counts`; it assumes homes spread evenly over GPUs and counts a token's
+duplicate copies on one GPU from pairs of co-activated experts (first-order inclusion-exclusion). Which replica
+serves a token:
+
+- standard dataflow: replicas split their expert's tokens evenly and independently (:func:`share_matrix`; with
+  homes spread evenly the dispatch rule spreads an expert's tokens over its replicas about evenly).
+- coherent dataflow: a token uses the replica that the dispatch rule (:func:`solvers.objective.dispatch_rows`)
+  picks for its *position*, and positions concentrate on the GPUs holding hot anchor experts, so the counts model
+  uses position-aware *served shares* (:func:`effective_share`): the positions of layer l's tokens are taken
+  from the previous layer's anchors with even-split shares, ``pos_l = P_{l-1}^T T_{l-1}`` ``[G, E]`` (uniform
+  homes at layer 0), and ``W_l[e, h]`` is the fraction of ``pos_l[:, e]`` whose dispatch-table entry is h.
+  W replaces the even split in the load, the duplicate-copy terms and the combine matrix ``W^T Q W``; the
+  dispatch matrix is ``M_l[p, h] = sum_e pos_l[p, e] [table_l[e, p] == h]`` (:func:`dispatch_matrix`).
+  Positions use P, not W, so a move at one layer changes that layer and the next one only (the joint planner's
+  incremental :class:`solvers.joint.State` relies on this); an expert with one replica has ``W = P``.
 
 Defaults: DeepSeek-V2-Lite sizes (the bundled trace: hidden 2048, expert intermediate 1408), bf16, H100 at
 400 TFLOP/s effective for grouped GEMMs (about 40% of the dense bf16 peak); link bandwidths live on
@@ -42,6 +55,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from solvers.base import SolverInputError, Topology
+from solvers.objective import dispatch_rows
 
 DATAFLOWS = ("standard", "coherent")
 
@@ -265,9 +279,9 @@ def effective_share(share: np.ndarray, table: np.ndarray, positions: np.ndarray 
 
     Args:
         share: ``[k, G]`` even-split shares (:func:`share_matrix` rows), the fallback where no token reaches an
-            expert; table: int ``[k, G]`` serving GPU for a token at position p (:func:`solvers.objective.dispatch_rows`,
-            -1 = none); positions: ``[G, k]`` mass of the expert's tokens at each position (``P_{l-1}^T T_{l-1}``),
-            or None for homes spread evenly (the first layer).
+            expert; table: int ``[k, G]`` serving GPU for a token at position p
+            (:func:`solvers.objective.dispatch_rows`, -1 = none); positions: ``[G, k]`` mass of the expert's tokens
+            at each position (``P_{l-1}^T T_{l-1}``), or None for homes spread evenly (the first layer).
     ``W[e, h] = sum_p positions[p, e] [table[e, p] == h] / sum_p positions[p, e]``: a token uses the replica the
     dispatch rule picks for its position, so a replica next to the anchors of a hot expert serves more than 1/r.
     An expert with one replica keeps share 1 there.
@@ -330,7 +344,8 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
             :func:`anchor_counts` (coherent dataflow; needed there); tokens: ``[L]`` tokens per layer (default:
             pairs-only duplicate estimate).
         detail: also return ``(compute [L, G], comm [L, G])``.
-    All counts must refer to the same tokens (the planner rescales them so).
+    All counts must refer to the same tokens (the planner rescales them so). Under the coherent dataflow the
+    replicas' shares are the position-aware served shares of :func:`effective_share` (module docstring).
     """
     L, E = load.shape
     G = topology.num_gpus
@@ -341,8 +356,6 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
         raise SolverInputError("the coherent dataflow needs anchor transitions and pairs; give a token trace")
     served = shares
     if coherent:
-        from solvers.objective import dispatch_rows
-
         table = np.stack([dispatch_rows(shares[l] > 0, topology) for l in range(L)])  # [L, E, G]
         # positions of layer l's tokens: the previous layer's anchors, replicas splitting evenly
         pos = [None] + [shares[l - 1].T @ transitions[l - 1] for l in range(1, L)]  # [G, E] each
@@ -350,8 +363,9 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
     compute = np.empty((L, G))
     distinct = np.empty((L, G))
     for l in range(L):
-        compute[l], distinct[l] = standard_distinct(served[l], load[l], None if coactivation is None else coactivation[l],
-                                                    None if tokens is None else float(tokens[l]))
+        co = None if coactivation is None else coactivation[l]
+        tok = None if tokens is None else float(tokens[l])
+        compute[l], distinct[l] = standard_distinct(served[l], load[l], co, tok)
     gl = compute.copy()
     compute *= alpha
     if not coherent:

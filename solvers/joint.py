@@ -1,10 +1,11 @@
 """The joint planner: affinity, co-activation, balance, topology and replicas together, with a bound.
 
 Objective (minimised): the estimated MoE seconds of the fitted workload under the counts model of
-:mod:`solvers.cost` (:func:`solvers.cost.estimate_layer_seconds`): per layer the slowest GPU's compute plus
-all-to-all time, summed over layers; with several workload profiles the mean (``objective="expected"``) or the
-maximum (``"worst"``) over profiles; plus ``migration_cost`` seconds for every expert copy that must be moved
-onto a GPU that does not hold it in the current plan.
+:mod:`solvers.cost` (:func:`solvers.cost.estimate_layer_seconds`; under the coherent dataflow replicas serve
+position-aware shares of their expert's tokens, :func:`solvers.cost.effective_share`): per layer the slowest
+GPU's compute plus all-to-all time, summed over layers; with several workload profiles the mean
+(``objective="expected"``) or the maximum (``"worst"``) over profiles; plus ``migration_cost`` seconds for every
+expert copy that must be moved onto a GPU that does not hold it in the current plan.
 
 Method (a decomposition that is exact where it can be, then local search on the true objective):
 

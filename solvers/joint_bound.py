@@ -16,10 +16,17 @@ Every placement of every layer satisfies, for each layer l and workload profile 
     ``dd_h (load_h - local_h)`` dispatch copies and sends ``dd_h (load_h - anchored_h - local'_h)`` combine
     copies, with ``dd_h = distinct_h / load_h >= 1 - dup_h / load_h``, so the copies of a layer are at least
     the load (minus the tokens, for the combine) minus the largest duplicate count minus the largest local
-    mass: anchor-to-next-expert pairs on one GPU (a bipartite b-matching of the anchor transitions: an expert
-    shares a GPU with at most m experts of the other layer; replicas split their share), anchor-to-other-expert
-    pairs on one GPU (a b-matching with ``m - 1`` partners). The same with ``m x gpus_per_node`` for a common
-    node bounds the inter-node copies; the copies are sent at the cheapest link the node bound allows.
+    mass: anchor-to-next-expert pairs on one GPU (a bipartite b-matching of the anchor transitions: a previous
+    anchor shares a GPU with at most m experts of the next layer; with the position-aware served shares of
+    :func:`solvers.cost.effective_share` a token uses the replica on its position's GPU whenever there is one,
+    so an expert of the next layer with r replicas can be local to ``r x m`` anchors: the column capacities grow
+    by m for each of the ``S - E`` redundant slots, at most ``G - 1`` per expert, see :func:`max_local_pairs`),
+    anchor-to-other-expert pairs on one GPU (a b-matching with ``m - 1`` partners; served shares W satisfy
+    ``sum_b sum_g W_ag W_bg <= m - 1`` like even ones). The same with ``m x gpus_per_node`` for a common node
+    (at most ``nodes - 1`` extra nodes per expert) bounds the inter-node copies; the copies are sent at the
+    cheapest link the node bound allows. Loads under W still sum to the total and an expert's largest piece is
+    at least ``load / r``, so the compute terms hold as they are. Every expert is resident (the joint planner's
+    placements).
 
 Sum over layers; over profiles, the mean (expected objective) or the maximum (worst case) of the per-profile
 bounds is a valid bound of the mean or maximum. A migration penalty is >= 0 and adds nothing. The bound relaxes
