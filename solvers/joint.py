@@ -401,9 +401,15 @@ class State:
         tab_new = W_new = None
         dW = dP
         W_row = None
+        # replicas involved: the dispatch rule and the positions decide the served shares; else W = P (one GPU)
+        replicated = bool((r_row[idx] > 1).any() or (self.r[l, idx] > 1).any())
         if self.use_T:
-            tab_new = dispatch_rows(P_new > 0, d.topology)
-            W_new = effective_share(P_new, tab_new, self.Vin[l][:, idx] if l >= 1 else None)
+            if replicated:
+                tab_new = dispatch_rows(P_new > 0, d.topology)
+                W_new = effective_share(P_new, tab_new, self.Vin[l][:, idx] if l >= 1 else None)
+            else:
+                tab_new = np.repeat(np.argmax(P_new, axis=1)[:, None], self.G, axis=1)
+                W_new = P_new
             dW = W_new - self.W[l, idx]
             W_row = self.W[l].copy()
             W_row[idx] = W_new
@@ -415,28 +421,32 @@ class State:
         if self.use_T:
             if l >= 1:
                 V = self.Vin[l][:, idx]
-                M_l = self.M[l] + dispatch_matrix(V, tab_new) - dispatch_matrix(V, self.tab[l, idx])
+                if replicated:
+                    M_l = self.M[l] + dispatch_matrix(V, tab_new) - dispatch_matrix(V, self.tab[l, idx])
+                else:
+                    M_l = self.M[l] + V @ dP
             if l + 1 < d.L:
-                # the anchors of layer l moved: positions, dispatch and replicated experts' shares of l+1 change
-                dV = dP.T @ d.T[l][idx, :]  # [G, E]
-                Vin_next = self.Vin[l + 1] + dV
-                M_next = self.M[l + 1] + dispatch_matrix(dV, self.tab[l + 1])
+                # the anchors of layer l moved: positions, dispatch and replicated experts' shares of l+1 change.
+                # dispatch_matrix(dV, tab) = dV @ P for experts with one replica; the others by their table
+                M_next = self.M[l + 1] + dP.T @ self.Vout[l][idx]
                 R = np.nonzero(self.r[l + 1] >= 2)[0]
                 W2 = dW2 = None
                 upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1])
                 W2_row = None
                 if R.size:
-                    W2 = effective_share(self.P[l + 1, R], self.tab[l + 1, R], Vin_next[:, R])
+                    dVR = dP.T @ d.T[l][np.ix_(idx, R)]  # [G, |R|]
+                    M_next = M_next + dispatch_matrix(dVR, self.tab[l + 1, R]) - dVR @ self.P[l + 1, R]
+                    W2 = effective_share(self.P[l + 1, R], self.tab[l + 1, R], self.Vin[l + 1][:, R] + dVR)
                     dW2 = W2 - self.W[l + 1, R]
                     upd = self._layer_update(l + 1, R, dW2)
                     W2_row = self.W[l + 1].copy()
                     W2_row[R] = W2
-                nxt = (Vin_next, M_next, R, W2, dW2, upd, W2_row)
+                nxt = (M_next, R, W2, dW2, upd, W2_row)
         tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, W_row, M_l, logp0, A_l)
         new_tg = {l: tg_l}
         if nxt is not None:
-            Lg2, dup2, logp02, A2 = nxt[5]
-            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[6], nxt[1], logp02, A2)
+            Lg2, dup2, logp02, A2 = nxt[4]
+            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[5], nxt[0], logp02, A2)
         tl = self.tl.copy()
         for ll, t in new_tg.items():
             tl[ll] = t.max(axis=1)
@@ -480,8 +490,8 @@ class State:
         self._store_layer(l, idx, dW, Lg, dup, logp0, A_l)
         if self.use_T:
             if nxt is not None:
-                Vin_next, M_next, R, W2, dW2, upd, _ = nxt
-                self.Vin[l + 1] = Vin_next
+                M_next, R, W2, dW2, upd, _ = nxt
+                self.Vin[l + 1] += dP.T @ d.T[l][idx, :]
                 self.M[l + 1] = M_next
                 if R.size:
                     self.W[l + 1, R] = W2
