@@ -115,6 +115,27 @@ def test_bound_pieces_and_pairs_are_valid():
     assert max_local_pairs(T, 2) >= local - 1e-9
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 2), (5, 2, 3)])
+def test_position_aware_local_pairs_bound_beats_brute_force(shape):
+    """Coherent dispatch with served shares: a token uses the replica on its position's GPU when there is one, so
+    the local mass is ``sum_ab T_ab z_ab`` with ``z_ab = sum_g P_prev[a, g] mask[b, g]``; the bound with the
+    redundant slots' extra column capacity is above it for every pair of placements (enumerated)."""
+    E, G, m = shape
+    rows = [pick for pick in itertools.product(itertools.combinations(range(E), m), repeat=G)
+            if len(set(np.concatenate(pick))) == E]
+    mask = np.zeros((len(rows), E, G))
+    for i, pick in enumerate(rows):
+        for g, es in enumerate(pick):
+            mask[i, list(es), g] = 1.0
+    P = mask / mask.sum(axis=2, keepdims=True)
+    z = np.einsum("iag,jbg->ijab", P, mask)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        T = rng.random((E, E)) ** 3
+        best = np.einsum("ijab,ab->ij", z, T).max()
+        assert max_local_pairs(T, m, extra_slots=G * m - E, max_copies=G - 1) >= best - 1e-9
+
+
 @pytest.mark.parametrize("dataflow", ["standard", "coherent"])
 def test_incremental_objective_equals_from_scratch(real, dataflow):
     from placement.problem import build_problem
