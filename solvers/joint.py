@@ -378,13 +378,11 @@ class State:
         logp0 = self.logp0[l]
         if self.CP is not None:
             ix = np.ix_(idx, idx)
-            dup = dup + (dW * self.CP[l, idx]).sum(axis=0) + 0.5 * np.einsum("ag,ab,bg->g", dW, d.C[l][ix], dW)
-            logp0 = (logp0 + d.U[l, idx] @ dW + (dW * self.KP[l, idx]).sum(axis=0)
-                     + 0.5 * np.einsum("ag,ab,bg->g", dW, d.Kw[l][ix], dW))
+            dup = dup + (dW * (self.CP[l, idx] + 0.5 * (d.C[l][ix] @ dW))).sum(axis=0)
+            logp0 = logp0 + d.U[l, idx] @ dW + (dW * (self.KP[l, idx] + 0.5 * (d.Kw[l][ix] @ dW))).sum(axis=0)
         A = None
         if self.use_T:
-            A = (self.A[l] + dW.T @ self.QP[l, idx] + self.QtP[l, idx].T @ dW
-                 + dW.T @ d.Q[l][np.ix_(idx, idx)] @ dW)
+            A = self.A[l] + dW.T @ (self.QP[l, idx] + d.Q[l][np.ix_(idx, idx)] @ dW) + self.QtP[l, idx].T @ dW
         return Lg, dup, logp0, A
 
     def evaluate_move(self, l: int, changes: list[tuple[int, int]]):
