@@ -192,7 +192,7 @@ def test_coherent_counts_model_tracks_the_token_evaluator_with_replicas(real):
     problem = build_problem(fit, topo)
     opts = Options(time_limit=8, params={"dataflow": "coherent"})
     data = prepare(problem, opts)
-    for name, rel in (("eplb-global", 0.03), ("joint", 0.07)):
+    for name, rel in (("eplb-global", 0.03), ("joint", 0.09)):  # even replica shares: 5.3% and 14%
         res = solve(name, problem, opts if name == "joint" else Options())
         plan = Plan.from_result(res, 64, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
         exact = evaluate_coherent(plan, fit, data.cost)["est_moe_seconds"]
