@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.evaluate import prepare
+from placement.evaluate import _distinct, prepare
 from placement.plan import Plan
 from solvers import Topology
 from solvers.cost import CostModel, phase_seconds
@@ -60,15 +60,6 @@ def anchor_column(ids: np.ndarray, gates: np.ndarray | None) -> np.ndarray:
     return np.where(valid.any(axis=1), col, -1)
 
 
-def _distinct_mask(ranks: np.ndarray) -> np.ndarray:
-    """bool ``[T, k]``: first occurrence of each non-negative value in its row (same order as ``ranks``)."""
-    T, k = ranks.shape
-    first = ranks >= 0
-    for j in range(1, k):
-        first[:, j] &= np.all(ranks[:, :j] != ranks[:, j:j + 1], axis=1)
-    return first
-
-
 def coherent_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
                      gate_weights: np.ndarray | None, sequence_index: np.ndarray) -> dict[str, np.ndarray]:
     """Token copies of the context-coherent dataflow (module docstring), as the runtime moves them.
@@ -95,16 +86,16 @@ def coherent_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, 
         ids = expert_ids[:, l].astype(np.int64)
         dest = serving_ranks(table[l], ids, pos)  # [T, k]
         served[l] = np.bincount(dest[dest >= 0], minlength=G)
-        first = _distinct_mask(dest)
         col = anchor_column(ids, None if gate_weights is None else gate_weights[:, l])
         active = col >= 0
         anchor = np.where(active, dest[rows, np.maximum(col, 0)], pos)
-        src = np.broadcast_to(pos[:, None], dest.shape)
-        d_mask = first & (dest != src)
-        dispatch[l] = np.bincount((src[d_mask] * G + dest[d_mask]), minlength=G * G).reshape(G, G)
-        anc = np.broadcast_to(anchor[:, None], dest.shape)
-        c_mask = first & (dest != anc)
-        combine[l] = np.bincount((dest[c_mask] * G + anc[c_mask]), minlength=G * G).reshape(G, G)
+        uniq, first = _distinct(dest)  # each serving rank once per token
+        src = np.broadcast_to(pos[:, None], uniq.shape)
+        d_mask = first & (uniq != src)
+        dispatch[l] = np.bincount((src[d_mask] * G + uniq[d_mask]), minlength=G * G).reshape(G, G)
+        anc = np.broadcast_to(anchor[:, None], uniq.shape)
+        c_mask = first & (uniq != anc)
+        combine[l] = np.bincount((uniq[c_mask] * G + anc[c_mask]), minlength=G * G).reshape(G, G)
         pos = anchor
     positions[:, L] = pos
     return {"dispatch_pairs": dispatch, "combine_pairs": combine, "served": served, "position": positions}

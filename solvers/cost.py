@@ -55,7 +55,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from solvers.base import SolverInputError, Topology
-from solvers.objective import dispatch_rows
+from solvers.objective import dispatch_table
 
 DATAFLOWS = ("standard", "coherent")
 
@@ -314,9 +314,11 @@ def coherent_comm_seconds(distinct: np.ndarray, gpu_load: np.ndarray, into: np.n
 
     Args:
         distinct: ``[N, G]`` distinct tokens served on each GPU; gpu_load: ``[N, G]`` token-expert assignments.
-        into: ``[G, G]`` (g, h): token-expert assignments on h whose token was anchored on g at the layer before
-            (``P_{l-1}^T transitions P_l``); None for the first layer (dispatched from homes spread evenly).
-        anchor: ``[G, G]`` (g, h): assignments on h of tokens anchored on g at this layer (``P^T pairs P``).
+        into: ``[G, G]`` (p, h): token-expert assignments served on h whose token sits at position p, the anchor
+            GPU of the layer before (:func:`dispatch_matrix`); None for the first layer (dispatched from homes
+            spread evenly).
+        anchor: ``[G, G]`` (g, h): assignments on h of tokens anchored on g at this layer (``W^T pairs W``, W the
+            served shares of :func:`effective_share`).
         scale: ``[N]`` profile token counts relative to the pair counts' units.
     A GPU h receives one dispatch copy per distinct token from each other GPU and sends one combine copy per
     distinct token to each other anchor GPU: pair counts are de-duplicated by ``distinct_h / gpu_load_h``.
@@ -356,7 +358,7 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
         raise SolverInputError("the coherent dataflow needs anchor transitions and pairs; give a token trace")
     served = shares
     if coherent:
-        table = np.stack([dispatch_rows(shares[l] > 0, topology) for l in range(L)])  # [L, E, G]
+        table = dispatch_table(phy2log, E, topology)  # [L, E, G]
         # positions of layer l's tokens: the previous layer's anchors, replicas splitting evenly
         pos = [None] + [shares[l - 1].T @ transitions[l - 1] for l in range(1, L)]  # [G, E] each
         served = np.stack([effective_share(shares[l], table[l], pos[l]) for l in range(L)])

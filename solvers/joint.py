@@ -46,10 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
-from solvers.cost import (CostModel, coherent_comm_seconds, dispatch_matrix, effective_share,
-                          standard_comm_seconds)
+from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, dispatch_matrix, distinct_terms,
+                          effective_share, standard_comm_seconds)
 from solvers.joint_bound import layer_bounds, total_bound, water_fill
-from solvers.objective import dispatch_rows
+from solvers.objective import dispatch_rows, dispatch_table
 
 BIG = 1e30
 
@@ -166,8 +166,6 @@ def prepare(problem: Problem, options: Options) -> JointData:
     if cost.dataflow == "coherent":
         # anchor statistics (highest-gate expert); without routes, the anchor is taken to be any of the k experts
         if problem.routes is not None:
-            from solvers.cost import anchor_counts
-
             _, T, Q = anchor_counts(problem.routes, E)
         else:
             T, Q = problem.transitions, problem.coactivation if problem.coactivation is not None else np.zeros((L, E, E))
@@ -176,8 +174,6 @@ def prepare(problem: Problem, options: Options) -> JointData:
     tokens = load.sum(axis=1) / k
     U = Kw = None
     if C is not None:
-        from solvers.cost import distinct_terms
-
         U = np.empty((L, E))
         Kw = np.empty((L, E, E))
         for l in range(L):
@@ -268,7 +264,7 @@ class State:
         self.tab = None
         self.W = self.P
         if self.use_T:
-            self.tab = np.stack([dispatch_rows(self.P[l] > 0, topo) for l in range(L)])
+            self.tab = dispatch_table(self.X, E, topo)
             for l in range(1, L):
                 self.Vin[l] = self.P[l - 1].T @ d.T[l - 1]
                 self.M[l] = dispatch_matrix(self.Vin[l], self.tab[l])
@@ -838,7 +834,6 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
     widest = 8 * candidates
     for p in range(max_passes):
         gained = 0
-        before = state.objective()
         order = rng.permutation(L)
         for l in order:
             if time.perf_counter() > deadline:
