@@ -2,11 +2,13 @@
 
     PYTHONPATH=. python benchmarks/counts_vs_exact.py                 # 8 GPUs, 16 and 0 redundant slots
     PYTHONPATH=. python benchmarks/counts_vs_exact.py --redundant 8 --time-limit 5
+    PYTHONPATH=. python benchmarks/counts_vs_exact.py --v3            # DeepSeek-V3 size, 64 GPUs, 64 redundant
 
 On the bundled DeepSeek-V2-Lite trace (fit on half the sequences, held out on the other half), for the contiguous,
 EPLB (global) and joint (coherent) plans: the counts objective over the exact replay on the fitted trace
 (:func:`placement.coherent.evaluate_coherent`), the exact held-out coherent MoE time per token, the served-load
-imbalance of the replay, and the solve seconds.
+imbalance of the replay, and the solve seconds. ``--v3`` does the same on the calibrated DeepSeek-V3-size synthetic
+trace of ``benchmarks/joint_scale.py`` (64 GPUs, 8 per node, 64 redundant slots, V3 sizes, 120 s limit).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def main() -> None:
     ap.add_argument("--redundant", type=int, nargs="*", default=[16, 0])
     ap.add_argument("--time-limit", type=float, default=10.0)
     ap.add_argument("--solvers", default="contiguous,eplb-global,joint")
+    ap.add_argument("--v3", action="store_true", help="DeepSeek-V3-size synthetic trace instead of the bundled one")
     args = ap.parse_args()
 
     from placement.coherent import evaluate_coherent
@@ -31,12 +34,25 @@ def main() -> None:
     from solvers.joint import objective_of, prepare
     from traces import datasets
 
-    fit, held = datasets.load().split_by_sequence(0.5, seed=0)
-    cost = CostModel(dataflow="coherent")
+    if args.v3:
+        import os
+        from pathlib import Path
+
+        from joint_scale import v3_trace
+
+        trace = v3_trace(32768, Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
+        args.gpus, args.redundant, args.time_limit = 64, [64], 120.0
+        gpn, groups, params = 8, 8, {"dataflow": "coherent", "model": "deepseek-v3"}
+        cost = CostModel.preset("deepseek-v3", dataflow="coherent")
+    else:
+        trace = datasets.load()
+        gpn, groups, params = None, 1, {"dataflow": "coherent"}
+        cost = CostModel(dataflow="coherent")
+    fit, held = trace.split_by_sequence(0.5, seed=0)
     for red in args.redundant:
-        topo = Topology.for_experts(fit.num_experts, args.gpus, red)
-        problem = build_problem(fit, topo)
-        opts = Options(time_limit=args.time_limit, params={"dataflow": "coherent"})
+        topo = Topology.for_experts(fit.num_experts, args.gpus, red, gpn)
+        problem = build_problem(fit, topo, expert_groups=groups)
+        opts = Options(time_limit=args.time_limit, threads=1, params=params)
         data = prepare(problem, opts)
         for name in args.solvers.split(","):
             t = time.perf_counter()

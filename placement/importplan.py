@@ -145,19 +145,25 @@ def _parse_sglang(data: Any, mli: np.ndarray | None):
     return rows[mli], None, H, None
 
 
+def _per_layer(rows: np.ndarray, ndim: int, mli: np.ndarray | None, what: str) -> np.ndarray:
+    """``[L, S]`` rows: one row given as a list (``ndim`` 1) is shared by every MoE layer, which ``mli`` must count;
+    otherwise the row count must match ``mli`` when it is known."""
+    if ndim == 1:
+        if mli is None:
+            raise PlacementImportError(f"{what} is one row shared by all MoE layers; say how many MoE layers the model "
+                                       f"has with --like (a trace or plan of the model) or --moe-layers")
+        return np.repeat(rows, len(mli), axis=0)
+    if mli is not None and len(mli) != rows.shape[0]:
+        raise PlacementImportError(f"{what} has {rows.shape[0]} MoE-layer rows but {len(mli)} MoE layers were given; "
+                                   f"is --like/--moe-layers for another model?")
+    return rows
+
+
 def _parse_vllm(data: Any, mli: np.ndarray | None):
     if not isinstance(data, (list, np.ndarray)):
         raise PlacementImportError("a vLLM initial expert map is a JSON list: one row of slots per MoE layer, or one "
                                    "shared row")
-    rows = _int_matrix(data, "the vLLM expert map")
-    if np.ndim(data) == 1:
-        if mli is None:
-            raise PlacementImportError("this vLLM map is one row shared by all MoE layers; say how many MoE layers "
-                                       "the model has with --like (a trace or plan of the model) or --moe-layers")
-        rows = np.repeat(rows, len(mli), axis=0)
-    elif mli is not None and len(mli) != rows.shape[0]:
-        raise PlacementImportError(f"the vLLM map has {rows.shape[0]} MoE-layer rows but {len(mli)} MoE layers were "
-                                   f"given; is --like/--moe-layers for another model?")
+    rows = _per_layer(_int_matrix(data, "the vLLM expert map"), np.ndim(data), mli, "the vLLM map")
     return rows, None, None, None
 
 
@@ -233,15 +239,7 @@ def _parse_eplb(data: Any, mli: np.ndarray | None):
                                        f"placement 'phy2log'")
     elif isinstance(data, (tuple, list)) and len(data) == 3 and all(isinstance(a, np.ndarray) for a in data):
         arr = data[0]  # (phy2log, log2phy, logcnt) as rebalance_experts returns them
-    rows = _int_matrix(arr, "phy2log")
-    if np.ndim(arr) == 1:
-        if mli is None:
-            raise PlacementImportError("this phy2log is one row; say how many MoE layers it covers with --like or "
-                                       "--moe-layers")
-        rows = np.repeat(rows, len(mli), axis=0)
-    elif mli is not None and len(mli) != rows.shape[0]:
-        raise PlacementImportError(f"phy2log has {rows.shape[0]} layers but {len(mli)} MoE layers were given")
-    return rows, None, None, None
+    return _per_layer(_int_matrix(arr, "phy2log"), np.ndim(arr), mli, "phy2log"), None, None, None
 
 
 _PARSERS = {"sglang": _parse_sglang, "vllm": _parse_vllm, "trtllm": _parse_trtllm,

@@ -125,18 +125,24 @@ def _eplb_enabled_in_caller(max_depth: int = 16) -> bool | None:
     return None
 
 
+def _guarded(fn, *args) -> None:
+    """Run an install step inside vLLM's startup: a failed weight transfer propagates (the model would be half
+    moved); any other error leaves vLLM's own placement in place, with a warning."""
+    try:
+        fn(*args)
+    except _TransferError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        _warn(f"plan not installed: unexpected error ({type(exc).__name__}: {exc}); vLLM keeps its default "
+              f"expert placement")
+
+
 def _wrap_add_model(orig):
     @functools.wraps(orig)
     def add_model(self, model, model_config, *args, **kwargs):
         before = set(getattr(self, "model_states", None) or {})
         result = orig(self, model, model_config, *args, **kwargs)
-        try:
-            _after_add_model(self, model, model_config, before, args, kwargs)
-        except _TransferError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"plan not installed: unexpected error ({type(exc).__name__}: {exc}); vLLM keeps its default "
-                  f"expert placement")
+        _guarded(_after_add_model, self, model, model_config, before, args, kwargs)
         return result
 
     setattr(add_model, _HOOK_ATTR, True)
@@ -149,15 +155,9 @@ def _wrap_build(orig):
     @functools.wraps(func)
     def build(cls, model, device, parallel_config, *args, **kwargs):
         state = func(cls, model, device, parallel_config, *args, **kwargs)
-        try:
-            load = kwargs.get("global_expert_load", args[0] if args else None)
-            if load is None:  # initial build; a non-None load means an elastic rescale: leave it to vLLM
-                _install(model, state, state)
-        except _TransferError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"plan not installed: unexpected error ({type(exc).__name__}: {exc}); vLLM keeps its default "
-                  f"expert placement")
+        load = kwargs.get("global_expert_load", args[0] if args else None)
+        if load is None:  # initial build; a non-None load means an elastic rescale: leave it to vLLM
+            _guarded(_install, model, state, state)
         return state
 
     setattr(build, _HOOK_ATTR, True)
