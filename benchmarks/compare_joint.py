@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/compare_joint.py                       # 4, 8 and 16 GPUs (8 per node)
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --redundant 8 --markdown
     PYTHONPATH=. python benchmarks/compare_joint.py --tasks --gpus 8 --redundant 8   # several profiles, counts only
+    PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --solvers joint --even-homes  # homes spread evenly
 
 Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
 and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
@@ -31,7 +32,7 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 
 
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
-        solvers: list[str], seed: int, say) -> list[dict]:
+        solvers: list[str], seed: int, say, even_homes: bool = False) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -42,6 +43,12 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
 
     trace = datasets.load()
     fit, held = trace.split_by_sequence(0.5, seed=seed)
+    if even_homes:  # every held-out token its own sequence: homes (sequence index mod G) spread evenly
+        from dataclasses import replace
+
+        import numpy as np
+
+        held = replace(held, seq_id=np.arange(held.num_tokens), pos_in_seq=None)
     held_ev = prepare(held)
     topo = Topology.for_experts(trace.num_experts, gpus, redundant, min(gpn, gpus))
     # several nodes: 8 expert groups so that EPLB's hierarchical policy (groups -> nodes) applies
@@ -112,6 +119,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--even-homes", action="store_true", help="evaluate with every held-out token its own sequence "
+                    "(homes spread evenly over the GPUs, as the planner's counts model assumes)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
                     "profiles, measure balance on held-out traffic of unseen task mixtures")
     args = ap.parse_args()
@@ -141,7 +150,7 @@ def main() -> None:
     for g in args.gpus:
         say(f"{g} GPUs, {args.redundant} redundant")
         rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
-                    args.solvers.split(","), args.seed, say)
+                    args.solvers.split(","), args.seed, say, args.even_homes)
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:
