@@ -41,7 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -164,13 +164,7 @@ def prepare(problem: Problem, options: Options) -> JointData:
     if problem.coactivation is not None and k > 1:
         C = _smooth(_rescale_pairs(problem.coactivation, load, float(k - 1)), smoothing, symmetric_zero_diag=True)
     if cost.dataflow == "coherent":
-        # anchor statistics (highest-gate expert); without routes, the anchor is taken to be any of the k experts
-        if problem.routes is not None:
-            _, T, Q = anchor_counts(problem.routes, E)
-        else:
-            T, Q = problem.transitions, problem.coactivation if problem.coactivation is not None else np.zeros((L, E, E))
-        T = _smooth(_rescale_pairs(T, load[:-1], 1.0), smoothing) if L > 1 else np.zeros((0, E, E))
-        Q = _smooth(_rescale_pairs(Q, load, (k - 1) / k), smoothing)
+        T, Q = anchor_stats(problem, load, smoothing)
     tokens = load.sum(axis=1) / k
     U = Kw = None
     if C is not None:
@@ -192,6 +186,21 @@ def prepare(problem: Problem, options: Options) -> JointData:
         allowed = _group_nodes(load, problem.expert_groups, topo)
     return JointData(topo, cost, loads, load, T, C, Q, tokens, U, Kw, scale, objective == "worst", cur, mig,
                      allowed)
+
+
+def anchor_stats(problem: Problem, load: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor transitions ``[L-1, E, E]`` and anchor pairs ``[L, E, E]`` (highest-gate expert,
+    :func:`solvers.cost.anchor_counts`) in the units of ``load [L, E]``; without routes, the anchor is taken to be
+    any of the k experts. Needs routes or transitions."""
+    L, E = load.shape
+    k = max(int(problem.top_k), 1)
+    if problem.routes is not None:
+        _, T, Q = anchor_counts(problem.routes, E)
+    else:
+        T, Q = problem.transitions, problem.coactivation if problem.coactivation is not None else np.zeros((L, E, E))
+    T = _smooth(_rescale_pairs(T, load[:-1], 1.0), smoothing) if L > 1 else np.zeros((0, E, E))
+    Q = _smooth(_rescale_pairs(Q, load, (k - 1) / k), smoothing)
+    return T, Q
 
 
 def _group_nodes(load: np.ndarray, groups: int, topo: Topology) -> np.ndarray:
@@ -825,16 +834,18 @@ def construct(data: JointData, r: np.ndarray, cap: float, sweeps: int, deadline:
 
 
 def local_search(state: State, deadline: float, rng: np.random.Generator, max_passes: int = 50,
-                 candidates: int = 12, say=None) -> int:
-    """Improve ``state`` in place; returns the number of accepted moves. When a pass finds nothing, the screened
-    neighbourhood widens (twice the candidates, up to 8x) before the search stops."""
+                 candidates: int = 12, say=None, layers: list[int] | None = None) -> int:
+    """Improve ``state`` in place (every layer, or only ``layers``); returns the number of accepted moves. When a
+    pass finds nothing, the screened neighbourhood widens (twice the candidates, up to 8x) before the search
+    stops."""
     d = state.d
-    L, m = d.L, state.m
+    m = state.m
+    pool = np.arange(d.L) if layers is None else np.asarray(layers, dtype=np.int64)
     accepted = 0
     widest = 8 * candidates
     for p in range(max_passes):
         gained = 0
-        order = rng.permutation(L)
+        order = rng.permutation(pool)
         for l in order:
             if time.perf_counter() > deadline:
                 return accepted
@@ -853,6 +864,61 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
                 break
             candidates *= 2
     return accepted
+
+
+def _restore(state: State, rows: dict[int, np.ndarray]) -> None:
+    """Put the slot rows ``{layer: [S] row}`` back (exact incremental moves; a no-op where nothing changed)."""
+    for l, row in rows.items():
+        diff = np.nonzero(state.X[l] != row)[0]
+        if diff.size:
+            res = state.evaluate_move(l, [(int(s), int(row[s])) for s in diff])
+            if res is None:  # cannot happen for a row the state held before; rebuild the hard way
+                raise RuntimeError("could not restore a layer the state held before")
+            state.apply(res[2])
+
+
+def iterated_search(state: State, deadline: float, rng: np.random.Generator, swaps: int = 3,
+                    patience: int | None = None, min_gain: float = 1e-3, say=None) -> tuple[int, int]:
+    """Iterated local search (Lourenco, Martin & Stuetzle, "Iterated Local Search", 2003) until ``deadline``: kick
+    one layer with ``swaps`` random swaps of pieces of similar load between GPUs, descend (:func:`local_search`)
+    on that layer and its neighbours (the only objective terms a kick touches), keep the result if the objective
+    improved, else put the three layers back; stops when the last ``patience`` kicks (default: two per layer)
+    gained less than ``min_gain`` of the objective together. Returns (kicks, kicks kept)."""
+    d = state.d
+    G, S = state.G, state.S
+    gpu = state.gpu
+    best = state.objective()
+    kicks = kept = 0
+    patience = 2 * d.L if patience is None else patience
+    history = [best]  # best objective after each kick
+    while time.perf_counter() < deadline:
+        if len(history) > patience and history[-patience - 1] - best < min_gain * abs(best):
+            break
+        l = int(rng.integers(d.L))
+        near = [ll for ll in (l - 1, l, l + 1) if 0 <= ll < d.L]
+        saved = {ll: state.X[ll].copy() for ll in near}
+        x = d.load[l][state.X[l]] / state.r[l][state.X[l]]
+        for _ in range(swaps):
+            s1 = int(rng.integers(S))
+            g2 = int(rng.integers(G - 1))
+            g2 = g2 + (g2 >= gpu[s1])
+            cand = np.nonzero(gpu == g2)[0]
+            s2 = int(cand[np.argmin(np.abs(x[cand] - x[s1]))])
+            res = state.evaluate_move(l, [(s1, int(state.X[l][s2])), (s2, int(state.X[l][s1]))])
+            if res is not None:
+                state.apply(res[2])
+        local_search(state, deadline, rng, layers=near)
+        kicks += 1
+        now = state.objective()
+        if now < best - 1e-12 * abs(best):
+            best = now
+            kept += 1
+        else:
+            _restore(state, saved)
+        history.append(best)
+    if say:
+        say(f"iterated local search: {kicks} kicks, {kept} kept, objective {state.objective():.6g}")
+    return kicks, kept
 
 
 def _weights(state: State) -> np.ndarray:
@@ -1078,27 +1144,52 @@ def _solve(problem: Problem, options: Options) -> Result:
             if time.perf_counter() > c_deadline:
                 break
             candidates.append((f"chain cap {cap}", construct(data, r, float(cap), sweeps, c_deadline, start=base)))
-    elif data.C is not None and time.perf_counter() < c_deadline:
-        lam = float(params.get("balance_weight", 8.0))
-        sweeps = int(params.get("sweeps", 3))
-        start = stratified_start(data, r) if data.allowed_node is None else base
-        candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
+    else:
+        if data.C is not None and time.perf_counter() < c_deadline:
+            lam = float(params.get("balance_weight", 8.0))
+            sweeps = int(params.get("sweeps", 3))
+            start = stratified_start(data, r) if data.allowed_node is None else base
+            candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
+        if (problem.routes is not None or problem.transitions is not None) and data.L > 1 \
+                and time.perf_counter() < c_deadline:
+            # an affinity chain is another good start under the standard dataflow too: its assignments see the
+            # anchor pairs (co-activation) with whole-layer exactness
+            T, Q = anchor_stats(problem, data.load, float(params.get("smoothing", 0.0)))
+            chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
+            cap = float(params.get("chain_cap", 1.2))
+            candidates.append((f"chain cap {cap}", construct(chain, r, cap, int(params.get("sweeps", 8)), c_deadline,
+                                                             start=base)))
     scored = []
     for name, X in candidates:
         v = objective_of(data, X)
         scored.append((v, name, X))
         say(f"construction {name}: objective {v:.6g}")
-    # the column construction trades a little balance for co-activation that the local search turns into time
-    prefer = [c for c in scored if c[1] == "columns"]
-    best = min(scored, key=lambda c: c[0])
-    if prefer and data.current is None:
-        best = prefer[0]
+    # the column construction trades a little balance for co-activation that the local search turns into time, so
+    # it goes first; then the others by objective (the bare balanced start only when nothing else was built)
+    order = sorted(scored, key=lambda c: (c[1] != "columns" or data.current is not None, c[0]))
+    if len(order) > 1:
+        order = [c for c in order if c[1] != "balanced" or data.current is not None] or order
     stats["construction"] = {name: v for v, name, _ in scored}
-    stats["construction_pick"] = best[1]
     stats["construction_seconds"] = time.perf_counter() - t0
-    state = State(data, best[2])
-    if params.get("local_search", True):
-        stats["local_search_moves"] = local_search(state, deadline, rng, say=say)
+    state, picked, starts = None, None, {}
+    search = bool(params.get("local_search", True))
+    first_secs = None
+    for v, name, X0 in (order if search else order[:1]):
+        # another start only when a descent as long as the first still fits
+        if state is not None and deadline - time.perf_counter() < 1.2 * first_secs:
+            break
+        t_ls = time.perf_counter()
+        st = State(data, X0.copy())
+        moves = local_search(st, deadline, rng, say=say) if search else 0
+        first_secs = first_secs if first_secs is not None else time.perf_counter() - t_ls
+        starts[name] = st.objective()
+        if state is None or starts[name] < state.objective():
+            state, picked = st, name
+        stats["local_search_moves"] = stats.get("local_search_moves", 0) + moves
+    stats["construction_pick"] = picked
+    stats["starts"] = starts
+    if search and params.get("iterated", True) and time.perf_counter() < deadline:
+        stats["kicks"], stats["kicks_kept"] = iterated_search(state, deadline, rng, say=say)
     X = state.X
     obj = objective_of(data, X)
     return _result(X, obj, bound, "feasible", t0, data, stats)

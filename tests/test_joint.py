@@ -9,6 +9,7 @@ still returns a valid plan with its gap; the generator reproduces the real trace
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 from solvers import Options, Problem, SolverInputError, Topology, solve
 from solvers.cost import CostModel, estimate_layer_seconds
-from solvers.joint import State, local_search, objective_of, prepare
+from solvers.joint import State, iterated_search, local_search, objective_of, prepare
 from solvers.joint_bound import layer_bounds, max_colocated_pairs, max_local_pairs, min_max_piece, total_bound
 
 
@@ -156,6 +157,41 @@ def test_incremental_objective_equals_from_scratch(real, dataflow):
         # the served shares follow positions: some replicated expert is not split evenly
         assert np.abs(state.W - state.P).max() > 0.05
         assert np.allclose(state.M, fresh.M, rtol=1e-9, atol=1e-9 * state.M.max())
+
+
+@pytest.mark.parametrize("dataflow", ["standard", "coherent"])
+def test_iterated_search_never_worsens_and_restores_exactly(real, dataflow):
+    """Kicks that do not pay are undone by exact moves: the objective never rises, and after many kicks and
+    restores the incremental state (replicas included) still equals a fresh one."""
+    from placement.problem import build_problem
+
+    fit, _ = real
+    topo = Topology.for_experts(64, 8, 8, gpus_per_node=4)
+    problem = build_problem(fit, topo)
+    data = prepare(problem, Options(params={"dataflow": dataflow}))
+    state = State(data, solve("contiguous", problem).phy2log)
+    local_search(state, deadline=float("inf"), rng=np.random.default_rng(0))
+    before = state.objective()
+    kicks, kept = iterated_search(state, deadline=time.perf_counter() + 3.0, rng=np.random.default_rng(1),
+                                  patience=10**6)
+    assert kicks > kept >= 0 and kicks >= 5  # some kicks were undone
+    assert state.objective() <= before * (1 + 1e-12)
+    fresh = State(data, state.X)
+    assert state.objective() == pytest.approx(fresh.objective(), rel=1e-9)
+    assert np.allclose(state.Lg, fresh.Lg, rtol=1e-9) and np.array_equal(state.r, fresh.r)
+    if dataflow == "coherent":
+        assert np.allclose(state.W, fresh.W, atol=1e-9)
+        assert np.allclose(state.M, fresh.M, rtol=1e-9, atol=1e-9 * state.M.max())
+
+
+def test_joint_keeps_the_best_of_its_starts(real_problem8):
+    """Standard dataflow with a token trace: the column and the chain construction both start a descent, and the
+    plan is never worse than the best descent (the iterated search only keeps improvements)."""
+    res = solve("joint", real_problem8, Options(time_limit=8, params={"dataflow": "standard"}))
+    starts = res.stats["starts"]
+    assert "columns" in starts and any(name.startswith("chain") for name in starts)
+    assert res.objective <= min(starts.values()) * (1 + 1e-9)
+    assert res.stats["construction_pick"] == min(starts, key=starts.get)
 
 
 def test_incremental_objective_with_profiles_coherent():
