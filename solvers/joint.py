@@ -878,12 +878,13 @@ def _restore(state: State, rows: dict[int, np.ndarray]) -> None:
 
 
 def iterated_search(state: State, deadline: float, rng: np.random.Generator, swaps: int = 3,
-                    patience: int | None = None, min_gain: float = 1e-3, say=None) -> tuple[int, int]:
+                    patience: int | None = None, min_gain: float = 1e-3, max_kicks: int | None = None,
+                    say=None) -> tuple[int, int]:
     """Iterated local search (Lourenco, Martin & Stuetzle, "Iterated Local Search", 2003) until ``deadline``: kick
     one layer with ``swaps`` random swaps of pieces of similar load between GPUs, descend (:func:`local_search`)
     on that layer and its neighbours (the only objective terms a kick touches), keep the result if the objective
     improved, else put the three layers back; stops when the last ``patience`` kicks (default: two per layer)
-    gained less than ``min_gain`` of the objective together. Returns (kicks, kicks kept)."""
+    gained less than ``min_gain`` of the objective together, or after ``max_kicks``. Returns (kicks, kicks kept)."""
     d = state.d
     G, S = state.G, state.S
     gpu = state.gpu
@@ -891,7 +892,7 @@ def iterated_search(state: State, deadline: float, rng: np.random.Generator, swa
     kicks = kept = 0
     patience = 2 * d.L if patience is None else patience
     history = [best]  # best objective after each kick
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline and (max_kicks is None or kicks < max_kicks):
         if len(history) > patience and history[-patience - 1] - best < min_gain * abs(best):
             break
         l = int(rng.integers(d.L))
