@@ -36,6 +36,8 @@ adjacent-layer affinity is strong and the coherent dataflow is asked for.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from solvers.base import Topology
@@ -127,6 +129,107 @@ def max_colocated_pairs(pairs: np.ndarray, partners: int, iterations: int = 30) 
     return best
 
 
+def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float = 5.0, max_rounds: int = 30,
+                           say=None) -> float:
+    """A tighter upper bound than :func:`max_colocated_pairs` on the co-activated pair mass that can share a GPU:
+    the b-matching LP plus the triangle inequalities of clique partitioning (Groetschel & Wakabayashi, "A cutting
+    plane algorithm for a clustering problem", Math. Programming 1989), solved by cutting planes and column
+    generation with HiGHS.
+
+    Variables ``y_ab`` = co-located share of the pair, ``sum_g W_ag W_bg`` for shares W (rows sum to 1, entries in
+    [0, 1]); constraints ``0 <= y <= 1``, ``sum_b y_ab <= partners`` and ``y_ab + y_ac - y_bc <= 1`` (per GPU
+    ``xy + xz - yz <= x`` for x, y, z in [0, 1], summed over GPUs; so replicas and position-aware shares obey it).
+    Any nonnegative multipliers of the degree rows and of the cuts give a valid bound by weak duality
+    (``partners x sum lam + sum mu + sum_ab max(0, reduced cost)`` over every pair, present in the LP or not),
+    so the value returned is valid whenever the loop stops (time limit, rounds).
+    """
+    import highspy
+
+    W = np.triu(np.asarray(pairs, dtype=np.float64), 1)
+    W = W + W.T
+    E = W.shape[0]
+    if partners <= 0 or E < 2:
+        return 0.0
+    if partners >= E - 1:
+        return float(np.triu(W, 1).sum())
+    t_end = time.perf_counter() + time_limit
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
+    inf = highspy.kHighsInf
+    for _ in range(E):
+        h.addRow(-inf, float(partners), 0, np.array([], dtype=np.int32), np.array([]))
+    col_of = -np.ones((E, E), dtype=np.int64)  # column index of pair (a, b), a < b
+    ends: list[tuple[int, int]] = []
+    cuts: list[tuple[int, int, int]] = []  # columns (+, +, -) of each triangle cut
+
+    def add_pairs(a_idx, b_idx):
+        for a, b in zip(a_idx, b_idx):
+            a, b = (int(a), int(b)) if a < b else (int(b), int(a))
+            if a == b or col_of[a, b] >= 0:
+                continue
+            col_of[a, b] = len(ends)
+            ends.append((a, b))
+            h.addCol(float(W[a, b]), 0.0, 1.0, 2, np.array([a, b], dtype=np.int32), np.array([1.0, 1.0]))
+
+    q = min(E - 1, max(2 * partners, 12))
+    top = np.argpartition(-W, q - 1, axis=1)[:, :q]
+    add_pairs(np.repeat(np.arange(E), q), top.ravel())
+    iu = np.triu_indices(E, 1)
+    best = max_colocated_pairs(W, partners)
+    for _ in range(max_rounds):
+        h.run()
+        sol = h.getSolution()
+        y_col = np.asarray(sol.col_value)
+        duals = np.abs(np.asarray(sol.row_dual))
+        lam, mu = duals[:E], duals[E:]
+        # the Lagrangian bound of (lam, mu) over every pair
+        ea = np.asarray(ends, dtype=np.int64)
+        red = W - lam[:, None] - lam[None, :]
+        if cuts:
+            cc = np.asarray(cuts, dtype=np.int64)
+            adj = np.zeros(len(ends))
+            np.add.at(adj, cc[:, 0], mu)
+            np.add.at(adj, cc[:, 1], mu)
+            np.add.at(adj, cc[:, 2], -mu)
+            red[ea[:, 0], ea[:, 1]] -= adj
+        value = float(partners * lam.sum() + mu.sum() + np.maximum(red[iu], 0.0).sum())
+        best = min(best, value)
+        if time.perf_counter() > t_end:
+            break
+        # separation: y_ab + y_ac - y_bc > 1 at some apex a
+        Y = np.zeros((E, E))
+        Y[ea[:, 0], ea[:, 1]] = y_col
+        Y = Y + Y.T
+        new_cuts = []
+        for a in range(E):
+            nb = np.nonzero(Y[a] > 1e-6)[0]
+            if nb.size < 2:
+                continue
+            ya = Y[a, nb]
+            viol = ya[:, None] + ya[None, :] - Y[np.ix_(nb, nb)] - 1.0
+            ii, jj = np.nonzero(np.triu(viol > 1e-6, 1))
+            new_cuts.extend((float(viol[i, j]), a, int(nb[i]), int(nb[j])) for i, j in zip(ii, jj))
+        # pricing: pairs outside the LP whose reduced cost is positive
+        absent = red.copy()
+        absent[ea[:, 0], ea[:, 1]] = 0.0
+        pa, pb = np.nonzero(np.triu(absent > 1e-9 * max(float(W.max()), 1e-300), 1))
+        if not new_cuts and pa.size == 0:
+            break
+        if pa.size:
+            keep = np.argsort(-absent[pa, pb])[:5000]
+            add_pairs(pa[keep], pb[keep])
+        new_cuts.sort(reverse=True)
+        for _, a, b, c in new_cuts[:20000]:
+            add_pairs([b], [c])
+            k = [col_of[min(a, b), max(a, b)], col_of[min(a, c), max(a, c)], col_of[min(b, c), max(b, c)]]
+            cuts.append((int(k[0]), int(k[1]), int(k[2])))
+            h.addRow(-inf, 1.0, 3, np.array(k, dtype=np.int32), np.array([1.0, 1.0, -1.0]))
+        if say:
+            say(f"clique LP: bound {best:.6g}, {len(ends)} pairs, {len(cuts)} cuts")
+    return best
+
+
 def _top_copies(mu: np.ndarray, count: int, max_copies: int) -> float:
     """Sum of the ``count`` largest values of ``mu`` (>= 0) when each entry may be taken up to ``max_copies``
     times."""
@@ -198,13 +301,15 @@ def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: Cos
 
 def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
                  coactivation: np.ndarray | None = None, anchor_pairs: np.ndarray | None = None,
-                 max_replicas: int | None = None) -> np.ndarray:
+                 max_replicas: int | None = None, lp_seconds: float = 0.0) -> np.ndarray:
     """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
 
     Args:
         load: ``[N, L, E]`` per-profile load; coactivation ``[L, E, E]``, and for the coherent dataflow the anchor
             transitions ``[L-1, E, E]`` and anchor pairs ``[L, E, E]`` (:func:`solvers.cost.anchor_counts`), in the
             units of the mean profile (they are scaled by each profile's token count).
+        lp_seconds: > 0 tightens the GPU-level pair bounds with :func:`max_colocated_pairs_lp` (triangle cuts),
+            this many seconds in all, shared evenly by the layers.
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -216,11 +321,17 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
     p_star = min_max_piece(load, S, max_replicas or G)  # [N, L]
     lb_compute = alpha * np.maximum(total / G, p_star)
     # duplicates (standard) and local pair mass (coherent), in mean-profile units
+    calls = L * ((coactivation is not None) + (cost.dataflow != "standard" and anchor_pairs is not None))
+    per_call = lp_seconds / max(calls, 1)
+
+    def pair_bound(pairs: np.ndarray) -> float:
+        b = max_colocated_pairs(pairs, m - 1)
+        return min(b, max_colocated_pairs_lp(pairs, m - 1, time_limit=per_call)) if per_call > 0 else b
+
     dup_max = np.zeros(L)
     if coactivation is not None:
         for l in range(L):
-            dup_max[l] = min(0.5 * _top_sum(coactivation[l], m - 1, axis=1),
-                             max_colocated_pairs(coactivation[l], m - 1))
+            dup_max[l] = min(0.5 * _top_sum(coactivation[l], m - 1, axis=1), pair_bound(coactivation[l]))
     distinct_lb = np.maximum(total - dup_max[None, :] * scale, 0.0)  # [N, L]
     if cost.dataflow == "standard":
         comm_lb = standard_mean_comm(distinct_lb, topology, cost, phases=2)
@@ -240,7 +351,7 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
                               if multi else None))
             Ql = anchor_pairs[l]  # combine onto the anchors
             sym = Ql + Ql.T
-            parts.append((Ql, max_colocated_pairs(sym, m - 1), max_colocated_pairs(sym, m * n - 1) if multi else None))
+            parts.append((Ql, pair_bound(sym), max_colocated_pairs(sym, m * n - 1) if multi else None))
             for pairs, local, local_node in parts:
                 # a GPU's copies are dd_h x its pair mass Y_h, dd_h >= 1 - dup_h / load_h and Y_h <= c x load_h
                 col = pairs.sum(axis=0)

@@ -17,7 +17,8 @@ import pytest
 from solvers import Options, Problem, SolverInputError, Topology, solve
 from solvers.cost import CostModel, estimate_layer_seconds
 from solvers.joint import State, iterated_search, local_search, objective_of, prepare
-from solvers.joint_bound import layer_bounds, max_colocated_pairs, max_local_pairs, min_max_piece, total_bound
+from solvers.joint_bound import (layer_bounds, max_colocated_pairs, max_colocated_pairs_lp, max_local_pairs, min_max_piece,
+                                 total_bound)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def _all_placements(E: int, G: int, m: int, L: int):
 def test_bound_never_beats_brute_force_optimum(real, dataflow, shape):
     L, E, G, R = shape
     problem = _tiny_problem(real, L, E, G, R)
-    opts = Options(time_limit=10, params={"dataflow": dataflow, "exact_limit": 0})
+    opts = Options(time_limit=10, params={"dataflow": dataflow, "exact_limit": 0, "bound_lp": 1.0})
     data = prepare(problem, opts)
     best = min(objective_of(data, X) for X in _all_placements(E, G, problem.topology.slots_per_gpu, L))
     heuristic = solve("joint", problem, opts)
@@ -113,6 +114,32 @@ def test_bound_pieces_and_pairs_are_valid():
     local = max(sum(T[a, b] for g in range(3) for a in pa[2 * g:2 * g + 2] for b in pb[2 * g:2 * g + 2])
                 for pa in splits for pb in itertools.permutations(range(6)))
     assert max_local_pairs(T, 2) >= local - 1e-9
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 2), (5, 3, 3), (8, 2, 4)])
+def test_triangle_cut_pair_bound_is_valid_and_tighter(real_problem8, shape):
+    """The clique-partitioning LP (triangle cuts) bounds the co-located pair mass of every placement, replicas
+    with even or position-aware shares included (enumerated), and is tighter than the b-matching on the real
+    trace's co-activation."""
+    E, G, m = shape
+    rows = [pick for pick in itertools.product(itertools.combinations(range(E), m), repeat=G)
+            if len(set(np.concatenate(pick))) == E]
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        W = rng.random((E, E)) ** 3
+        W = np.triu(W, 1) + np.triu(W, 1).T
+        best = 0.0
+        for pick in rows:
+            mask = np.zeros((E, G))
+            for g, es in enumerate(pick):
+                mask[list(es), g] = 1.0
+            for shares in (mask / mask.sum(axis=1, keepdims=True),  # even split
+                           mask * rng.dirichlet(np.ones(G), size=E)):  # any split over the holding GPUs
+                shares = shares / shares.sum(axis=1, keepdims=True)
+                best = max(best, 0.5 * float(np.einsum("ag,bg,ab->", shares, shares, W)))
+        assert max_colocated_pairs_lp(W, m - 1) >= best - 1e-9
+    C = real_problem8.coactivation[5]
+    assert max_colocated_pairs_lp(C, 7) < 0.98 * max_colocated_pairs(C, 7)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 2), (5, 2, 3)])
