@@ -21,9 +21,13 @@ Method (a decomposition that is exact where it can be, then local search on the 
    arXiv 2502.06643); several caps are tried and the cost model picks the best trade-off.
 4. Local search on the exact counts objective with incremental evaluation: swaps of two experts between GPUs
    and replica re-targeting, aimed at each layer's slowest GPU, lexicographic on (objective, sum of squared GPU
-   times) so that plateaus still improve balance and traffic.
-5. Bound: :func:`solvers.joint_bound.layer_bounds` (valid for every placement); gap = (objective - bound) /
-   objective.
+   times) so that plateaus still improve balance and traffic. Every start (the column construction and, with a
+   token trace, an affinity chain under the standard dataflow too) is descended while a descent as long as the
+   first still fits; the best is kept.
+5. Iterated local search (Lourenco, Martin & Stuetzle, "Iterated Local Search", 2003) with the time left: kick a
+   layer, descend on it and its neighbours, keep or undo (:func:`iterated_search`).
+6. Bound: :func:`solvers.joint_bound.layer_bounds` (valid for every placement; ``bound_lp`` seconds tighten its
+   pair allowances with triangle cuts); gap = (objective - bound) / objective.
 
 Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`` (a
 :class:`solvers.cost.CostModel`), ``model`` (a cost preset such as "deepseek-v3"), any CostModel field
@@ -31,9 +35,11 @@ Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`
 "worst"; profiles are first scaled to the same token count unless ``normalize_profiles=false``),
 ``migration_cost`` (seconds per moved expert copy; default when a current plan is given: one expert's
 weights over the intra-node link), ``keep_groups_on_nodes`` (bool: every expert group stays on one node, for
-node-limited routing), ``caps`` (load caps tried by the construction), ``sweeps``, ``smoothing`` (shrink
-transitions and co-activation towards independence, 0..1), ``local_search`` (bool), ``exact_limit``
-(enumerate when there are at most this many placements).
+node-limited routing), ``caps`` (load caps tried by the construction), ``chain_cap`` (load cap of the affinity
+chain start under the standard dataflow, default 1.2), ``sweeps``, ``smoothing`` (shrink transitions and
+co-activation towards independence, 0..1), ``local_search`` (bool), ``iterated`` (bool: iterated local search
+with the time left, default true), ``bound_lp`` (seconds for the triangle-cut pair bound, default 0),
+``exact_limit`` (enumerate when there are at most this many placements).
 """
 
 from __future__ import annotations
