@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/joint_gap.py                      # 64 GPUs / 8 nodes / 64 redundant, 120 s
     PYTHONPATH=. python benchmarks/joint_gap.py --gpus 32 --redundant 32
+    PYTHONPATH=. python benchmarks/joint_gap.py --bound-lp 120   # and the bound with triangle cuts (2 x 120 s)
 
 Plans the calibrated V3-size synthetic trace of ``benchmarks/joint_scale.py`` (fitted half) with the joint planner
 and splits its counts objective against the bound (:mod:`solvers.joint_bound`) into the terms that make the gap:
@@ -31,13 +32,15 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=120.0)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
+    ap.add_argument("--bound-lp", type=float, default=0.0, help="after the solve, spend this many seconds on the "
+                    "triangle-cut pair bound (solvers.joint_bound.max_colocated_pairs_lp) and report its gap")
     args = ap.parse_args()
 
     from joint_scale import v3_trace
     from placement.problem import build_problem
     from solvers import Options, Topology, solve
     from solvers.joint import State, prepare
-    from solvers.joint_bound import _top_sum, max_colocated_pairs
+    from solvers.joint_bound import _top_sum, layer_bounds, max_colocated_pairs, max_colocated_pairs_lp, total_bound
 
     fit, _ = v3_trace(args.tokens, args.cache).split_by_sequence(0.5, seed=0)
     topo = Topology.for_experts(fit.num_experts, args.gpus, args.redundant, args.gpus_per_node)
@@ -66,6 +69,18 @@ def main() -> None:
              f"(pairwise estimate; pair floor {per_tok(floor.sum(axis=1)):.2f})", f"{per_tok(total - dup_max):.2f}"),
             ("co-activated pairs sharing a GPU per token-layer", f"{per_tok(st.dup.sum(axis=1)):.2f}",
              f"{per_tok(dup_max):.2f} (b-matching)")]
+    if args.bound_lp > 0:
+        t = time.perf_counter()
+        per = args.bound_lp / data.L
+        lp_max = np.array([min(dup_max[l], max_colocated_pairs_lp(data.C[l], m - 1, time_limit=per))
+                           for l in range(data.L)])
+        rows.append(("co-activated pairs sharing a GPU per token-layer", f"{per_tok(st.dup.sum(axis=1)):.2f}",
+                     f"{per_tok(lp_max):.2f} (b-matching + triangle cuts)"))
+        rows.append(("distinct GPUs per token-layer", "", f"{per_tok(total - lp_max):.2f} (with triangle cuts)"))
+        lb = total_bound(layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=topo.num_gpus,
+                                      lp_seconds=args.bound_lp), data.worst)
+        print(f"with triangle cuts ({time.perf_counter() - t:.1f} s): bound {lb * 1e3:.2f} ms, gap "
+              f"{(res.objective - lb) / res.objective:.3f}")
     print(f"{'term':50s} {'plan':>40s}  bound assumes")
     for name, plan, bound in rows:
         print(f"{name:50s} {plan:>40s}  {bound}")

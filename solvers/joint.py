@@ -1159,9 +1159,12 @@ def _solve(problem: Problem, options: Options) -> Result:
             start = stratified_start(data, r) if data.allowed_node is None else base
             candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
         if (problem.routes is not None or problem.transitions is not None) and data.L > 1 \
-                and time.perf_counter() < c_deadline:
+                and topo.num_slots == data.E and time.perf_counter() < c_deadline:
             # an affinity chain is another good start under the standard dataflow too: its assignments see the
-            # anchor pairs (co-activation) with whole-layer exactness
+            # anchor pairs (co-activation) with whole-layer exactness. Not with redundant slots: the standard
+            # counts model splits a replicated expert evenly, not as the dispatch rule does, and the chain's
+            # plans lean on that error (16 GPUs + 16 redundant: counts -1.5%, exact replay +0.8% fitted, +5%
+            # held out; docs/benchmarks.md)
             T, Q = anchor_stats(problem, data.load, float(params.get("smoothing", 0.0)))
             chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
             cap = float(params.get("chain_cap", 1.2))

@@ -222,8 +222,9 @@ def test_iterated_search_never_worsens_and_restores_exactly(real, dataflow):
 
 
 def test_joint_keeps_the_best_of_its_starts(real_problem8):
-    """Standard dataflow with a token trace: the column and the chain construction both start a descent, and the
-    plan is never worse than the best descent (the iterated search only keeps improvements)."""
+    """Standard dataflow with a token trace and no redundant slots: the column and the chain construction both
+    start a descent, and the plan is never worse than the best descent (the iterated search only keeps
+    improvements)."""
     res = solve("joint", real_problem8, Options(time_limit=8, params={"dataflow": "standard"}))
     starts = res.stats["starts"]
     assert "columns" in starts and any(name.startswith("chain") for name in starts)
