@@ -36,7 +36,8 @@ Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`
 ``migration_cost`` (seconds per moved expert copy; default when a current plan is given: one expert's
 weights over the intra-node link), ``keep_groups_on_nodes`` (bool: every expert group stays on one node, for
 node-limited routing), ``caps`` (load caps tried by the construction), ``chain_cap`` (load cap of the affinity
-chain start under the standard dataflow, default 1.2), ``sweeps``, ``smoothing`` (shrink transitions and
+chain start under the standard dataflow, default 1.2), ``chain_start`` (bool; default: only without redundant
+slots), ``sweeps``, ``smoothing`` (shrink transitions and
 co-activation towards independence, 0..1), ``local_search`` (bool), ``iterated`` (bool: iterated local search
 with the time left, default true), ``bound_lp`` (seconds for the triangle-cut pair bound, default 0),
 ``exact_limit`` (enumerate when there are at most this many placements).
@@ -1158,8 +1159,10 @@ def _solve(problem: Problem, options: Options) -> Result:
             sweeps = int(params.get("sweeps", 3))
             start = stratified_start(data, r) if data.allowed_node is None else base
             candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
-        if (problem.routes is not None or problem.transitions is not None) and data.L > 1 \
-                and topo.num_slots == data.E and time.perf_counter() < c_deadline:
+        chain_start = params.get("chain_start")
+        chain_start = topo.num_slots == data.E if chain_start is None else bool(chain_start)
+        if (problem.routes is not None or problem.transitions is not None) and data.L > 1 and chain_start \
+                and time.perf_counter() < c_deadline:
             # an affinity chain is another good start under the standard dataflow too: its assignments see the
             # anchor pairs (co-activation) with whole-layer exactness. Not with redundant slots: the standard
             # counts model splits a replicated expert evenly, not as the dispatch rule does, and the chain's
