@@ -149,7 +149,8 @@ def mixture_robustness(fit_counts: np.ndarray, held_counts: np.ndarray, topo, ex
                       "fitted_sum": float(imb(fit_counts.sum(axis=0)[None])[0]),
                       "heldout_sum": float(imb(held_counts.sum(axis=0)[None])[0])}
         o = out[label]
-        say(f"  {label:32s} {secs:6.1f}s gap {fmt(res.gap)} fitted tasks {o['fitted_tasks_mean']:.3f}/"
+        say(f"  {label:32s} {secs:6.1f}s gap {fmt(res.gap)} fitted sum {o['fitted_sum']:.3f} held-out sum "
+            f"{o['heldout_sum']:.3f} fitted tasks {o['fitted_tasks_mean']:.3f}/"
             f"{o['fitted_tasks_worst']:.3f} held-out tasks {o['heldout_tasks_mean']:.3f}/{o['heldout_tasks_worst']:.3f}"
             f" unseen mixes {o['unseen_mixes_mean']:.3f}/{o['unseen_mixes_worst']:.3f}")
     return out
