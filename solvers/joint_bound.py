@@ -136,7 +136,7 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
     """A tighter upper bound than :func:`max_colocated_pairs` on the co-activated pair mass that can share a GPU:
     the b-matching LP plus the triangle inequalities of clique partitioning (Groetschel & Wakabayashi, "A cutting
     plane algorithm for a clustering problem", Math. Programming 1989), solved by cutting planes and column
-    generation with HiGHS.
+    generation with OR-Tools' GLOP.
 
     Variables ``y_ab`` = co-located share of the pair, ``sum_g W_ag W_bg`` for shares W (rows sum to 1, entries in
     [0, 1]); constraints ``0 <= y <= 1``, ``sum_b y_ab <= partners`` and ``y_ab + y_ac - y_bc <= 1`` (per GPU
@@ -145,7 +145,7 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
     (``partners x sum lam + sum mu + sum_ab max(0, reduced cost)`` over every pair, present in the LP or not),
     so the value returned is valid whenever the loop stops (time limit, rounds).
     """
-    import highspy
+    from ortools.linear_solver import pywraplp  # GLOP (highspy cannot share a process with OR-Tools)
 
     W = np.triu(np.asarray(pairs, dtype=np.float64), 1)
     W = W + W.T
@@ -155,14 +155,14 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
     if partners >= E - 1:
         return float(np.triu(W, 1).sum())
     t_end = time.perf_counter() + time_limit
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.changeObjectiveSense(highspy.ObjSense.kMaximize)
-    inf = highspy.kHighsInf
-    for _ in range(E):
-        h.addRow(-inf, float(partners), 0, np.array([], dtype=np.int32), np.array([]))
+    lp = pywraplp.Solver.CreateSolver("GLOP")
+    objective = lp.Objective()
+    objective.SetMaximization()
+    degree = [lp.Constraint(-lp.infinity(), float(partners)) for _ in range(E)]
+    cut_rows: list = []
     col_of = -np.ones((E, E), dtype=np.int64)  # column index of pair (a, b), a < b
     ends: list[tuple[int, int]] = []
+    cols: list = []
     cuts: list[tuple[int, int, int]] = []  # columns (+, +, -) of each triangle cut
 
     def add_pairs(a_idx, b_idx):
@@ -172,7 +172,11 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
                 continue
             col_of[a, b] = len(ends)
             ends.append((a, b))
-            h.addCol(float(W[a, b]), 0.0, 1.0, 2, np.array([a, b], dtype=np.int32), np.array([1.0, 1.0]))
+            v = lp.NumVar(0.0, 1.0, "")
+            objective.SetCoefficient(v, float(W[a, b]))
+            degree[a].SetCoefficient(v, 1.0)
+            degree[b].SetCoefficient(v, 1.0)
+            cols.append(v)
 
     q = min(E - 1, max(2 * partners, 12))
     top = np.argpartition(-W, q - 1, axis=1)[:, :q]
@@ -180,11 +184,11 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
     iu = np.triu_indices(E, 1)
     best = max_colocated_pairs(W, partners)
     for _ in range(max_rounds):
-        h.run()
-        sol = h.getSolution()
-        y_col = np.asarray(sol.col_value)
-        duals = np.abs(np.asarray(sol.row_dual))
-        lam, mu = duals[:E], duals[E:]
+        if lp.Solve() != pywraplp.Solver.OPTIMAL:
+            break
+        y_col = np.array([v.solution_value() for v in cols])
+        lam = np.abs(np.array([c.dual_value() for c in degree]))
+        mu = np.abs(np.array([c.dual_value() for c in cut_rows]))
         # the Lagrangian bound of (lam, mu) over every pair
         ea = np.asarray(ends, dtype=np.int64)
         red = W - lam[:, None] - lam[None, :]
@@ -226,7 +230,11 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
             add_pairs([b], [c])
             k = [col_of[min(a, b), max(a, b)], col_of[min(a, c), max(a, c)], col_of[min(b, c), max(b, c)]]
             cuts.append((int(k[0]), int(k[1]), int(k[2])))
-            h.addRow(-inf, 1.0, 3, np.array(k, dtype=np.int32), np.array([1.0, 1.0, -1.0]))
+            row = lp.Constraint(-lp.infinity(), 1.0)
+            row.SetCoefficient(cols[k[0]], 1.0)
+            row.SetCoefficient(cols[k[1]], 1.0)
+            row.SetCoefficient(cols[k[2]], -1.0)
+            cut_rows.append(row)
         if say:
             say(f"clique LP: bound {best:.6g}, {len(ends)} pairs, {len(cuts)} cuts")
     return best
