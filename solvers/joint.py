@@ -873,13 +873,25 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
     return accepted
 
 
+def _random_swap(state: State, X: np.ndarray, x: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """A swap of a random piece with the piece closest in load ``x [S]`` on another random GPU, in layer row
+    ``X [S]``."""
+    gpu = state.gpu
+    s1 = int(rng.integers(state.S))
+    g2 = int(rng.integers(state.G - 1))
+    g2 = g2 + (g2 >= gpu[s1])
+    cand = np.nonzero(gpu == g2)[0]
+    s2 = int(cand[np.argmin(np.abs(x[cand] - x[s1]))])
+    return [(s1, int(X[s2])), (s2, int(X[s1]))]
+
+
 def _restore(state: State, rows: dict[int, np.ndarray]) -> None:
     """Put the slot rows ``{layer: [S] row}`` back (exact incremental moves; a no-op where nothing changed)."""
     for l, row in rows.items():
         diff = np.nonzero(state.X[l] != row)[0]
         if diff.size:
             res = state.evaluate_move(l, [(int(s), int(row[s])) for s in diff])
-            if res is None:  # cannot happen for a row the state held before; rebuild the hard way
+            if res is None:  # a row the state held before is always legal
                 raise RuntimeError("could not restore a layer the state held before")
             state.apply(res[2])
 
@@ -893,8 +905,6 @@ def iterated_search(state: State, deadline: float, rng: np.random.Generator, swa
     improved, else put the three layers back; stops when the last ``patience`` kicks (default: two per layer)
     gained less than ``min_gain`` of the objective together, or after ``max_kicks``. Returns (kicks, kicks kept)."""
     d = state.d
-    G, S = state.G, state.S
-    gpu = state.gpu
     best = state.objective()
     kicks = kept = 0
     patience = 2 * d.L if patience is None else patience
@@ -907,12 +917,7 @@ def iterated_search(state: State, deadline: float, rng: np.random.Generator, swa
         saved = {ll: state.X[ll].copy() for ll in near}
         x = d.load[l][state.X[l]] / state.r[l][state.X[l]]
         for _ in range(swaps):
-            s1 = int(rng.integers(S))
-            g2 = int(rng.integers(G - 1))
-            g2 = g2 + (g2 >= gpu[s1])
-            cand = np.nonzero(gpu == g2)[0]
-            s2 = int(cand[np.argmin(np.abs(x[cand] - x[s1]))])
-            res = state.evaluate_move(l, [(s1, int(state.X[l][s2])), (s2, int(state.X[l][s1]))])
+            res = state.evaluate_move(l, _random_swap(state, state.X[l], x, rng))
             if res is not None:
                 state.apply(res[2])
         local_search(state, deadline, rng, layers=near)
@@ -1008,13 +1013,7 @@ def _best_move(state: State, l: int, rng: np.random.Generator, candidates: int):
                 s2 = int(cand[np.argmin(score)])
                 moves.append([(int(s1), int(X[s2])), (s2, int(X[s1]))])
     for _ in range(2):
-        s1 = int(rng.integers(S))
-        g1 = gpu[s1]
-        g2 = int(rng.integers(G - 1))
-        g2 = g2 + (g2 >= g1)
-        cand = np.nonzero(gpu == g2)[0]
-        s2 = int(cand[np.argmin(np.abs(x[cand] - x[s1]))])
-        moves.append([(s1, int(X[s2])), (s2, int(X[s1]))])
+        moves.append(_random_swap(state, X, x, rng))
     # replica re-targets: give a spare replica (r >= 2) to the heaviest piece on the slowest GPU
     if S > d.E:
         hot = int(X[A[np.argmax(x[A])]])
@@ -1164,10 +1163,9 @@ def _solve(problem: Problem, options: Options) -> Result:
         if (problem.routes is not None or problem.transitions is not None) and data.L > 1 and chain_start \
                 and time.perf_counter() < c_deadline:
             # an affinity chain is another good start under the standard dataflow too: its assignments see the
-            # anchor pairs (co-activation) with whole-layer exactness. Not with redundant slots: the standard
-            # counts model splits a replicated expert evenly, not as the dispatch rule does, and the chain's
-            # plans lean on that error (16 GPUs + 16 redundant: counts -1.5%, exact replay +0.8% fitted, +5%
-            # held out; docs/benchmarks.md)
+            # anchor pairs (co-activation) with whole-layer exactness. Not by default with redundant slots: the
+            # standard counts model splits a replicated expert evenly, not as the dispatch rule does, and the
+            # chain's plans lean on that error (docs/benchmarks.md, 16 GPUs + 16 redundant)
             T, Q = anchor_stats(problem, data.load, float(params.get("smoothing", 0.0)))
             chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
             cap = float(params.get("chain_cap", 1.2))
@@ -1188,14 +1186,15 @@ def _solve(problem: Problem, options: Options) -> Result:
     state, picked, starts = None, None, {}
     search = bool(params.get("local_search", True))
     first_secs = None
-    for v, name, X0 in (order if search else order[:1]):
+    for _, name, X0 in (order if search else order[:1]):
         # another start only when a descent as long as the first still fits
         if state is not None and deadline - time.perf_counter() < 1.2 * first_secs:
             break
         t_ls = time.perf_counter()
-        st = State(data, X0.copy())
+        st = State(data, X0)
         moves = local_search(st, deadline, rng, say=say) if search else 0
-        first_secs = first_secs if first_secs is not None else time.perf_counter() - t_ls
+        if first_secs is None:
+            first_secs = time.perf_counter() - t_ls
         starts[name] = st.objective()
         if state is None or starts[name] < state.objective():
             state, picked = st, name
