@@ -143,7 +143,8 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
     ``xy + xz - yz <= x`` for x, y, z in [0, 1], summed over GPUs; so replicas and position-aware shares obey it).
     Any nonnegative multipliers of the degree rows and of the cuts give a valid bound by weak duality
     (``partners x sum lam + sum mu + sum_ab max(0, reduced cost)`` over every pair, present in the LP or not),
-    so the value returned is valid whenever the loop stops (time limit, rounds).
+    so the value returned is valid whenever the loop stops (time limit, rounds); it is never above
+    :func:`max_colocated_pairs`, its starting value.
     """
     from ortools.linear_solver import pywraplp  # GLOP (highspy cannot share a process with OR-Tools)
 
@@ -184,7 +185,8 @@ def max_colocated_pairs_lp(pairs: np.ndarray, partners: int, time_limit: float =
     iu = np.triu_indices(E, 1)
     best = max_colocated_pairs(W, partners)
     for _ in range(max_rounds):
-        if lp.Solve() != pywraplp.Solver.OPTIMAL:
+        lp.SetTimeLimit(max(int(1000 * (t_end - time.perf_counter())), 1))  # milliseconds
+        if lp.Solve() != pywraplp.Solver.OPTIMAL:  # out of time: the best bound so far stands
             break
         y_col = np.array([v.solution_value() for v in cols])
         lam = np.abs(np.array([c.dual_value() for c in degree]))
@@ -302,6 +304,20 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_s
     return best
 
 
+def pair_allowance(coactivation: np.ndarray, slots_per_gpu: int, lp_seconds: float = 0.0) -> np.ndarray:
+    """``[L]`` most co-activated pair mass of ``coactivation [L, E, E]`` that can share GPUs holding
+    ``slots_per_gpu`` slots: the smaller of the row-wise top sums and the b-matching bound, or with
+    ``lp_seconds > 0`` (shared by the layers) the triangle-cut LP (:func:`max_colocated_pairs_lp`)."""
+    L = coactivation.shape[0]
+    p = slots_per_gpu - 1
+    out = np.empty(L)
+    for l in range(L):
+        pairs = coactivation[l]
+        b = max_colocated_pairs_lp(pairs, p, lp_seconds / L) if lp_seconds > 0 else max_colocated_pairs(pairs, p)
+        out[l] = min(0.5 * _top_sum(pairs, p, axis=1), b)
+    return out
+
+
 def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: CostModel, phases: int) -> np.ndarray:
     """Lower bound on ``mean_g comm_g`` (standard dataflow) when the GPUs receive ``distinct_total`` copies."""
     G, n = topology.num_gpus, topology.gpus_per_node
@@ -311,7 +327,8 @@ def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: Cos
 
 def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
                  coactivation: np.ndarray | None = None, anchor_pairs: np.ndarray | None = None,
-                 max_replicas: int | None = None, lp_seconds: float = 0.0) -> np.ndarray:
+                 max_replicas: int | None = None, lp_seconds: float = 0.0,
+                 dup_max: np.ndarray | None = None) -> np.ndarray:
     """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
 
     Args:
@@ -320,6 +337,7 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
             units of the mean profile (they are scaled by each profile's token count).
         lp_seconds: > 0 tightens the GPU-level pair bounds with :func:`max_colocated_pairs_lp` (triangle cuts),
             this many seconds in all, shared evenly by the layers.
+        dup_max: ``[L]`` co-activated pair allowances already computed (:func:`pair_allowance`), or None.
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -331,17 +349,11 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
     p_star = min_max_piece(load, S, max_replicas or G)  # [N, L]
     lb_compute = alpha * np.maximum(total / G, p_star)
     # duplicates (standard) and local pair mass (coherent), in mean-profile units
-    calls = L * ((coactivation is not None) + (cost.dataflow != "standard" and anchor_pairs is not None))
+    lp_c = coactivation is not None and dup_max is None
+    calls = L * (lp_c + (cost.dataflow != "standard" and anchor_pairs is not None))
     per_call = lp_seconds / max(calls, 1)
-
-    def pair_bound(pairs: np.ndarray) -> float:
-        b = max_colocated_pairs(pairs, m - 1)
-        return min(b, max_colocated_pairs_lp(pairs, m - 1, time_limit=per_call)) if per_call > 0 else b
-
-    dup_max = np.zeros(L)
-    if coactivation is not None:
-        for l in range(L):
-            dup_max[l] = min(0.5 * _top_sum(coactivation[l], m - 1, axis=1), pair_bound(coactivation[l]))
+    if dup_max is None:
+        dup_max = pair_allowance(coactivation, m, per_call * L) if coactivation is not None else np.zeros(L)
     distinct_lb = np.maximum(total - dup_max[None, :] * scale, 0.0)  # [N, L]
     if cost.dataflow == "standard":
         comm_lb = standard_mean_comm(distinct_lb, topology, cost, phases=2)
@@ -361,7 +373,8 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
                               if multi else None))
             Ql = anchor_pairs[l]  # combine onto the anchors
             sym = Ql + Ql.T
-            parts.append((Ql, pair_bound(sym), max_colocated_pairs(sym, m * n - 1) if multi else None))
+            local = max_colocated_pairs_lp(sym, m - 1, per_call) if per_call > 0 else max_colocated_pairs(sym, m - 1)
+            parts.append((Ql, local, max_colocated_pairs(sym, m * n - 1) if multi else None))
             for pairs, local, local_node in parts:
                 # a GPU's copies are dd_h x its pair mass Y_h, dd_h >= 1 - dup_h / load_h and Y_h <= c x load_h
                 col = pairs.sum(axis=0)
