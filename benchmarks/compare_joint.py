@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --redundant 8 --markdown
     PYTHONPATH=. python benchmarks/compare_joint.py --tasks --gpus 8 --redundant 8   # several profiles, counts only
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --solvers joint --even-homes  # homes spread evenly
+    PYTHONPATH=. python benchmarks/compare_joint.py --gpus 16 --redundant 16 --joint-param chain_start=true
 
 Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
 and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
@@ -32,7 +33,7 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 
 
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
-        solvers: list[str], seed: int, say, even_homes: bool = False) -> list[dict]:
+        solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -61,7 +62,7 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
             say(f"  {name}: not available here, skipped")
             continue
         for flow in (dataflows if name == "joint" else [None]):
-            params = {"dataflow": flow} if flow else {}
+            params = {**(joint_params or {}), "dataflow": flow} if flow else {}
             limit = joint_limit if name == "joint" else ref_limit
             t = time.perf_counter()
             try:
@@ -121,10 +122,14 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--even-homes", action="store_true", help="evaluate with every held-out token its own sequence "
                     "(homes spread evenly over the GPUs, as the planner's counts model assumes)")
+    ap.add_argument("--joint-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="joint planner parameter, as `moeplace plan --param` (repeatable)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
                     "profiles, measure balance on held-out traffic of unseen task mixtures")
     args = ap.parse_args()
     say = lambda m: print(m, flush=True)  # noqa: E731
+    from placement.commands.plan import parse_params
+
     if args.tasks:
         import numpy as np
 
@@ -150,7 +155,7 @@ def main() -> None:
     for g in args.gpus:
         say(f"{g} GPUs, {args.redundant} redundant")
         rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
-                    args.solvers.split(","), args.seed, say, args.even_homes)
+                    args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param))
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:
