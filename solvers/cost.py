@@ -248,6 +248,37 @@ def standard_distinct(share: np.ndarray, load: np.ndarray, coactivation: np.ndar
     return gl, D
 
 
+def token_distinct(share: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``[G]`` distinct tokens served on each GPU, counted on the tokens themselves.
+
+    Args:
+        share: ``[E, G]`` share of each expert's tokens served on each GPU; ids: int ``[T, k]`` the tokens' experts
+            at this layer (-1 = none).
+    A token reaches GPU g unless none of its experts is served there. With each token's replica of expert e on g
+    chosen with probability ``share[e, g]`` independently, the expected count is
+    ``sum_t (1 - prod_j (1 - share[ids[t, j], g]))``: exact for experts with one replica, and it sees every
+    higher-order co-activation (three or more experts of one token on one GPU), which the pairwise estimate of
+    :func:`standard_distinct` does not.
+    """
+    z, q = token_cover(share, ids)
+    return (1.0 - np.where(z == 0, q, 0.0)).sum(axis=0)
+
+
+def token_cover(share: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How the experts ``ids [T, k]`` (-1 ignored) of each token cover each GPU under ``share [E, G]``: int8
+    ``z [T, G]`` experts served entirely on g (share 1) and ``q [T, G]`` the product of ``1 - share`` over the
+    others; the probability that no expert of token t is served on g is ``q`` where ``z == 0``, else 0."""
+    ext = np.vstack([np.asarray(share, dtype=np.float64), np.zeros((1, share.shape[1]))])
+    v = ext[np.where(ids >= 0, ids, share.shape[0])]  # [T, k, G]
+    one = v >= 1.0
+    return one.sum(axis=1, dtype=np.int8), np.prod(np.where(one, 1.0, 1.0 - v), axis=1)
+
+
+def routes_factor(load: np.ndarray, ids: np.ndarray) -> float:
+    """Units of ``load [E]`` per token of ``ids [T, k]``: its assignments over the routes' assignments."""
+    return float(load.sum()) / max(int((ids >= 0).sum()), 1)
+
+
 def anchor_counts(routes: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anchor statistics of token routes for the coherent dataflow (the anchor is a token's highest-gate expert).
 
@@ -337,7 +368,7 @@ def coherent_comm_seconds(distinct: np.ndarray, gpu_load: np.ndarray, into: np.n
 def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topology, cost: CostModel,
                            transitions: np.ndarray | None = None, coactivation: np.ndarray | None = None,
                            anchor_pairs: np.ndarray | None = None, tokens: np.ndarray | None = None,
-                           detail: bool = False):
+                           routes: np.ndarray | None = None, detail: bool = False):
     """``[L]`` estimated MoE-layer seconds of a placement from counts (the joint planner's objective).
 
     Args:
@@ -345,6 +376,8 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
             duplicate copies); transitions ``[L-1, E, E]`` and anchor_pairs ``[L, E, E]``: anchor statistics of
             :func:`anchor_counts` (coherent dataflow; needed there); tokens: ``[L]`` tokens per layer (default:
             pairs-only duplicate estimate).
+        routes: int ``[T, L, k]`` token routes (-1 = none): count the distinct tokens per GPU on them
+            (:func:`token_distinct`, scaled to the units of ``load``) instead of the pairwise estimate.
         detail: also return ``(compute [L, G], comm [L, G])``.
     All counts must refer to the same tokens (the planner rescales them so). Under the coherent dataflow the
     replicas' shares are the position-aware served shares of :func:`effective_share` (module docstring).
@@ -368,6 +401,8 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
         co = None if coactivation is None else coactivation[l]
         tok = None if tokens is None else float(tokens[l])
         compute[l], distinct[l] = standard_distinct(served[l], load[l], co, tok)
+        if routes is not None:
+            distinct[l] = token_distinct(served[l], routes[:, l]) * routes_factor(load[l], routes[:, l])
     gl = compute.copy()
     compute *= alpha
     if not coherent:

@@ -2,7 +2,8 @@
 
 Objective (minimised): the estimated MoE seconds of the fitted workload under the counts model of
 :mod:`solvers.cost` (:func:`solvers.cost.estimate_layer_seconds`; under the coherent dataflow replicas serve
-position-aware shares of their expert's tokens, :func:`solvers.cost.effective_share`): per layer the slowest
+position-aware shares of their expert's tokens, :func:`solvers.cost.effective_share`; with a token trace each
+GPU's distinct tokens are counted on the fitted tokens, :func:`solvers.cost.token_distinct`): per layer the slowest
 GPU's compute plus all-to-all time, summed over layers; with several workload profiles the mean
 (``objective="expected"``) or the maximum (``"worst"``) over profiles; plus ``migration_cost`` seconds for every
 expert copy that must be moved onto a GPU that does not hold it in the current plan.
@@ -40,7 +41,10 @@ chain start under the standard dataflow, default 1.2), ``chain_start`` (bool; de
 slots), ``sweeps``, ``smoothing`` (shrink transitions and
 co-activation towards independence, 0..1), ``local_search`` (bool), ``iterated`` (bool: iterated local search
 with the time left, default true), ``bound_lp`` (seconds for the triangle-cut pair bound, default 0),
-``exact_limit`` (enumerate when there are at most this many placements).
+``exact_limit`` (enumerate when there are at most this many placements), ``token_distinct`` (bool: count each
+GPU's distinct tokens on the fitted token routes, :func:`solvers.cost.token_distinct`, instead of the pairwise
+estimate; default: with a token trace, except under the coherent dataflow with redundant slots),
+``distinct_tokens`` (at most this many route tokens are kept for that count; default ``64e6 / (L x G)``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
 from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, dispatch_matrix, distinct_terms,
-                          effective_share, standard_comm_seconds)
+                          effective_share, routes_factor, standard_comm_seconds, token_cover)
 from solvers.joint_bound import layer_bounds, total_bound, water_fill
 from solvers.objective import dispatch_rows, dispatch_table
 
@@ -73,7 +77,10 @@ class JointData:
     loads ``[N, L, E]`` per profile; load ``[L, E]`` mean profile; T ``[L-1, E, E]`` anchor transitions and
     Q ``[L, E, E]`` anchor pairs (coherent dataflow, :func:`solvers.cost.anchor_counts`) or None;
     C ``[L, E, E]`` co-activation or None; scale ``[N, L]`` token count of each profile relative to the mean;
-    current ``[L, S]`` or None; allowed_node ``[L, E]`` (-1 = any).
+    current ``[L, S]`` or None; allowed_node ``[L, E]`` (-1 = any); with token routes (distinct tokens counted on
+    them, :func:`solvers.cost.token_distinct`): ids int32 ``[L, T, k]`` (-1 = none), tok_factor ``[L]`` load
+    units per route token, and per layer the tokens of each expert (tok_order ``[L]`` arrays of token indices
+    grouped by expert, tok_start ``[L, E + 1]`` where each expert's group starts); else None.
     """
 
     topology: Topology
@@ -91,6 +98,10 @@ class JointData:
     current: np.ndarray | None
     migration_cost: float
     allowed_node: np.ndarray | None
+    ids: np.ndarray | None = None
+    tok_factor: np.ndarray | None = None
+    tok_order: list | None = None
+    tok_start: np.ndarray | None = None
 
     @property
     def L(self) -> int:
@@ -191,8 +202,38 @@ def prepare(problem: Problem, options: Options) -> JointData:
     allowed = None
     if params.get("keep_groups_on_nodes"):
         allowed = _group_nodes(load, problem.expert_groups, topo)
-    return JointData(topo, cost, loads, load, T, C, Q, tokens, U, Kw, scale, objective == "worst", cur, mig,
+    data = JointData(topo, cost, loads, load, T, C, Q, tokens, U, Kw, scale, objective == "worst", cur, mig,
                      allowed)
+    tokd = params.get("token_distinct")
+    if tokd is None:
+        # counting assumes each replica of an expert is picked independently per token: the standard model's even
+        # split does that; under the coherent dataflow all of a token's replicas are picked from its position
+        tokd = not (cost.dataflow == "coherent" and topo.num_slots > E)
+    if problem.routes is not None and k > 1 and tokd:
+        cap = params.get("distinct_tokens") or max(1, int(64e6 // (L * topo.num_gpus)))
+        data = with_token_routes(data, problem.routes, int(cap), options.seed)
+    return data
+
+
+def with_token_routes(data: JointData, routes: np.ndarray, max_tokens: int, seed: int = 0) -> JointData:
+    """``data`` counting distinct tokens per GPU on ``routes [T, L, k]`` (at most ``max_tokens`` of them, a random
+    sample beyond that, so the per-token state stays near ``max_tokens x L x G`` floats)."""
+    routes = np.asarray(routes)
+    T, L, k = routes.shape
+    if T > max_tokens:
+        routes = routes[np.sort(np.random.default_rng(seed).choice(T, max_tokens, replace=False))]
+        T = max_tokens
+    ids = np.ascontiguousarray(routes.transpose(1, 0, 2)).astype(np.int32)  # [L, T, k]
+    factor = np.array([routes_factor(data.load[l], ids[l]) for l in range(L)])
+    tok = np.repeat(np.arange(T, dtype=np.int32), k)
+    order, start = [], np.zeros((L, data.E + 1), dtype=np.int64)
+    for l in range(L):
+        flat = ids[l].ravel()
+        ok = flat >= 0
+        srt = np.argsort(flat[ok], kind="stable")
+        order.append(tok[ok][srt])
+        start[l, 1:] = np.cumsum(np.bincount(flat[ok], minlength=data.E))
+    return replace(data, ids=ids, tok_factor=factor, tok_order=order, tok_start=start)
 
 
 def anchor_stats(problem: Problem, load: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -250,11 +291,17 @@ class State:
     P_{l-1}^T T_{l-1} (positions of layer l's tokens, from the previous anchors split evenly), Vout
     ``[L, E, G]`` = T_l P_{l+1} (search guidance only), M ``[L, G, G]`` = position-to-serving mass into l
     (:func:`solvers.cost.dispatch_matrix`), QP / QtP ``[L, E, G]`` = Q W / Q^T W, A ``[L, G, G]`` = W^T Q W
-    (anchor GPU, serving GPU) within l; tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies.
+    (anchor GPU, serving GPU) within l; tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies. With
+    token routes (``data.ids``) the distinct tokens per GPU are counted on them instead of the pairwise estimate:
+    z int8 / q ``[L, G, T]`` (how token t's experts cover GPU g, :func:`solvers.cost.token_cover`) and Dt
+    ``[L, G]`` distinct tokens in load units; a move updates z and q of the moved experts' tokens on the GPUs
+    whose shares changed (one count and one factor per token and moved expert).
 
     A move at layer l changes P, tab and W at the moved experts' rows and every quantity of layer l; at layer
     l+1 it changes the positions (Vin), hence M and the W rows of replicated experts (and what depends on them).
-    Positions use P, not W, so nothing cascades further.
+    Positions use P, not W, so nothing cascades further. With token routes the distinct tokens of layer l+1 follow
+    its served-share change in proportion (D/load per GPU) and the layer is marked stale; :meth:`resync` recounts
+    stale layers on the tokens (the local search does so after every pass).
     """
 
     def __init__(self, data: JointData, X: np.ndarray):
@@ -290,7 +337,17 @@ class State:
                                for l in range(L)])
         W = self.W
         self.Lg = np.einsum("nle,leg->lng", d.loads, W)
-        if d.C is not None:
+        self.tokd = d.ids is not None
+        self.z = self.q = self.Dt = None
+        self.stale = np.zeros(L, dtype=bool)
+        if self.tokd:
+            self.z = np.empty((L, G, d.ids.shape[1]), dtype=np.int8)  # GPU-major: a GPU's tokens are contiguous
+            self.q = np.empty((L, G, d.ids.shape[1]))
+            self.Dt = np.empty((L, G))
+            self._slot = np.zeros(d.ids.shape[1], dtype=np.int64)  # scratch: a token's place in a list
+            for l in range(L):
+                self._recount(l)
+        if d.C is not None and not self.tokd:
             self.CP = np.einsum("lab,lbg->lag", d.C, W)
             self.dup = 0.5 * np.einsum("lag,lag->lg", W, self.CP)
             self.KP = np.einsum("lab,lbg->lag", d.Kw, W)
@@ -315,6 +372,59 @@ class State:
         self.tg = np.stack([self.layer_gpu_seconds(l) for l in range(L)])  # [L, N, G]
         self.tl = self.tg.max(axis=2)  # [L, N]
 
+    def _recount(self, l: int) -> None:
+        z, q = token_cover(self.W[l], self.d.ids[l])
+        self.z[l], self.q[l] = z.T, q.T
+        self.Dt[l] = self.d.tok_factor[l] * _covered(self.z[l], self.q[l]).sum(axis=1)
+
+    def resync(self) -> None:
+        """Recount the distinct tokens of stale layers on the tokens (exact again) and their GPU seconds."""
+        for l in np.nonzero(self.stale)[0]:
+            self._recount(int(l))
+            self.tg[l] = self.layer_gpu_seconds(int(l))
+            self.tl[l] = self.tg[l].max(axis=1)
+        self.stale[:] = False
+
+    def _token_delta(self, l: int, idx: np.ndarray, W_row: np.ndarray, dW: np.ndarray):
+        """Change ``[G]`` of layer l's distinct tokens when experts ``idx`` take the served-share rows of ``W_row``
+        (``dW [k, G]`` the change), and what :meth:`apply` stores: (tokens, GPUs, new z, new q)."""
+        d = self.d
+        out = np.zeros(self.G)
+        cols = np.nonzero(np.abs(dW).max(axis=0) > 0)[0]
+        if not cols.size:
+            return out, None
+        order, start = d.tok_order[l], d.tok_start[l]
+        lists = [order[start[e]:start[e + 1]] for e in idx]
+        pairs = np.concatenate(lists)
+        if not pairs.size:
+            return out, None
+        # the distinct tokens among the lists and each list entry's place among them (no sort: a scratch array)
+        slot = self._slot
+        at = np.arange(pairs.size)
+        slot[pairs] = at
+        toks = pairs[slot[pairs] == at]
+        slot[toks] = np.arange(toks.size)
+        z_old = np.stack([self.z[l, g].take(toks) for g in cols])  # [c, tokens]
+        q_old = np.stack([self.q[l, g].take(toks) for g in cols])
+        new_rows = W_row[idx][:, cols]
+        old_rows = self.W[l][np.ix_(idx, cols)]
+        # per moved expert: the change of its count (share 1) and of its factor 1 - share (share < 1)
+        dz = (new_rows >= 1.0).astype(np.int64) - (old_rows >= 1.0)
+        dlog = np.log(np.where(new_rows < 1.0, 1.0 - new_rows, 1.0)) - np.log(np.where(old_rows < 1.0, 1.0 - old_rows,
+                                                                                       1.0))
+        reps = [len(t) for t in lists]
+        c, n = cols.size, toks.size
+        flat = (np.arange(c)[:, None] * n + slot[pairs][None, :]).ravel()  # (GPU, token place) of every list entry
+
+        def per_token(per_expert):  # [k, c] -> [c, tokens] summed over each token's moved experts
+            w = np.repeat(per_expert, reps, axis=0).T.ravel()
+            return np.bincount(flat, weights=w, minlength=c * n).reshape(c, n)
+
+        z_new = (z_old + np.rint(per_token(dz))).astype(np.int8) if dz.any() else z_old
+        q_new = q_old * np.exp(per_token(dlog)) if dlog.any() else q_old
+        out[cols] = d.tok_factor[l] * (_covered(z_new, q_new) - _covered(z_old, q_old)).sum(axis=1)
+        return out, (toks, cols, z_new, q_new)
+
     # -- pieces and per-GPU seconds ----------------------------------------------------------------------------
     def piece_max(self, l: int, X_row: np.ndarray, W_row: np.ndarray) -> np.ndarray:
         """``[N, G]`` largest piece on each GPU (the expert's load times its served share there)."""
@@ -322,7 +432,7 @@ class State:
         return pieces.reshape(self.d.N, self.G, self.m).max(axis=2)
 
     def layer_gpu_seconds(self, l: int, Lg=None, dup=None, X_row=None, W_row=None, M_in=None,
-                          logp0=None, A=None) -> np.ndarray:
+                          logp0=None, A=None, Dt=None) -> np.ndarray:
         """``[N, G]`` seconds of each GPU at layer l (optionally with replaced quantities)."""
         d = self.d
         Lg = self.Lg[l] if Lg is None else Lg
@@ -331,7 +441,9 @@ class State:
         X_row = self.X[l] if X_row is None else X_row
         W_row = self.W[l] if W_row is None else W_row
         sc = d.scale[:, l][:, None]
-        if d.C is not None:
+        if self.tokd:
+            D = sc * (self.Dt[l] if Dt is None else Dt)[None, :]
+        elif d.C is not None:
             D = np.maximum(Lg - dup[None, :] * sc, self.piece_max(l, X_row, W_row))
             D = np.maximum(D, sc * (d.tokens[l] * -np.expm1(np.minimum(logp0, 0.0)))[None, :])
         else:
@@ -427,6 +539,10 @@ class State:
             W_row = self.P[l].copy()
             W_row[idx] = P_new
         Lg, dup, logp0, A_l = self._layer_update(l, idx, dW)
+        Dt_l = tok_l = None
+        if self.tokd:
+            dD, tok_l = self._token_delta(l, idx, W_row, dW)
+            Dt_l = self.Dt[l] + dD
         M_l = nxt = None
         if self.use_T:
             if l >= 1:
@@ -442,7 +558,7 @@ class State:
                 R = np.nonzero(self.r[l + 1] >= 2)[0]
                 W2 = dW2 = None
                 upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1])
-                W2_row = None
+                W2_row = Dt2 = None
                 if R.size:
                     dVR = dP.T @ d.T[l][np.ix_(idx, R)]  # [G, |R|]
                     M_next = M_next + dispatch_matrix(dVR, self.tab[l + 1, R]) - dVR @ self.P[l + 1, R]
@@ -451,12 +567,16 @@ class State:
                     upd = self._layer_update(l + 1, R, dW2)
                     W2_row = self.W[l + 1].copy()
                     W2_row[R] = W2
-                nxt = (M_next, R, W2, dW2, upd, W2_row)
-        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, W_row, M_l, logp0, A_l)
+                    if self.tokd:  # in proportion to the load change; recounted by resync()
+                        Lgm = self.Lg[l + 1].mean(axis=0)
+                        ratio = np.divide(self.Dt[l + 1], Lgm, out=np.ones_like(Lgm), where=Lgm > 0)
+                        Dt2 = self.Dt[l + 1] + (d.load[l + 1, R] @ dW2) * ratio
+                nxt = (M_next, R, W2, dW2, upd, W2_row, Dt2)
+        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, W_row, M_l, logp0, A_l, Dt_l)
         new_tg = {l: tg_l}
         if nxt is not None:
             Lg2, dup2, logp02, A2 = nxt[4]
-            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[5], nxt[0], logp02, A2)
+            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[5], nxt[0], logp02, A2, nxt[6])
         tl = self.tl.copy()
         for ll, t in new_tg.items():
             tl[ll] = t.max(axis=1)
@@ -470,7 +590,7 @@ class State:
         sec_old = sum(float((self.tg[ll] ** 2).sum()) for ll in new_tg)
         sec_new = sum(float((t ** 2).sum()) for t in new_tg.values())
         payload = (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
-                   moved_l)
+                   moved_l, Dt_l, tok_l)
         return obj, sec_new - sec_old, payload
 
     def _store_layer(self, l: int, idx: np.ndarray, dW: np.ndarray, Lg, dup, logp0, A) -> None:
@@ -488,7 +608,7 @@ class State:
 
     def apply(self, payload) -> None:
         (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
-         moved_l) = payload
+         moved_l, Dt_l, tok_l) = payload
         d = self.d
         self.X[l] = X_row
         self.r[l] = r_row
@@ -498,14 +618,24 @@ class State:
             self.tab[l, idx] = tab_new
             self.W[l, idx] = W_new
         self._store_layer(l, idx, dW, Lg, dup, logp0, A_l)
+        if self.tokd:
+            self.Dt[l] = Dt_l
+            if tok_l is not None:
+                toks, cols, z_new, q_new = tok_l
+                for j, g in enumerate(cols):
+                    self.z[l, g, toks] = z_new[j]
+                    self.q[l, g, toks] = q_new[j]
         if self.use_T:
             if nxt is not None:
-                M_next, R, W2, dW2, upd, _ = nxt
+                M_next, R, W2, dW2, upd, _, Dt2 = nxt
                 self.Vin[l + 1] += dP.T @ d.T[l][idx, :]
                 self.M[l + 1] = M_next
                 if R.size:
                     self.W[l + 1, R] = W2
                     self._store_layer(l + 1, R, dW2, *upd)
+                    if self.tokd:
+                        self.Dt[l + 1] = Dt2
+                        self.stale[l + 1] = True
             if l >= 1:
                 self.Vout[l - 1] += d.T[l - 1][:, idx] @ dP
                 self.M[l] = M_l
@@ -519,6 +649,11 @@ class State:
 # ----------------------------------------------------------------------------------------------------------------
 # Construction: replica counts, then block coordinate descent with exact per-layer assignments
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _covered(z: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """float64 probability that a token has an expert served on the GPU, from :func:`solvers.cost.token_cover`."""
+    return 1.0 - np.where(z == 0, q, 0.0)
 
 
 def replica_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
@@ -855,6 +990,7 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
         order = rng.permutation(pool)
         for l in order:
             if time.perf_counter() > deadline:
+                state.resync()
                 return accepted
             for _ in range(m * 2):
                 mv = _best_move(state, l, rng, candidates)
@@ -863,6 +999,7 @@ def local_search(state: State, deadline: float, rng: np.random.Generator, max_pa
                 state.apply(mv)
                 accepted += 1
                 gained += 1
+        state.resync()
         after = state.objective()
         if say:
             say(f"local search pass {p + 1}: objective {after:.6g} ({gained} moves, {candidates} candidates)")
@@ -894,6 +1031,7 @@ def _restore(state: State, rows: dict[int, np.ndarray]) -> None:
             if res is None:  # a row the state held before is always legal
                 raise RuntimeError("could not restore a layer the state held before")
             state.apply(res[2])
+    state.resync()
 
 
 def iterated_search(state: State, deadline: float, rng: np.random.Generator, swaps: int = 3,

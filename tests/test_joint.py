@@ -163,22 +163,28 @@ def test_position_aware_local_pairs_bound_beats_brute_force(shape):
         assert max_local_pairs(T, m, extra_slots=G * m - E, max_copies=G - 1) >= best - 1e-9
 
 
-@pytest.mark.parametrize("dataflow", ["standard", "coherent"])
-def test_incremental_objective_equals_from_scratch(real, dataflow):
+@pytest.mark.parametrize("dataflow,counted", [("standard", True), ("standard", False), ("coherent", False),
+                                               ("coherent", True)])
+def test_incremental_objective_equals_from_scratch(real, dataflow, counted):
     from placement.problem import build_problem
 
     fit, _ = real
     topo = Topology.for_experts(64, 8, 8, gpus_per_node=4)
     problem = build_problem(fit, topo)
-    data = prepare(problem, Options(params={"dataflow": dataflow}))
+    data = prepare(problem, Options(params={"dataflow": dataflow, "token_distinct": counted}))
+    assert (data.ids is not None) == counted
     start = solve("contiguous", problem).phy2log
     state = State(data, start)
     local_search(state, deadline=float("inf"), rng=np.random.default_rng(0), max_passes=1)
     assert state.objective() == pytest.approx(objective_of(data, state.X), rel=1e-9)
-    direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, data.T, data.C, data.Q, data.tokens).sum()
+    direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, data.T, data.C, data.Q, data.tokens,
+                                    routes=problem.routes if counted else None).sum()
     assert state.objective() == pytest.approx(direct, rel=1e-9)
     fresh = State(data, state.X)
     assert np.allclose(state.W, fresh.W, atol=1e-12) and np.allclose(state.Lg, fresh.Lg, rtol=1e-9)
+    if counted:  # the per-token cover after incremental moves (and resyncs) is the one counted from scratch
+        assert np.array_equal(state.z, fresh.z) and np.allclose(state.q, fresh.q, atol=1e-9)
+        assert np.allclose(state.Dt, fresh.Dt, rtol=1e-9)
     if dataflow == "coherent":
         # the served shares follow positions: some replicated expert is not split evenly
         assert np.abs(state.W - state.P).max() > 0.05
@@ -286,6 +292,40 @@ def test_counts_model_tracks_the_token_evaluator(real, real_problem8):
         plan = Plan.from_result(res, 64, real_problem8.topology, fit.moe_layer_index, fit.decoder_layers)
         exact = evaluate(plan, fit)["overall"]["est_moe_seconds"]
         assert objective_of(data, res.phy2log) == pytest.approx(exact, rel=0.05)
+
+
+def test_distinct_tokens_are_counted_on_the_tokens(real, real_problem8):
+    """With a token trace the planner counts each GPU's distinct tokens on the tokens: for any plan without replicas
+    their sum per layer equals the evaluator's dispatch fan-out (GPUs per token-layer x tokens), also for the
+    joint plan, which packs co-activated experts together (the pairwise estimate, still used for counts-only
+    input, undercounts such GPUs)."""
+    from placement.evaluate import evaluate
+    from placement.plan import Plan
+
+    fit, _ = real
+    topo = real_problem8.topology
+    data = prepare(real_problem8, Options())
+    pairwise = prepare(real_problem8, Options(params={"token_distinct": False}))
+    assert pairwise.ids is None and data.ids is not None
+    under = []
+    for name in ("contiguous", "joint"):
+        res = solve(name, real_problem8, Options(time_limit=5))
+        plan = Plan.from_result(res, 64, topo, fit.moe_layer_index, fit.decoder_layers)
+        fan_out = evaluate(plan, fit)["overall"]["dispatch_gpus"]
+        active = (fit.expert_ids[:, :, 0] >= 0).sum()
+        st = State(data, res.phy2log)
+        assert st.Dt.sum() == pytest.approx(fan_out * active, rel=1e-6), name
+        under.append(_pairwise_distinct(pairwise, res.phy2log) / st.Dt.sum())
+    # the pairwise estimate undercounts the joint plan's GPUs more than the contiguous plan's
+    assert under[1] < under[0] - 0.02
+
+
+def _pairwise_distinct(data, X) -> float:
+    from solvers.cost import share_matrix, standard_distinct
+
+    topo = data.topology
+    return sum(float(standard_distinct(share_matrix(X[l], data.E, topo), data.load[l], data.C[l],
+                                       float(data.tokens[l]))[1].sum()) for l in range(data.L))
 
 
 def test_migration_cost_keeps_experts_in_place(real_problem8):
