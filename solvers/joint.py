@@ -1301,9 +1301,9 @@ def _solve(problem: Problem, options: Options) -> Result:
         if (problem.routes is not None or problem.transitions is not None) and data.L > 1 and chain_start \
                 and time.perf_counter() < c_deadline:
             # an affinity chain is another good start under the standard dataflow too: its assignments see the
-            # anchor pairs (co-activation) with whole-layer exactness. Not by default with redundant slots: the
-            # standard counts model splits a replicated expert evenly, not as the dispatch rule does, and the
-            # chain's plans lean on that error (docs/benchmarks.md, 16 GPUs + 16 redundant)
+            # anchor pairs (co-activation) with whole-layer exactness. Not by default with redundant slots: there it
+            # gave no better plan (8 or 16 GPUs + 16 redundant, docs/benchmarks.md) and the column start gets its
+            # construction time
             T, Q = anchor_stats(problem, data.load, float(params.get("smoothing", 0.0)))
             chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
             cap = float(params.get("chain_cap", 1.2))
