@@ -260,8 +260,7 @@ def token_distinct(share: np.ndarray, ids: np.ndarray) -> np.ndarray:
     higher-order co-activation (three or more experts of one token on one GPU), which the pairwise estimate of
     :func:`standard_distinct` does not.
     """
-    z, q = token_cover(share, ids)
-    return (1.0 - np.where(z == 0, q, 0.0)).sum(axis=0)
+    return covered(*token_cover(share, ids)).sum(axis=0)
 
 
 def token_cover(share: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +271,11 @@ def token_cover(share: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     v = ext[np.where(ids >= 0, ids, share.shape[0])]  # [T, k, G]
     one = v >= 1.0
     return one.sum(axis=1, dtype=np.int8), np.prod(np.where(one, 1.0, 1.0 - v), axis=1)
+
+
+def covered(z: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Probability that a token has an expert served on the GPU, from the ``z, q`` of :func:`token_cover`."""
+    return 1.0 - np.where(z == 0, q, 0.0)
 
 
 def routes_factor(load: np.ndarray, ids: np.ndarray) -> float:

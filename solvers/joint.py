@@ -57,8 +57,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
-from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, dispatch_matrix, distinct_terms,
-                          effective_share, routes_factor, standard_comm_seconds, token_cover)
+from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, covered, dispatch_matrix,
+                          distinct_terms, effective_share, routes_factor, standard_comm_seconds, token_cover)
 from solvers.joint_bound import layer_bounds, total_bound, water_fill
 from solvers.objective import dispatch_rows, dispatch_table
 
@@ -206,8 +206,9 @@ def prepare(problem: Problem, options: Options) -> JointData:
                      allowed)
     tokd = params.get("token_distinct")
     if tokd is None:
-        # counting assumes each replica of an expert is picked independently per token: the standard model's even
-        # split does that; under the coherent dataflow all of a token's replicas are picked from its position
+        # the count takes each replica of an expert as picked independently per token, as the standard model's even
+        # split does; under the coherent dataflow all of a token's replicas are picked from its position, and with
+        # redundant slots the counted plans measured slower held out (docs/benchmarks.md), so not by default there
         tokd = not (cost.dataflow == "coherent" and topo.num_slots > E)
     if problem.routes is not None and k > 1 and tokd:
         cap = params.get("distinct_tokens") or max(1, int(64e6 // (L * topo.num_gpus)))
@@ -375,7 +376,7 @@ class State:
     def _recount(self, l: int) -> None:
         z, q = token_cover(self.W[l], self.d.ids[l])
         self.z[l], self.q[l] = z.T, q.T
-        self.Dt[l] = self.d.tok_factor[l] * _covered(self.z[l], self.q[l]).sum(axis=1)
+        self.Dt[l] = self.d.tok_factor[l] * covered(self.z[l], self.q[l]).sum(axis=1)
 
     def resync(self) -> None:
         """Recount the distinct tokens of stale layers on the tokens (exact again) and their GPU seconds."""
@@ -422,7 +423,7 @@ class State:
 
         z_new = (z_old + np.rint(per_token(dz))).astype(np.int8) if dz.any() else z_old
         q_new = q_old * np.exp(per_token(dlog)) if dlog.any() else q_old
-        out[cols] = d.tok_factor[l] * (_covered(z_new, q_new) - _covered(z_old, q_old)).sum(axis=1)
+        out[cols] = d.tok_factor[l] * (covered(z_new, q_new) - covered(z_old, q_old)).sum(axis=1)
         return out, (toks, cols, z_new, q_new)
 
     # -- pieces and per-GPU seconds ----------------------------------------------------------------------------
@@ -649,11 +650,6 @@ class State:
 # ----------------------------------------------------------------------------------------------------------------
 # Construction: replica counts, then block coordinate descent with exact per-layer assignments
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _covered(z: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """float64 probability that a token has an expert served on the GPU, from :func:`solvers.cost.token_cover`."""
-    return 1.0 - np.where(z == 0, q, 0.0)
 
 
 def replica_counts(load: np.ndarray, slots: int, max_replicas: int) -> np.ndarray:
@@ -1263,6 +1259,8 @@ def _solve(problem: Problem, options: Options) -> Result:
     bound = total_bound(lb, data.worst)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
                    "profiles": data.N, "migration_cost": data.migration_cost,
+                   "distinct_tokens": "pairwise estimate" if data.ids is None else
+                   f"counted on {data.ids.shape[1]} tokens",
                    "bound_seconds": time.perf_counter() - t0}
 
     exact_limit = float(params.get("exact_limit", 4096))

@@ -13,7 +13,8 @@ Every placement of every layer satisfies, for each layer l and workload profile 
     largest possible duplicate count; a GPU holds at most m slots, so expert a shares a GPU with at most
     ``m - 1`` other experts and the duplicates are at most ``1/2 sum_a top_{m-1}(coactivation[a, :])``, or the
     fractional b-matching bound (:func:`max_colocated_pairs`), or with ``lp_seconds`` the b-matching plus
-    triangle cuts (:func:`max_colocated_pairs_lp`).
+    triangle cuts (:func:`max_colocated_pairs_lp`). The floor holds for distinct tokens counted on the tokens too
+    (a token's copies on a GPU are at least its experts there minus their pairs).
   * coherent dataflow (dispatch from the previous anchor, combine onto the anchor): a GPU h receives
     ``dd_h (load_h - local_h)`` dispatch copies and sends ``dd_h (load_h - anchored_h - local'_h)`` combine
     copies, with ``dd_h = distinct_h / load_h >= 1 - dup_h / load_h``, so the copies of a layer are at least

@@ -315,6 +315,8 @@ def test_distinct_tokens_are_counted_on_the_tokens(real, real_problem8):
         active = (fit.expert_ids[:, :, 0] >= 0).sum()
         st = State(data, res.phy2log)
         assert st.Dt.sum() == pytest.approx(fan_out * active, rel=1e-6), name
+        if name == "joint":
+            assert res.stats["distinct_tokens"] == f"counted on {fit.num_tokens} tokens"
         under.append(_pairwise_distinct(pairwise, res.phy2log) / st.Dt.sum())
     # the pairwise estimate undercounts the joint plan's GPUs more than the contiguous plan's
     assert under[1] < under[0] - 0.02
