@@ -322,6 +322,18 @@ def test_distinct_tokens_are_counted_on_the_tokens(real, real_problem8):
     assert under[1] < under[0] - 0.02
 
 
+def test_distinct_tokens_from_a_sample_of_the_tokens(real_problem8):
+    """Long traces are sampled for the count (``distinct_tokens``): a quarter of the tokens, scaled back to the load's
+    units, gives nearly the full count on every GPU."""
+    X = solve("round-robin", real_problem8).phy2log
+    full = State(prepare(real_problem8, Options()), X)
+    data = prepare(real_problem8, Options(params={"distinct_tokens": real_problem8.routes.shape[0] // 4}))
+    assert data.ids.shape[1] == real_problem8.routes.shape[0] // 4
+    part = State(data, X)
+    assert np.allclose(part.Dt, full.Dt, rtol=0.05)
+    assert part.Dt.sum() == pytest.approx(full.Dt.sum(), rel=0.01)
+
+
 def _pairwise_distinct(data, X) -> float:
     from solvers.cost import share_matrix, standard_distinct
 
