@@ -346,6 +346,8 @@ class State:
             self.q = np.empty((L, G, d.ids.shape[1]))
             self.Dt = np.empty((L, G))
             self._slot = np.zeros(d.ids.shape[1], dtype=np.int64)  # scratch: a token's place in a list
+            self._mark = np.zeros(d.ids.shape[1], dtype=np.int64)  # scratch: which list a token was seen in
+            self._stamp = 0
             for l in range(L):
                 self._recount(l)
         if d.C is not None and not self.tokd:
@@ -396,33 +398,52 @@ class State:
             return out, None
         order, start = d.tok_order[l], d.tok_start[l]
         lists = [order[start[e]:start[e + 1]] for e in idx]
-        pairs = np.concatenate(lists)
-        if not pairs.size:
-            return out, None
-        # the distinct tokens among the lists and each list entry's place among them (no sort: a scratch array)
-        slot = self._slot
-        at = np.arange(pairs.size)
-        slot[pairs] = at
-        toks = pairs[slot[pairs] == at]
-        slot[toks] = np.arange(toks.size)
-        z_old = np.stack([self.z[l, g].take(toks) for g in cols])  # [c, tokens]
-        q_old = np.stack([self.q[l, g].take(toks) for g in cols])
         new_rows = W_row[idx][:, cols]
         old_rows = self.W[l][np.ix_(idx, cols)]
         # per moved expert: the change of its count (share 1) and of its factor 1 - share (share < 1)
         dz = (new_rows >= 1.0).astype(np.int64) - (old_rows >= 1.0)
         dlog = np.log(np.where(new_rows < 1.0, 1.0 - new_rows, 1.0)) - np.log(np.where(old_rows < 1.0, 1.0 - old_rows,
                                                                                        1.0))
-        reps = [len(t) for t in lists]
-        c, n = cols.size, toks.size
-        flat = (np.arange(c)[:, None] * n + slot[pairs][None, :]).ravel()  # (GPU, token place) of every list entry
+        if len(lists) == 2 and not dlog.any():
+            # two whole experts (a swap): the tokens of one only, of the other only, and of both, each group with
+            # one count change; marks instead of a sort
+            a, b = lists
+            mark = self._mark
+            self._stamp += 2
+            mark[a] = self._stamp
+            b_in_a = mark[b] == self._stamp
+            mark[b] = self._stamp + 1
+            a_only = a[mark[a] != self._stamp + 1]
+            groups = [(a_only, dz[0]), (b[~b_in_a], dz[1]), (b[b_in_a], dz[0] + dz[1])]
+            toks = np.concatenate([g for g, _ in groups])
+            if not toks.size:
+                return out, None
+            change = np.concatenate([np.broadcast_to(v, (g.size, v.size)) for g, v in groups]).T  # [c, tokens]
+            z_old = np.stack([self.z[l, g].take(toks) for g in cols])  # [c, tokens]
+            q_old = np.stack([self.q[l, g].take(toks) for g in cols])
+            z_new, q_new = (z_old + change).astype(np.int8), q_old
+        else:
+            pairs = np.concatenate(lists)
+            if not pairs.size:
+                return out, None
+            mark = self._slot
+            # the distinct tokens among the lists and each list entry's place among them (no sort: a scratch array)
+            at = np.arange(pairs.size)
+            mark[pairs] = at
+            toks = pairs[mark[pairs] == at]
+            mark[toks] = np.arange(toks.size)
+            z_old = np.stack([self.z[l, g].take(toks) for g in cols])  # [c, tokens]
+            q_old = np.stack([self.q[l, g].take(toks) for g in cols])
+            reps = [len(t) for t in lists]
+            c, n = cols.size, toks.size
+            flat = (np.arange(c)[:, None] * n + mark[pairs][None, :]).ravel()  # (GPU, token place) of every entry
 
-        def per_token(per_expert):  # [k, c] -> [c, tokens] summed over each token's moved experts
-            w = np.repeat(per_expert, reps, axis=0).T.ravel()
-            return np.bincount(flat, weights=w, minlength=c * n).reshape(c, n)
+            def per_token(per_expert):  # [k, c] -> [c, tokens] summed over each token's moved experts
+                w = np.repeat(per_expert, reps, axis=0).T.ravel()
+                return np.bincount(flat, weights=w, minlength=c * n).reshape(c, n)
 
-        z_new = (z_old + np.rint(per_token(dz))).astype(np.int8) if dz.any() else z_old
-        q_new = q_old * np.exp(per_token(dlog)) if dlog.any() else q_old
+            z_new = (z_old + np.rint(per_token(dz))).astype(np.int8) if dz.any() else z_old
+            q_new = q_old * np.exp(per_token(dlog)) if dlog.any() else q_old
         out[cols] = d.tok_factor[l] * (covered(z_new, q_new) - covered(z_old, q_old)).sum(axis=1)
         return out, (toks, cols, z_new, q_new)
 
