@@ -40,7 +40,7 @@ def main() -> None:
     from placement.problem import build_problem
     from solvers import Options, Topology, solve
     from solvers.joint import State, prepare
-    from solvers.joint_bound import layer_bounds, pair_allowance, total_bound
+    from solvers.joint_bound import dawson_sankoff, layer_bounds, pair_allowance, total_bound
 
     fit, _ = v3_trace(args.tokens, args.cache).split_by_sequence(0.5, seed=0)
     topo = Topology.for_experts(fit.num_experts, args.gpus, args.redundant, args.gpus_per_node)
@@ -65,11 +65,13 @@ def main() -> None:
     dup_max = pair_allowance(data.C, m)
     per_tok = lambda x: float((x / tokens).mean())  # noqa: E731  mean over layers of a per-token quantity
     total = Lg.sum(axis=1)
+    # the distinct-token floor the bound uses: Dawson-Sankoff when the objective counts tokens, else load - pairs
+    floor_of = (lambda pairs: dawson_sankoff(total, pairs)) if st.Dt is not None else (lambda pairs: total - pairs)
     rows = [("slowest GPU, summed over layers (ms)", f"{tg.max(axis=1).sum() * 1e3:.2f}",
              f"{tg.mean(axis=1).sum() * 1e3:.2f} (mean GPU)"),
             ("distinct GPUs per token-layer", f"{per_tok(counted.sum(axis=1)):.2f} (pairwise estimate "
              f"{per_tok(kirkwood.sum(axis=1)):.2f}; pair floor {per_tok(floor.sum(axis=1)):.2f})",
-             f"{per_tok(total - dup_max):.2f}"),
+             f"{per_tok(floor_of(dup_max)):.2f}"),
             ("co-activated pairs sharing a GPU per token-layer", f"{per_tok(pw.dup.sum(axis=1)):.2f}",
              f"{per_tok(dup_max):.2f} (b-matching)")]
     if args.bound_lp > 0:
@@ -77,9 +79,9 @@ def main() -> None:
         lp_max = pair_allowance(data.C, m, args.bound_lp)
         rows.append(("co-activated pairs sharing a GPU per token-layer", f"{per_tok(pw.dup.sum(axis=1)):.2f}",
                      f"{per_tok(lp_max):.2f} (b-matching + triangle cuts)"))
-        rows.append(("distinct GPUs per token-layer", "", f"{per_tok(total - lp_max):.2f} (with triangle cuts)"))
+        rows.append(("distinct GPUs per token-layer", "", f"{per_tok(floor_of(lp_max)):.2f} (with triangle cuts)"))
         lb = total_bound(layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=topo.num_gpus,
-                                      dup_max=lp_max), data.worst)
+                                      dup_max=lp_max, counted=data.ids is not None), data.worst)
         print(f"with triangle cuts ({time.perf_counter() - t:.1f} s): bound {lb * 1e3:.2f} ms, gap "
               f"{(res.objective - lb) / res.objective:.3f}")
     print(f"{'term':50s} {'plan':>40s}  bound assumes")

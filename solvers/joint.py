@@ -1276,7 +1276,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     G, m = topo.num_gpus, topo.slots_per_gpu
     say = options.say
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G,
-                      lp_seconds=float(params.get("bound_lp", 0.0)))
+                      lp_seconds=float(params.get("bound_lp", 0.0)), counted=data.ids is not None)
     bound = total_bound(lb, data.worst)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
                    "profiles": data.N, "migration_cost": data.migration_cost,

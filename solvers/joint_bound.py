@@ -13,8 +13,13 @@ Every placement of every layer satisfies, for each layer l and workload profile 
     largest possible duplicate count; a GPU holds at most m slots, so expert a shares a GPU with at most
     ``m - 1`` other experts and the duplicates are at most ``1/2 sum_a top_{m-1}(coactivation[a, :])``, or the
     fractional b-matching bound (:func:`max_colocated_pairs`), or with ``lp_seconds`` the b-matching plus
-    triangle cuts (:func:`max_colocated_pairs_lp`). The floor holds for distinct tokens counted on the tokens too
-    (a token's copies on a GPU are at least its experts there minus their pairs).
+    triangle cuts (:func:`max_colocated_pairs_lp`). When the objective counts distinct tokens on the tokens
+    (``counted``), the Dawson-Sankoff inequality is used instead of "load minus pairs": a token with J of its
+    experts on a GPU reaches it once, and ``[J >= 1] >= 2J/(j+1) - 2 C(J, 2)/(j(j+1))`` for every integer j >= 1
+    (Dawson & Sankoff, "An inequality for probabilities", 1967), so the copies are at least
+    ``2 S1/(j+1) - 2 S2/(j(j+1))`` with S1 the load and S2 the co-located pairs (:func:`dawson_sankoff`); j = 1 is
+    "load minus pairs", and with many co-located pairs j = 2 or more is tighter. (The pairwise estimate the
+    objective uses otherwise can fall below this bound, so it keeps j = 1 there.)
   * coherent dataflow (dispatch from the previous anchor, combine onto the anchor): a GPU h receives
     ``dd_h (load_h - local_h)`` dispatch copies and sends ``dd_h (load_h - anchored_h - local'_h)`` combine
     copies, with ``dd_h = distinct_h / load_h >= 1 - dup_h / load_h``, so the copies of a layer are at least
@@ -319,6 +324,16 @@ def pair_allowance(coactivation: np.ndarray, slots_per_gpu: int, lp_seconds: flo
     return out
 
 
+def dawson_sankoff(s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """Lower bound ``max_j 2 s1/(j+1) - 2 s2/(j(j+1))`` (j >= 1 integer, the best j = floor(2 s2 / s1) + 1) on the
+    number of tokens that reach a set, from ``s1`` token-member incidences and ``s2`` pairs of members of one token
+    (elementwise, clipped at 0)."""
+    s1 = np.asarray(s1, dtype=np.float64)
+    s2 = np.maximum(np.asarray(s2, dtype=np.float64), 0.0)
+    j = np.floor(2.0 * s2 / np.where(s1 > 0, s1, 1.0)) + 1.0
+    return np.maximum(2.0 * s1 / (j + 1.0) - 2.0 * s2 / (j * (j + 1.0)), 0.0)
+
+
 def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: CostModel, phases: int) -> np.ndarray:
     """Lower bound on ``mean_g comm_g`` (standard dataflow) when the GPUs receive ``distinct_total`` copies."""
     G, n = topology.num_gpus, topology.gpus_per_node
@@ -329,7 +344,7 @@ def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: Cos
 def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
                  coactivation: np.ndarray | None = None, anchor_pairs: np.ndarray | None = None,
                  max_replicas: int | None = None, lp_seconds: float = 0.0,
-                 dup_max: np.ndarray | None = None) -> np.ndarray:
+                 dup_max: np.ndarray | None = None, counted: bool = False) -> np.ndarray:
     """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
 
     Args:
@@ -339,6 +354,7 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
         lp_seconds: > 0 tightens the GPU-level pair bounds with :func:`max_colocated_pairs_lp` (triangle cuts),
             this many seconds in all, shared evenly by the layers.
         dup_max: ``[L]`` co-activated pair allowances already computed (:func:`pair_allowance`), or None.
+        counted: the objective counts distinct tokens on the tokens (standard dataflow): use :func:`dawson_sankoff`.
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -357,6 +373,8 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
         dup_max = pair_allowance(coactivation, m, per_call * L) if coactivation is not None else np.zeros(L)
     distinct_lb = np.maximum(total - dup_max[None, :] * scale, 0.0)  # [N, L]
     if cost.dataflow == "standard":
+        if counted:
+            distinct_lb = dawson_sankoff(total, dup_max[None, :] * scale)
         comm_lb = standard_mean_comm(distinct_lb, topology, cost, phases=2)
     else:
         comm_lb = np.zeros((N, L))
