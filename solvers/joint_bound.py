@@ -22,7 +22,8 @@ Every placement of every layer satisfies, for each layer l and workload profile 
     objective uses otherwise can fall below this bound, so it keeps j = 1 there.)
   * coherent dataflow (dispatch from the previous anchor, combine onto the anchor): a GPU h receives
     ``dd_h (load_h - local_h)`` dispatch copies and sends ``dd_h (load_h - anchored_h - local'_h)`` combine
-    copies, with ``dd_h = distinct_h / load_h >= 1 - dup_h / load_h``, so the copies of a layer are at least
+    copies, with ``dd_h = distinct_h / load_h >= 1 - dup_h / load_h`` (with counted tokens the Dawson-Sankoff
+    form ``2/(j+1) - 2 dup_h / (j (j+1) load_h)``, best j), so the copies of a layer are at least
     the load (minus the tokens, for the combine) minus the largest duplicate count minus the largest local
     mass: anchor-to-next-expert pairs on one GPU (a bipartite b-matching of the anchor transitions: a previous
     anchor shares a GPU with at most m experts of the next layer; with the position-aware served shares of
@@ -354,7 +355,7 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
         lp_seconds: > 0 tightens the GPU-level pair bounds with :func:`max_colocated_pairs_lp` (triangle cuts),
             this many seconds in all, shared evenly by the layers.
         dup_max: ``[L]`` co-activated pair allowances already computed (:func:`pair_allowance`), or None.
-        counted: the objective counts distinct tokens on the tokens (standard dataflow): use :func:`dawson_sankoff`.
+        counted: the objective counts distinct tokens on the tokens: use :func:`dawson_sankoff` for the copies.
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -401,8 +402,13 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
                 c = np.where(col[None, :] > 0, scale[:, l][:, None] * col[None, :] / np.where(lo > 0, lo, 1e-300), 0.0)
                 c = np.maximum(c.max(axis=1), 1.0)  # [N]
                 tp = float(pairs.sum())
-                x = np.maximum(scale[:, l] * (tp - local - c * dup_max[l]), 0.0)
-                xe = np.maximum(scale[:, l] * (tp - local_node - c * dup_max[l]), 0.0) if multi else np.zeros(N)
+                if counted:  # dd_h >= 2/(j+1) - 2 dup_h / (j (j+1) load_h), the per-GPU Dawson-Sankoff floor
+                    x = dawson_sankoff(scale[:, l] * (tp - local), scale[:, l] * c * dup_max[l])
+                    xe = dawson_sankoff(scale[:, l] * (tp - local_node), scale[:, l] * c * dup_max[l]) if multi \
+                        else np.zeros(N)
+                else:
+                    x = np.maximum(scale[:, l] * (tp - local - c * dup_max[l]), 0.0)
+                    xe = np.maximum(scale[:, l] * (tp - local_node - c * dup_max[l]), 0.0) if multi else np.zeros(N)
                 if be <= bi:
                     secs = np.maximum(x - xe, 0.0) / bi + xe / be
                 else:
