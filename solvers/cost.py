@@ -404,9 +404,11 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
     for l in range(L):
         co = None if coactivation is None else coactivation[l]
         tok = None if tokens is None else float(tokens[l])
-        compute[l], distinct[l] = standard_distinct(served[l], load[l], co, tok)
         if routes is not None:
+            compute[l] = load[l] @ served[l]
             distinct[l] = token_distinct(served[l], routes[:, l]) * routes_factor(load[l], routes[:, l])
+        else:
+            compute[l], distinct[l] = standard_distinct(served[l], load[l], co, tok)
     gl = compute.copy()
     compute *= alpha
     if not coherent:
