@@ -4,6 +4,8 @@
     PYTHONPATH=. python benchmarks/counts_vs_exact.py --redundant 8 --time-limit 5
     PYTHONPATH=. python benchmarks/counts_vs_exact.py --v3            # DeepSeek-V3 size, 64 GPUs, 64 redundant
     PYTHONPATH=. python benchmarks/counts_vs_exact.py --dataflow standard --gpus 8 --redundant 0 16
+    PYTHONPATH=. python benchmarks/counts_vs_exact.py --dataflow standard --gpus 16 --redundant 16 \
+        --joint-param chain_start=true
 
 ``--dataflow standard`` compares the standard replay with homes spread evenly (as the model assumes) and shows,
 for each plan, the model with distinct tokens counted on the fitted tokens and with the pairwise estimate; the
@@ -31,6 +33,8 @@ def main() -> None:
     ap.add_argument("--solvers", default="contiguous,eplb-global,joint")
     ap.add_argument("--v3", action="store_true", help="DeepSeek-V3-size synthetic trace instead of the bundled one")
     ap.add_argument("--dataflow", choices=["coherent", "standard"], default="coherent")
+    ap.add_argument("--joint-param", action="append", default=[], metavar="KEY=VALUE",
+                    help="joint planner parameter, as `moeplace plan --param` (repeatable; --dataflow standard)")
     args = ap.parse_args()
     if args.dataflow == "standard":
         return standard(args)
@@ -89,6 +93,9 @@ def standard(args) -> None:
     from solvers.joint import objective_of, prepare
     from traces import datasets
 
+    from placement.commands.plan import parse_params
+
+    extra = parse_params(args.joint_param)
     fit, held = datasets.load().split_by_sequence(0.5, seed=0)
     even = lambda t: prepare_eval(replace(t, seq_id=np.arange(t.num_tokens), pos_in_seq=None))  # noqa: E731
     fit_even, held_even, held_seq = even(fit), even(held), prepare_eval(held)
@@ -104,7 +111,7 @@ def standard(args) -> None:
         for name, tokd in [(n, None) for n in args.solvers.split(",") if n != "joint"] + [("joint", True),
                                                                                              ("joint", False)]:
             opts = Options(time_limit=args.time_limit, threads=1,
-                           params={"dataflow": "standard", "token_distinct": tokd})
+                           params={**extra, "dataflow": "standard", "token_distinct": tokd})
             t = time.perf_counter()
             res = solve(name, problem, opts if name == "joint" else Options())
             secs = time.perf_counter() - t
