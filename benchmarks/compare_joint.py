@@ -33,7 +33,8 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 
 
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
-        solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None) -> list[dict]:
+        solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None,
+        bandwidths: tuple[float | None, float | None] = (None, None)) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -52,6 +53,7 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
         held = replace(held, seq_id=np.arange(held.num_tokens), pos_in_seq=None)
     held_ev = prepare(held)
     topo = Topology.for_experts(trace.num_experts, gpus, redundant, min(gpn, gpus))
+    topo = topo.with_bandwidths(*bandwidths)
     # several nodes: 8 expert groups so that EPLB's hierarchical policy (groups -> nodes) applies
     problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1)
     cost_std, cost_coh = CostModel(), CostModel(dataflow="coherent")
@@ -90,6 +92,13 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
     return rows
 
 
+def bandwidth(text: str | None) -> float | None:
+    """Bytes/s from ``50GB`` (or None)."""
+    from placement.budget import parse_size
+
+    return None if text is None else float(parse_size(text, "bandwidth"))
+
+
 def fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -122,6 +131,10 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--even-homes", action="store_true", help="evaluate with every held-out token its own sequence "
                     "(homes spread evenly over the GPUs, as the planner's counts model assumes)")
+    ap.add_argument("--intra-node-bandwidth", default=None, metavar="SIZE",
+                    help="GPU-GPU bytes/s per GPU and direction inside a node, e.g. 50GB (default: 450GB, NVLink 4)")
+    ap.add_argument("--inter-node-bandwidth", default=None, metavar="SIZE",
+                    help="bytes/s per GPU and direction between nodes (default: 50GB, 400 Gb/s InfiniBand)")
     ap.add_argument("--joint-param", action="append", default=[], metavar="KEY=VALUE",
                     help="joint planner parameter, as `moeplace plan --param` (repeatable)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
@@ -155,7 +168,8 @@ def main() -> None:
     for g in args.gpus:
         say(f"{g} GPUs, {args.redundant} redundant")
         rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
-                    args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param))
+                    args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param),
+                    (bandwidth(args.intra_node_bandwidth), bandwidth(args.inter_node_bandwidth)))
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:

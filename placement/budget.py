@@ -48,14 +48,9 @@ def parse_size(text: str, what: str = "size") -> int:
     return int(value)
 
 
-def expert_bytes_from_config(path: str | Path, num_experts: int | None = None) -> int:
-    """Bytes of one routed expert from a Hugging Face ``config.json`` (or the folder holding it).
-
-    Gated MLP experts (DeepSeek, Qwen-MoE, Mixtral, OLMoE, ...: ``moe_intermediate_size`` or
-    ``intermediate_size``) have 3 matrices ``hidden x intermediate``; T5-style experts (Switch: ``d_model``,
-    ``d_ff``) have 2 unless the activation is gated. Weights in ``torch_dtype`` (bf16 if absent); fp8 or n-bit
-    quantized configs are counted at 1 byte or n/8 bytes per weight (scales ignored).
-    """
+def _read_config(path: str | Path) -> tuple[Path, dict, int, int, int]:
+    """``(path, config, hidden, intermediate, matrices)`` of one routed expert from a Hugging Face ``config.json``
+    (or the folder holding it); a UserError when the file or the sizes are missing."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
@@ -82,6 +77,24 @@ def expert_bytes_from_config(path: str | Path, num_experts: int | None = None) -
     if not isinstance(hidden, int) or not isinstance(inter, int) or hidden <= 0 or inter <= 0:
         raise UserError(f"{p} does not give the expert sizes (hidden_size and moe_intermediate_size or "
                         f"intermediate_size); give --expert-bytes instead")
+    return p, cfg, hidden, inter, mats
+
+
+def model_sizes_from_config(path: str | Path) -> tuple[int, int]:
+    """``(hidden_size, expert_intermediate_size)`` from a Hugging Face ``config.json``, for the cost model."""
+    _, _, hidden, inter, _ = _read_config(path)
+    return hidden, inter
+
+
+def expert_bytes_from_config(path: str | Path, num_experts: int | None = None) -> int:
+    """Bytes of one routed expert from a Hugging Face ``config.json`` (or the folder holding it).
+
+    Gated MLP experts (DeepSeek, Qwen-MoE, Mixtral, OLMoE, ...: ``moe_intermediate_size`` or
+    ``intermediate_size``) have 3 matrices ``hidden x intermediate``; T5-style experts (Switch: ``d_model``,
+    ``d_ff``) have 2 unless the activation is gated. Weights in ``torch_dtype`` (bf16 if absent); fp8 or n-bit
+    quantized configs are counted at 1 byte or n/8 bytes per weight (scales ignored).
+    """
+    p, cfg, hidden, inter, mats = _read_config(path)
     q = cfg.get("quantization_config") or {}
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
     if q:

@@ -50,6 +50,13 @@ class Topology:
         if self.intra_node_bandwidth <= 0 or self.inter_node_bandwidth <= 0:
             raise SolverInputError("link bandwidths must be positive")
 
+    def with_bandwidths(self, intra: float | None = None, inter: float | None = None) -> "Topology":
+        """The same topology with other link bandwidths (bytes/s per GPU and direction; None keeps one)."""
+        from dataclasses import replace
+
+        return replace(self, intra_node_bandwidth=self.intra_node_bandwidth if intra is None else float(intra),
+                       inter_node_bandwidth=self.inter_node_bandwidth if inter is None else float(inter))
+
     @property
     def num_nodes(self) -> int:
         return self.num_gpus // self.gpus_per_node

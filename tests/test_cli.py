@@ -88,6 +88,11 @@ def _bad_inputs(tmp_path):
         ("evaluate", "missing.json"),
         ("export", badplan, "--format", "sglang", "--out", tmp_path / "o.json"),
         ("affinity", counts),
+        ("plan", "--gpus", 4, "--gpu-flops", "fast"),
+        ("plan", "--gpus", 4, "--intra-node-bandwidth", "-5GB"),
+        ("plan", "--gpus", 4, "--model", "gpt-5"),
+        ("plan", "--gpus", 4, "--model-config", tmp_path / "nope.json"),
+        ("evaluate", "missing.json", "--inter-node-bandwidth", "fast"),
     ]
 
 
@@ -110,3 +115,62 @@ def test_help_does_not_import_torch():
     code = "import sys; sys.argv=['moeplace','--help']\nfrom placement.cli import main\ntry:\n main()\nexcept SystemExit:\n pass\nprint('TORCH', 'torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "TORCH False" in res.stdout, res.stdout + res.stderr
+
+
+def _est(plan_path, *args):
+    r = run("evaluate", plan_path, "--trace", "deepseek-v2-lite-esft:law", "--json", *args)
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_cost_options_reach_planner_and_evaluator(tmp_path):
+    """The planner optimises and the evaluator measures the same cost model: a preset given to the solver
+    (``--param model=``), a config.json or explicit options; ``evaluate`` defaults to what the plan was made for."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 4096, "moe_intermediate_size": 1024, "n_routed_experts": 64}))
+    cases = [(("--param", "model=deepseek-v3"), {"hidden_size": 7168, "expert_intermediate_size": 2048}),
+             (("--model-config", cfg, "--gpu-flops", "200T"),
+              {"hidden_size": 4096, "expert_intermediate_size": 1024, "gpu_flops": 2e14})]
+    for args, want in cases:
+        out = tmp_path / "p.json"
+        r = run("plan", "deepseek-v2-lite-esft:law", "--gpus", 4, "--solver", "eplb", "--out", out, *args)
+        assert r.exit_code == 0, r.output
+        plan = json.loads(out.read_text())
+        params = plan["solver"]["options"]["params"]
+        assert {k: params[k] for k in want} == want and "model" not in params
+        ev = _est(out)
+        assert ev["cost_model"]["hidden_size"] == want["hidden_size"]
+        assert ev["overall"]["est_moe_us_per_token"] == pytest.approx(plan["predicted"]["est_moe_us_per_token"])
+        # explicit options still win over what the plan recorded
+        assert _est(out, "--model", "deepseek-v2-lite")["cost_model"]["hidden_size"] == 2048
+
+
+def test_link_bandwidths_are_recorded_and_priced(tmp_path):
+    """Bandwidth options land in the plan's topology and the estimate; only the all-to-all part scales with them."""
+    out = tmp_path / "pcie.json"
+    r = run("plan", "deepseek-v2-lite-esft:law", "--gpus", 8, "--gpus-per-node", 4, "--solver", "contiguous",
+            "--intra-node-bandwidth", "50GB", "--inter-node-bandwidth", "25GB", "--out", out)
+    assert r.exit_code == 0, r.output
+    topo = json.loads(out.read_text())["topology"]
+    assert (topo["intra_node_bandwidth"], topo["inter_node_bandwidth"]) == (50e9, 25e9)
+    slow = _est(out)["per_layer"]
+    fast = _est(out, "--intra-node-bandwidth", "500GB", "--inter-node-bandwidth", "250GB")["per_layer"]
+    compute = _est(out, "--intra-node-bandwidth", "1e30", "--inter-node-bandwidth", "1e30")["per_layer"]
+    for s_, f_, c_ in zip(slow, fast, compute):
+        # layer time = max_g (compute_g + a x traffic_g) with a = 1 / bandwidth: increasing and convex in a, so
+        # 10x faster links cut the excess over compute alone by at least 10x
+        s_, f_, c_ = (x["est_moe_seconds"] for x in (s_, f_, c_))
+        assert c_ < f_ < s_
+        assert f_ - c_ <= (s_ - c_) / 10 * (1 + 1e-9)
+
+
+def test_evaluate_notes_plans_made_for_different_cost_models(tmp_path):
+    paths = []
+    for flow in ("standard", "coherent"):
+        paths.append(tmp_path / f"{flow}.json")
+        r = run("plan", "deepseek-v2-lite-esft:law", "--gpus", 4, "--solver", "eplb", "--dataflow", flow,
+                "--out", paths[-1])
+        assert r.exit_code == 0, r.output
+    r = run("evaluate", *paths, "--trace", "deepseek-v2-lite-esft:law")
+    assert r.exit_code == 0 and "different dataflow" in r.output
+    assert _est(paths[1])["overall"]["dataflow"] == "coherent"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -42,15 +43,30 @@ def register(app: typer.Typer) -> None:
                                       "the same split 'moeplace plan --holdout F --seed S' used."),
         seed: int = typer.Option(0, "--seed", help="Seed of that split."),
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time."),
-        dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16, fp8 or fp32."),
-        dataflow: str = typer.Option("standard", "--dataflow", help="Dataflow of the time estimate: standard or "
-                                     "coherent (ExFlow)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16, fp8 or fp32."),
+        dataflow: Optional[str] = typer.Option(None, "--dataflow", help="Dataflow of the time estimate: standard or "
+                                               "coherent (ExFlow)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model sizes for the cost model (a preset, see "
+                                            "'moeplace plan --help')."),
+        model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config.json, for "
+                                                    "the cost model's sizes."),
+        expert_intermediate_size: Optional[int] = typer.Option(None, "--expert-intermediate-size", help="Routed "
+                                                               "experts' FFN width, for FLOPs."),
+        gpu_flops: Optional[str] = typer.Option(None, "--gpu-flops", help="Effective GPU FLOP/s of the expert GEMMs "
+                                                "(e.g. 400T)."),
+        intra_bw: Optional[str] = typer.Option(None, "--intra-node-bandwidth", help="Bytes/s per GPU and direction "
+                                               "inside a node (default: the plan's)."),
+        inter_bw: Optional[str] = typer.Option(None, "--inter-node-bandwidth", help="Bytes/s per GPU and direction "
+                                               "between nodes (default: the plan's)."),
         per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
-        """Evaluate plans on traces: load balance, affinity locality, fan-out, all-to-all bytes, estimated time."""
+        """Evaluate plans on traces: load balance, affinity locality, fan-out, all-to-all bytes, estimated time.
+
+        The time estimate uses the cost model and link bandwidths each plan was made for (recorded in the plan
+        file) unless options say otherwise."""
         from placement.cli_common import load_data, load_plans
-        from placement.commands.plan import cost_model
+        from placement.commands.plan import with_cost_options
         from placement.evaluate import evaluate, prepare
         from traces import RoutingTrace
 
@@ -61,7 +77,10 @@ def register(app: typer.Typer) -> None:
                 raise UserError("--holdout needs a token trace; counts cannot be split by sequence")
             data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
         ev = prepare(data)
-        cost = cost_model(hidden_size, dtype, dataflow)
+        plan_objs, cost = with_cost_options(plan_objs, hidden_size=hidden_size, dtype=dtype,
+                                            dataflow=dataflow, model=model, model_config=model_config,
+                                            expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops,
+                                            intra_bw=intra_bw, inter_bw=inter_bw)
         results = {}
         for path, plan in zip(plans, plan_objs):
             key = plan.name if plan.name not in results else f"{plan.name} ({path})"

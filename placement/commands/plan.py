@@ -34,22 +34,98 @@ def parse_params(items: list[str] | None) -> dict:
     return params
 
 
-def cost_model(hidden_size: int | None, dtype: str, dataflow: str = "standard", **kw):
-    from solvers.cost import CostModel
+COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow")
 
-    if dtype not in DTYPE_BYTES:
+
+def parse_rate(text, what: str) -> float:
+    """A positive number with an optional decimal prefix: ``400T``, ``400e12``, ``1.5P`` (FLOP/s)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtTpP]?)(?:flops|FLOPS|FLOP/s|flop/s)?\s*",
+                     str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"{what} {text!r} is not a positive rate; write e.g. 400T or 4e14")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}[m.group(2).lower()]
+
+
+def recorded_cost(plans) -> tuple[dict, list[str]]:
+    """Cost-model fields the plans were made for (``solver.options.params``) where they all agree, and the names
+    of the fields on which they disagree."""
+    seen: dict[str, set] = {}
+    for plan in plans:
+        params = ((plan.solver or {}).get("options") or {}).get("params") or {}
+        for key in COST_FIELDS:
+            if key in params:
+                seen.setdefault(key, set()).add(params[key])
+    agreed = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
+    return agreed, sorted(k for k, v in seen.items() if len(v) > 1)
+
+
+def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflow: str | None = None, *,
+               model: str | None = None, model_config=None, expert_intermediate_size: int | None = None,
+               gpu_flops: str | float | None = None, base: dict | None = None):
+    """The cost model from the CLI's options, in this order (later wins): defaults (DeepSeek-V2-Lite sizes, H100),
+    ``base`` (fields a plan was made for), the ``model`` preset, the sizes in ``model_config`` (config.json), the
+    explicit options."""
+    from solvers.cost import PRESETS, CostModel
+
+    if dtype is not None and dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-    base = CostModel()
-    return CostModel(hidden_size=hidden_size or base.hidden_size, dtype_bytes=DTYPE_BYTES[dtype], dataflow=dataflow,
-                     **{k: v for k, v in kw.items() if v is not None})
+    fields = {k: v for k, v in (base or {}).items() if k in COST_FIELDS}
+    if model is not None:
+        if str(model).lower() not in PRESETS:
+            raise UserError(f"--model {model!r} is not a known model size; known: {', '.join(sorted(PRESETS))}")
+        fields.update(PRESETS[str(model).lower()])
+    if model_config is not None:
+        from placement.budget import model_sizes_from_config
+
+        fields["hidden_size"], fields["expert_intermediate_size"] = model_sizes_from_config(model_config)
+    explicit = {"hidden_size": hidden_size, "expert_intermediate_size": expert_intermediate_size,
+                "dtype_bytes": DTYPE_BYTES[dtype] if dtype is not None else None, "dataflow": dataflow,
+                "gpu_flops": parse_rate(gpu_flops, "--gpu-flops") if gpu_flops is not None else None}
+    fields.update({k: v for k, v in explicit.items() if v is not None})
+    return CostModel(**fields)
+
+
+def parse_bandwidth(text: str | None, flag: str) -> float | None:
+    """Bytes per second from ``450GB`` (per GPU and direction), or None."""
+    from placement.budget import parse_size
+
+    return None if text is None else float(parse_size(text, flag))
+
+
+def with_cost_options(plans: list, *, intra_bw: str | None = None, inter_bw: str | None = None,
+                      **options) -> tuple[list, object]:
+    """Plans to evaluate and the cost model to evaluate them with, from the CLI's cost options (``options`` are
+    :func:`cost_model`'s keywords): where an option is not given, the value the plans were made for (when they all
+    agree; else the default, with a note on stderr). Bandwidth options replace the link bandwidths of every plan's
+    topology."""
+    from dataclasses import replace
+
+    agreed, differ = recorded_cost(plans)
+    flag = {"dtype_bytes": "dtype"}
+    unset = [k for k in differ if options.get(flag.get(k, k)) is None]
+    if unset:
+        err.print(f"note: the plans were made for different {', '.join(unset)}; all are evaluated with the default "
+                  f"(--{flag.get(unset[0], unset[0]).replace('_', '-')} chooses)", markup=False)
+    cost = cost_model(base=agreed, **options)
+    bw = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"), parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
+    if bw != (None, None):
+        plans = [replace(p, topology=p.topology.with_bandwidths(*bw)) for p in plans]
+    return plans, cost
 
 
 def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, redundant: int, solver: str,
               expert_groups: int = 1, time_limit: float | None = 60.0, seed: int = 0, backend: str = "cp-sat",
               threads: int | None = None, params: dict | None = None, holdout: float = 0.0,
               current=None, cost=None, progress=None, memory_budget: str | None = None,
-              expert_bytes: str | None = None, model_config: str | None = None):
-    """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan."""
+              expert_bytes: str | None = None, model_config: str | None = None,
+              bandwidths: tuple[float | None, float | None] = (None, None)):
+    """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan.
+
+    The solver optimises, and the plan is evaluated with, one cost model: ``cost`` updated by any cost fields or
+    ``model`` preset in ``params``; the plan records all its fields in ``solver.options.params`` and the link
+    ``bandwidths`` (intra-, inter-node bytes/s; None keeps the H100 defaults) in its topology."""
     from placement.evaluate import evaluate
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
@@ -69,12 +145,16 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
         budget, note, solver = resolve_plan_budget(memory_budget, fit, gpus, redundant, solver, expert_bytes,
                                                    model_config)
     topo = budget.topology(gpus_per_node) if budget else Topology.for_experts(E, gpus, redundant, gpus_per_node)
+    topo = topo.with_bandwidths(*bandwidths)
     problem = build_problem(fit, topo, expert_groups=expert_groups, current=current,
                             budget_slots=budget.total_slots if budget else None)
+    from solvers.cost import CostModel
+
     params = dict(params or {})
-    if cost is not None:  # the planner optimises the same cost model the plan is evaluated with
-        for key in ("dataflow", "hidden_size", "dtype_bytes"):
-            params.setdefault(key, getattr(cost, key))
+    # the planner optimises the same cost model the plan is evaluated with
+    cost = CostModel.from_params(params, base=cost or CostModel())
+    params.pop("model", None)
+    params.update({key: getattr(cost, key) for key in COST_FIELDS})
     options = Options(time_limit=time_limit, seed=seed, backend=backend, threads=threads, params=params,
                       progress=progress)
     result = solve(solver, problem, options)
@@ -119,6 +199,18 @@ def register(app: typer.Typer) -> None:
         current: Optional[Path] = typer.Option(None, "--current", help="Plan in service now (migration cost)."),
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model hidden size for bytes/time "
                                                   "(default 2048, DeepSeek-V2-Lite)."),
+        model: Optional[str] = typer.Option(None, "--model", help="Model sizes for the cost model: deepseek-v2-lite "
+                                            "(default), deepseek-v2, deepseek-v3, mixtral-8x7b, qwen3-30b-a3b, "
+                                            "olmoe-1b-7b; --model-config reads them from config.json instead."),
+        expert_intermediate_size: Optional[int] = typer.Option(None, "--expert-intermediate-size", help="Routed "
+                                                               "experts' FFN width, for FLOPs (default 1408)."),
+        gpu_flops: Optional[str] = typer.Option(None, "--gpu-flops", help="Effective GPU throughput of the expert "
+                                                "GEMMs, FLOP/s (default 400T: H100 bf16 grouped GEMMs)."),
+        intra_bw: Optional[str] = typer.Option(None, "--intra-node-bandwidth", help="GPU-to-GPU bytes/s per GPU and "
+                                               "direction inside a node (default 450GB: NVLink 4; PCIe Gen5 x16 is "
+                                               "about 50GB)."),
+        inter_bw: Optional[str] = typer.Option(None, "--inter-node-bandwidth", help="Bytes/s per GPU and direction "
+                                               "between nodes (default 50GB: one 400 Gb/s NIC per GPU)."),
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
                                      "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
@@ -139,14 +231,18 @@ def register(app: typer.Typer) -> None:
 
         if not 0.0 <= holdout < 1.0:
             raise UserError(f"--holdout must be in [0, 1), got {holdout}")
+        cost = cost_model(hidden_size, dtype, dataflow, model=model, model_config=model_config,
+                          expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops)
+        bandwidths = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"),
+                      parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
         data, sources = load_data(trace)
         name = solver or ("budget" if memory_budget else default_solver())
         cur = Plan.load(current) if current else None
         with err.status(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
-                             backend, threads, parse_params(param), holdout, cur, cost_model(hidden_size, dtype, dataflow),
+                             backend, threads, parse_params(param), holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
-                             expert_bytes=expert_bytes, model_config=model_config)
+                             expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths)
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:

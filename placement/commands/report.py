@@ -24,8 +24,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of that split."),
         baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Add the contiguous placement as the "
                                       "reference column when no plan is contiguous."),
-        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time."),
-        dtype: str = typer.Option("bf16", "--dtype", help="bf16, fp16, fp8 or fp32."),
+        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time "
+                                                  "(default: the plans')."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16, fp8 or fp32 (default: the plans')."),
         title: str = typer.Option("moeplace report", "--title", help="Report title."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
         as_json: bool = typer.Option(False, "--json", help="Print the written paths and metrics as JSON."),
@@ -37,7 +38,7 @@ def register(app: typer.Typer) -> None:
         and cross-GPU transitions per plan."""
         from placement.affinity import AffinityStats
         from placement.cli_common import load_data, load_plans
-        from placement.commands.plan import cost_model
+        from placement.commands.plan import with_cost_options
         from placement.report import (build_report, describe_cost, describe_data, describe_topology,
                                       reference_baseline)
         from traces import RoutingTrace
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
             ref = reference_baseline(plan_objs, data.num_experts, data.load_profile().total())
             if ref is not None:
                 plan_objs, labels = [ref, *plan_objs], ["contiguous", *labels]
-        cost = cost_model(hidden_size, dtype)
+        plan_objs, cost = with_cost_options(plan_objs, hidden_size=hidden_size, dtype=dtype)
         setup = [describe_data("evaluation data", data) + f" from {', '.join(sources)}"
                  + (f" (held-out share {holdout:g} of sequences, split seed {seed})" if holdout else ""),
                  *([describe_topology(plan_objs[0])] if len({(p.topology, p.num_redundant) for p in plan_objs}) == 1
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
         cmd += f" --out {shlex.quote(str(out_dir))}" + (f" --holdout {holdout:g} --seed {seed}" if holdout else "")
         cmd += "" if baseline else " --no-baseline"
         cmd += f" --hidden-size {hidden_size}" if hidden_size else ""
-        cmd += f" --dtype {dtype}" if dtype != "bf16" else ""
+        cmd += f" --dtype {dtype}" if dtype else ""
         with err.status("writing the report ...") as status:
             stats = AffinityStats.from_trace(whole, seed=seed) if isinstance(whole, RoutingTrace) else None
             rep = build_report(plan_objs, data, out_dir, labels=labels, affinity=stats, title=title, setup=setup,
