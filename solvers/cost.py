@@ -396,9 +396,13 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
     served = shares
     if coherent:
         table = dispatch_table(phy2log, E, topology)  # [L, E, G]
-        # positions of layer l's tokens: the previous layer's anchors, replicas splitting evenly
-        pos = [None] + [shares[l - 1].T @ transitions[l - 1] for l in range(1, L)]  # [G, E] each
-        served = np.stack([effective_share(shares[l], table[l], pos[l]) for l in range(L)])
+        # positions of layer l's tokens: where the previous layer's anchors are served
+        pos = [None]  # [G, E] each
+        served = np.empty_like(shares)
+        served[0] = effective_share(shares[0], table[0], None)
+        for l in range(1, L):
+            pos.append(served[l - 1].T @ transitions[l - 1])
+            served[l] = effective_share(shares[l], table[l], pos[l])
     compute = np.empty((L, G))
     distinct = np.empty((L, G))
     for l in range(L):

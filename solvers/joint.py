@@ -329,13 +329,14 @@ class State:
         self.W = self.P
         if self.use_T:
             self.tab = dispatch_table(self.X, E, topo)
-            for l in range(1, L):
-                self.Vin[l] = self.P[l - 1].T @ d.T[l - 1]
+            self.W = np.empty_like(self.P)
+            self.W[0] = effective_share(self.P[0], self.tab[0], None)
+            for l in range(1, L):  # positions of layer l: where the previous layer's anchors are served
+                self.Vin[l] = self.W[l - 1].T @ d.T[l - 1]
                 self.M[l] = dispatch_matrix(self.Vin[l], self.tab[l])
+                self.W[l] = effective_share(self.P[l], self.tab[l], self.Vin[l])
             for l in range(L - 1):
                 self.Vout[l] = d.T[l] @ self.P[l + 1]
-            self.W = np.stack([effective_share(self.P[l], self.tab[l], self.Vin[l] if l >= 1 else None)
-                               for l in range(L)])
         W = self.W
         self.Lg = np.einsum("nle,leg->lng", d.loads, W)
         self.tokd = d.ids is not None
@@ -380,13 +381,43 @@ class State:
         self.z[l], self.q[l] = z.T, q.T
         self.Dt[l] = self.d.tok_factor[l] * covered(self.z[l], self.q[l]).sum(axis=1)
 
+    def _rebuild(self, l: int) -> bool:
+        """Recompute layer l from its placement and the previous layer's served shares (positions, served shares,
+        loads, duplicate terms, anchor mass, distinct tokens, GPU seconds); True if its served shares changed."""
+        d = self.d
+        changed = False
+        if self.use_T:
+            if l >= 1:
+                self.Vin[l] = self.W[l - 1].T @ d.T[l - 1]
+                self.M[l] = dispatch_matrix(self.Vin[l], self.tab[l])
+            W_l = effective_share(self.P[l], self.tab[l], self.Vin[l] if l >= 1 else None)
+            changed = not np.allclose(W_l, self.W[l], rtol=0.0, atol=1e-12)
+            self.W[l] = W_l
+        W = self.W[l]
+        self.Lg[l] = d.loads[:, l, :] @ W
+        if self.CP is not None:
+            self.CP[l] = d.C[l] @ W
+            self.dup[l] = 0.5 * (W * self.CP[l]).sum(axis=0)
+            self.KP[l] = d.Kw[l] @ W
+            self.logp0[l] = d.U[l] @ W + 0.5 * (W * self.KP[l]).sum(axis=0)
+        if self.use_T:
+            self.QP[l] = d.Q[l] @ W
+            self.QtP[l] = d.Q[l].T @ W
+            self.A[l] = W.T @ self.QP[l]
+        if self.tokd:
+            self._recount(l)
+        self.tg[l] = self.layer_gpu_seconds(l)
+        self.tl[l] = self.tg[l].max(axis=1)
+        return changed
+
     def resync(self) -> None:
-        """Recount the distinct tokens of stale layers on the tokens (exact again) and their GPU seconds."""
-        for l in np.nonzero(self.stale)[0]:
-            self._recount(int(l))
-            self.tg[l] = self.layer_gpu_seconds(int(l))
-            self.tl[l] = self.tg[l].max(axis=1)
-        self.stale[:] = False
+        """Make stale layers exact again, in layer order: a layer whose served shares change moves the positions of
+        the next one, which is rebuilt too (:meth:`_rebuild`)."""
+        for l in range(self.d.L):
+            if self.stale[l]:
+                if self._rebuild(l) and l + 1 < self.d.L:
+                    self.stale[l + 1] = True
+                self.stale[l] = False
 
     def _token_delta(self, l: int, idx: np.ndarray, W_row: np.ndarray, dW: np.ndarray):
         """Change ``[G]`` of layer l's distinct tokens when experts ``idx`` take the served-share rows of ``W_row``
@@ -576,13 +607,13 @@ class State:
             if l + 1 < d.L:
                 # the anchors of layer l moved: positions, dispatch and replicated experts' shares of l+1 change.
                 # dispatch_matrix(dV, tab) = dV @ P for experts with one replica; the others by their table
-                M_next = self.M[l + 1] + dP.T @ self.Vout[l][idx]
+                M_next = self.M[l + 1] + dW.T @ self.Vout[l][idx]
                 R = np.nonzero(self.r[l + 1] >= 2)[0]
                 W2 = dW2 = None
                 upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1])
                 W2_row = Dt2 = None
                 if R.size:
-                    dVR = dP.T @ d.T[l][np.ix_(idx, R)]  # [G, |R|]
+                    dVR = dW.T @ d.T[l][np.ix_(idx, R)]  # [G, |R|]
                     M_next = M_next + dispatch_matrix(dVR, self.tab[l + 1, R]) - dVR @ self.P[l + 1, R]
                     W2 = effective_share(self.P[l + 1, R], self.tab[l + 1, R], self.Vin[l + 1][:, R] + dVR)
                     dW2 = W2 - self.W[l + 1, R]
@@ -650,7 +681,7 @@ class State:
         if self.use_T:
             if nxt is not None:
                 M_next, R, W2, dW2, upd, _, Dt2 = nxt
-                self.Vin[l + 1] += dP.T @ d.T[l][idx, :]
+                self.Vin[l + 1] += dW.T @ d.T[l][idx, :]
                 self.M[l + 1] = M_next
                 if R.size:
                     self.W[l + 1, R] = W2
@@ -658,6 +689,8 @@ class State:
                     if self.tokd:
                         self.Dt[l + 1] = Dt2
                         self.stale[l + 1] = True
+                    if l + 2 < d.L and np.abs(dW2).max() > 1e-12:
+                        self.stale[l + 2] = True  # its positions moved with layer l+1's served shares
             if l >= 1:
                 self.Vout[l - 1] += d.T[l - 1][:, idx] @ dP
                 self.M[l] = M_l
