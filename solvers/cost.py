@@ -34,13 +34,13 @@ serves a token:
   homes spread evenly the dispatch rule spreads an expert's tokens over its replicas about evenly).
 - coherent dataflow: a token uses the replica that the dispatch rule (:func:`solvers.objective.dispatch_rows`)
   picks for its *position*, and positions concentrate on the GPUs holding hot anchor experts, so the counts model
-  uses position-aware *served shares* (:func:`effective_share`): the positions of layer l's tokens are taken
-  from the previous layer's anchors with even-split shares, ``pos_l = P_{l-1}^T T_{l-1}`` ``[G, E]`` (uniform
-  homes at layer 0), and ``W_l[e, h]`` is the fraction of ``pos_l[:, e]`` whose dispatch-table entry is h.
+  uses position-aware *served shares* (:func:`effective_share`): the positions of layer l's tokens are where
+  the previous layer's anchors are served, ``pos_l = W_{l-1}^T T_{l-1}`` ``[G, E]`` (uniform homes at layer 0),
+  and ``W_l[e, h]`` is the fraction of ``pos_l[:, e]`` whose dispatch-table entry is h (computed layer by layer).
   W replaces the even split in the load, the duplicate-copy terms and the combine matrix ``W^T Q W``; the
-  dispatch matrix is ``M_l[p, h] = sum_e pos_l[p, e] [table_l[e, p] == h]`` (:func:`dispatch_matrix`).
-  Positions use P, not W, so a move at one layer changes that layer and the next one only (the joint planner's
-  incremental :class:`solvers.joint.State` relies on this); an expert with one replica has ``W = P``.
+  dispatch matrix is ``M_l[p, h] = sum_e pos_l[p, e] [table_l[e, p] == h]`` (:func:`dispatch_matrix`). An
+  expert with one replica has ``W = P``. (Positions from the even split ``P_{l-1}`` instead, as an earlier
+  version did, left the joint plan at DeepSeek-V3 size 19% optimistic against the replay, 14% with these.)
 
 Defaults: DeepSeek-V2-Lite sizes (the bundled trace: hidden 2048, expert intermediate 1408), bf16, H100 at
 400 TFLOP/s effective for grouped GEMMs (about 40% of the dense bf16 peak); link bandwidths live on
@@ -316,7 +316,7 @@ def effective_share(share: np.ndarray, table: np.ndarray, positions: np.ndarray 
         share: ``[k, G]`` even-split shares (:func:`share_matrix` rows), the fallback where no token reaches an
             expert; table: int ``[k, G]`` serving GPU for a token at position p
             (:func:`solvers.objective.dispatch_rows`, -1 = none); positions: ``[G, k]`` mass of the expert's tokens
-            at each position (``P_{l-1}^T T_{l-1}``), or None for homes spread evenly (the first layer).
+            at each position (``W_{l-1}^T T_{l-1}``), or None for homes spread evenly (the first layer).
     ``W[e, h] = sum_p positions[p, e] [table[e, p] == h] / sum_p positions[p, e]``: a token uses the replica the
     dispatch rule picks for its position, so a replica next to the anchors of a hot expert serves more than 1/r.
     An expert with one replica keeps share 1 there.

@@ -289,7 +289,7 @@ class State:
     token uses the replica the dispatch rule picks for its position), Lg ``[L, N, G]`` GPU load per profile,
     CP ``[L, E, G]`` = C W, KP = Kw W, dup / logp0 ``[L, G]`` duplicate-copy terms; coherent dataflow:
     tab ``[L, E, G]`` dispatch table (:func:`solvers.objective.dispatch_rows`), Vin ``[L, G, E]`` =
-    P_{l-1}^T T_{l-1} (positions of layer l's tokens, from the previous anchors split evenly), Vout
+    W_{l-1}^T T_{l-1} (positions of layer l's tokens: where the previous anchors are served), Vout
     ``[L, E, G]`` = T_l P_{l+1} (search guidance only), M ``[L, G, G]`` = position-to-serving mass into l
     (:func:`solvers.cost.dispatch_matrix`), QP / QtP ``[L, E, G]`` = Q W / Q^T W, A ``[L, G, G]`` = W^T Q W
     (anchor GPU, serving GPU) within l; tg ``[L, N, G]`` per-GPU seconds, moved ``[L]`` migrated copies. With
@@ -299,10 +299,12 @@ class State:
     whose shares changed (one count and one factor per token and moved expert).
 
     A move at layer l changes P, tab and W at the moved experts' rows and every quantity of layer l; at layer
-    l+1 it changes the positions (Vin), hence M and the W rows of replicated experts (and what depends on them).
-    Positions use P, not W, so nothing cascades further. With token routes the distinct tokens of layer l+1 follow
-    its served-share change in proportion (D/load per GPU) and the layer is marked stale; :meth:`resync` recounts
-    stale layers on the tokens (the local search does so after every pass).
+    l+1 it changes the positions (Vin), hence M and the W rows of replicated experts (and what depends on them),
+    exactly. Those W rows move the positions of layer l+2 and so on: a move evaluates layers l and l+1 and marks
+    l+2 stale; :meth:`resync` rebuilds stale layers in order (the local search does so after every pass, the
+    iterated search after every kick), so the objective it compares is exact. With token routes the distinct
+    tokens of layer l+1 follow its served-share change in proportion (D/load per GPU) and the layer is marked
+    stale too (recounted on the tokens by :meth:`resync`).
     """
 
     def __init__(self, data: JointData, X: np.ndarray):

@@ -277,7 +277,7 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_s
     ``extra_slots > 0`` is the position-aware case (coherent dataflow): a token at position p uses the replica
     of b on p's group whenever there is one, so the local mass is ``sum_ab T_ab z_ab`` with
     ``z_ab = sum_p P_prev[a, p] [b has a replica in p's group]`` (a's anchors spread over positions, ``P_prev``
-    the previous layer's shares). Then ``z_ab <= 1`` and ``sum_b z_ab <= m`` as before, but
+    the previous layer's served shares: rows sum to 1, and a GPU's column to at most m, one per slot). Then ``z_ab <= 1`` and ``sum_b z_ab <= m`` as before, but
     ``sum_a z_ab <= m x (groups holding b)``: an expert with ``c_b`` extra groups has ``(1 + c_b) m`` column
     capacity, with ``sum_b c_b <= extra_slots`` (the redundant slots) and ``c_b <= max_copies``. The dual adds
     ``m sum_b c_b mu_b`` and its largest value over such c (the ``extra_slots`` largest mu, each at most

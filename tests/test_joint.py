@@ -604,3 +604,22 @@ def _dedupe_gpu(row: np.ndarray, topo: Topology) -> np.ndarray:
                 row[s], row[t] = row[t], row[s]
                 break
     return row
+
+
+def test_coherent_positions_follow_where_anchors_are_served():
+    """Hand-made chain: every token's anchor at layer 0 is expert 1 (on GPU0 only), then expert 0 (a replica on
+    each GPU) at layers 1 and 2. The dispatch rule serves a token from the replica on its position, so all tokens
+    stay on GPU0; the counts model must see that at layer 2 too (its positions come from where layer 1's anchors
+    are served; an even split of their replicas would put half the tokens on GPU1)."""
+    from placement.coherent import coherent_traffic
+    from solvers.cost import CostModel, anchor_counts
+
+    topo = Topology.for_experts(3, 2, 1)  # 2 GPUs x 2 slots, 3 experts, one redundant slot
+    phy2log = np.array([[0, 1, 2, 0]] * 3)  # GPU0 {0, 1}, GPU1 {2, 0}
+    routes = np.array([[[1], [0], [0]]] * 4)  # [T, L, k]
+    tr = coherent_traffic(phy2log, 3, topo, routes, None, np.arange(4))
+    assert tr["served"].tolist() == [[4, 0]] * 3  # the replay: everything on GPU0
+    load, trans, pairs = anchor_counts(routes, 3)
+    cost = CostModel(dataflow="coherent")
+    _, compute, _ = estimate_layer_seconds(phy2log, load, topo, cost, trans, None, pairs, detail=True)
+    assert np.allclose(compute / cost.seconds_per_assignment, tr["served"])
