@@ -14,7 +14,8 @@ the fitted half, the held-out standard time with even homes and with sequence ho
 
 On the bundled DeepSeek-V2-Lite trace (fit on half the sequences, held out on the other half), for the contiguous,
 EPLB (global) and joint (coherent) plans: the counts objective over the exact replay on the fitted trace
-(:func:`placement.coherent.evaluate_coherent`), the exact held-out coherent MoE time per token, the served-load
+(:func:`placement.coherent.evaluate_coherent`; also the compute and the all-to-all seconds each summed over GPUs
+and layers, model over replay), the exact held-out coherent MoE time per token, the served-load
 imbalance of the replay, and the solve seconds. ``--v3`` does the same on the calibrated DeepSeek-V3-size synthetic
 trace of ``benchmarks/joint_scale.py`` (64 GPUs, 8 per node, 64 redundant slots, V3 sizes, 120 s limit).
 """
@@ -44,7 +45,7 @@ def main() -> None:
     from placement.problem import build_problem
     from solvers import Options, Topology, solve
     from solvers.cost import CostModel
-    from solvers.joint import objective_of, prepare
+    from solvers.joint import State, prepare
     from traces import datasets
 
     if args.v3:
@@ -74,10 +75,31 @@ def main() -> None:
             plan = Plan.from_result(res, fit.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
             exact = evaluate_coherent(plan, fit, cost)
             out = evaluate_coherent(plan, held, cost)
-            ratio = objective_of(data, res.phy2log) / exact["est_moe_seconds"]
-            print(f"{args.gpus} GPUs +{red:3d} redundant  {name:12s} counts/exact {ratio:.3f}  held-out "
+            state = State(data, res.phy2log)
+            ratio = state.objective() / exact["est_moe_seconds"]
+            ex_compute, ex_comm = coherent_parts(plan, fit, cost)
+            compute = state.alpha * state.Lg[:, 0]  # [L, G]
+            comm = float((state.tg[:, 0] - compute).sum()) / ex_comm
+            print(f"{args.gpus} GPUs +{red:3d} redundant  {name:12s} counts/exact {ratio:.3f} (summed over GPUs: "
+                  f"compute {compute.sum() / ex_compute:.3f}, all-to-all {comm:.3f})  held-out "
                   f"{out['est_moe_us_per_token']:.4f} us/token  served imbalance {exact['served_imbalance']:.3f}  "
                   f"solve {secs:5.1f}s", flush=True)
+
+
+def coherent_parts(plan, trace, cost) -> tuple[float, float]:
+    """Compute and all-to-all seconds of the exact coherent replay, each summed over GPUs and layers (the counts
+    model's slowest-GPU time can be off while these sums are right, or the other way round)."""
+    from placement.coherent import coherent_traffic
+    from placement.evaluate import prepare as prepare_eval
+    from solvers.cost import phase_seconds
+
+    ev = prepare_eval(trace)
+    tr = coherent_traffic(plan.phy2log, plan.num_experts, plan.topology, ev.expert_ids, None, ev.sequence_index)
+    B = cost.token_bytes
+    comm = sum(float((phase_seconds(tr["dispatch_pairs"][l] * B, plan.topology)
+                      + phase_seconds(tr["combine_pairs"][l] * B, plan.topology)).sum())
+               for l in range(plan.num_layers))
+    return float(tr["served"].sum()) * cost.seconds_per_assignment, comm
 
 
 def standard(args) -> None:
