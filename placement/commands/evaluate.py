@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, fmt, out, print_json, user_errors
+from placement.commands.plan import (FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
+                                     ModelOption)
 
 
 def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
@@ -46,25 +48,20 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16, fp8 or fp32."),
         dataflow: Optional[str] = typer.Option(None, "--dataflow", help="Dataflow of the time estimate: standard or "
                                                "coherent (ExFlow)."),
-        model: Optional[str] = typer.Option(None, "--model", help="Model sizes for the cost model (a preset, see "
-                                            "'moeplace plan --help')."),
+        model: ModelOption = None,
         model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config.json, for "
                                                     "the cost model's sizes."),
-        expert_intermediate_size: Optional[int] = typer.Option(None, "--expert-intermediate-size", help="Routed "
-                                                               "experts' FFN width, for FLOPs."),
-        gpu_flops: Optional[str] = typer.Option(None, "--gpu-flops", help="Effective GPU FLOP/s of the expert GEMMs "
-                                                "(e.g. 400T)."),
-        intra_bw: Optional[str] = typer.Option(None, "--intra-node-bandwidth", help="Bytes/s per GPU and direction "
-                                               "inside a node (default: the plan's)."),
-        inter_bw: Optional[str] = typer.Option(None, "--inter-node-bandwidth", help="Bytes/s per GPU and direction "
-                                               "between nodes (default: the plan's)."),
+        expert_intermediate_size: IntermediateOption = None,
+        gpu_flops: FlopsOption = None,
+        intra_bw: IntraBandwidthOption = None,
+        inter_bw: InterBandwidthOption = None,
         per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         """Evaluate plans on traces: load balance, affinity locality, fan-out, all-to-all bytes, estimated time.
 
-        The time estimate uses the cost model and link bandwidths each plan was made for (recorded in the plan
-        file) unless options say otherwise."""
+        The time estimate uses the cost model and link bandwidths the plans were made for (recorded in the plan
+        file; the defaults above are for new plans) unless options say otherwise."""
         from placement.cli_common import load_data, load_plans
         from placement.commands.plan import with_cost_options
         from placement.evaluate import evaluate, prepare

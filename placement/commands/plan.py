@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -35,6 +35,22 @@ def parse_params(items: list[str] | None) -> dict:
 
 
 COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow")
+
+# cost-model options shared by plan, evaluate (and their docs); evaluate defaults to what the plan was made for
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", help="Model sizes for the cost model: deepseek-v2-lite (default), deepseek-v2, deepseek-v3, "
+    "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b; --model-config reads them from config.json instead.")]
+IntermediateOption = Annotated[Optional[int], typer.Option(
+    "--expert-intermediate-size", help="Routed experts' FFN width, for FLOPs (default 1408).")]
+FlopsOption = Annotated[Optional[str], typer.Option(
+    "--gpu-flops", help="Effective GPU throughput of the expert GEMMs, FLOP/s (default 400T: H100 bf16 grouped "
+    "GEMMs).")]
+IntraBandwidthOption = Annotated[Optional[str], typer.Option(
+    "--intra-node-bandwidth", help="GPU-to-GPU bytes/s per GPU and direction inside a node (default 450GB: NVLink "
+    "4; PCIe Gen5 x16 is about 50GB).")]
+InterBandwidthOption = Annotated[Optional[str], typer.Option(
+    "--inter-node-bandwidth", help="Bytes/s per GPU and direction between nodes (default 50GB: one 400 Gb/s NIC "
+    "per GPU).")]
 
 
 def parse_rate(text, what: str) -> float:
@@ -199,18 +215,11 @@ def register(app: typer.Typer) -> None:
         current: Optional[Path] = typer.Option(None, "--current", help="Plan in service now (migration cost)."),
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Model hidden size for bytes/time "
                                                   "(default 2048, DeepSeek-V2-Lite)."),
-        model: Optional[str] = typer.Option(None, "--model", help="Model sizes for the cost model: deepseek-v2-lite "
-                                            "(default), deepseek-v2, deepseek-v3, mixtral-8x7b, qwen3-30b-a3b, "
-                                            "olmoe-1b-7b; --model-config reads them from config.json instead."),
-        expert_intermediate_size: Optional[int] = typer.Option(None, "--expert-intermediate-size", help="Routed "
-                                                               "experts' FFN width, for FLOPs (default 1408)."),
-        gpu_flops: Optional[str] = typer.Option(None, "--gpu-flops", help="Effective GPU throughput of the expert "
-                                                "GEMMs, FLOP/s (default 400T: H100 bf16 grouped GEMMs)."),
-        intra_bw: Optional[str] = typer.Option(None, "--intra-node-bandwidth", help="GPU-to-GPU bytes/s per GPU and "
-                                               "direction inside a node (default 450GB: NVLink 4; PCIe Gen5 x16 is "
-                                               "about 50GB)."),
-        inter_bw: Optional[str] = typer.Option(None, "--inter-node-bandwidth", help="Bytes/s per GPU and direction "
-                                               "between nodes (default 50GB: one 400 Gb/s NIC per GPU)."),
+        model: ModelOption = None,
+        expert_intermediate_size: IntermediateOption = None,
+        gpu_flops: FlopsOption = None,
+        intra_bw: IntraBandwidthOption = None,
+        inter_bw: InterBandwidthOption = None,
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
                                      "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
