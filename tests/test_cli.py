@@ -92,7 +92,6 @@ def _bad_inputs(tmp_path):
         ("plan", "--gpus", 4, "--intra-node-bandwidth", "-5GB"),
         ("plan", "--gpus", 4, "--model", "gpt-5"),
         ("plan", "--gpus", 4, "--model-config", tmp_path / "nope.json"),
-        ("evaluate", "missing.json", "--inter-node-bandwidth", "fast"),
     ]
 
 
@@ -153,6 +152,8 @@ def test_link_bandwidths_are_recorded_and_priced(tmp_path):
     assert r.exit_code == 0, r.output
     topo = json.loads(out.read_text())["topology"]
     assert (topo["intra_node_bandwidth"], topo["inter_node_bandwidth"]) == (50e9, 25e9)
+    bad = run("evaluate", out, "--inter-node-bandwidth", "fast")
+    assert bad.exit_code == 2 and "is not a size" in bad.output
     slow = _est(out)["per_layer"]
     fast = _est(out, "--intra-node-bandwidth", "500GB", "--inter-node-bandwidth", "250GB")["per_layer"]
     compute = _est(out, "--intra-node-bandwidth", "1e30", "--inter-node-bandwidth", "1e30")["per_layer"]
