@@ -81,7 +81,8 @@ def main() -> None:
                      f"{per_tok(lp_max):.2f} (b-matching + triangle cuts)"))
         rows.append(("distinct GPUs per token-layer", "", f"{per_tok(floor_of(lp_max)):.2f} (with triangle cuts)"))
         lb = total_bound(layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=topo.num_gpus,
-                                      dup_max=lp_max, counted=data.ids is not None), data.worst)
+                                      dup_max=lp_max, counted=data.ids is not None,
+                                      token_positions=data.pos_ids is not None), data.worst)
         print(f"with triangle cuts ({time.perf_counter() - t:.1f} s): bound {lb * 1e3:.2f} ms, gap "
               f"{(res.objective - lb) / res.objective:.3f}")
     print(f"{'term':50s} {'plan':>40s}  bound assumes")

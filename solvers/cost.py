@@ -330,6 +330,36 @@ def effective_share(share: np.ndarray, table: np.ndarray, positions: np.ndarray 
     return np.where(tot > 0, W / np.where(tot > 0, tot, 1.0), share)
 
 
+def replay_positions(table: np.ndarray, routes: np.ndarray, start: int = 0, pos: np.ndarray | None = None) -> np.ndarray:
+    """int ``[L, T]`` GPU where each token sits before each layer under the coherent dataflow: homes spread evenly
+    (token t on GPU ``t mod G``) before layer 0, then the GPU that serves its anchor (first listed expert) from its
+    position, as the runtime moves it (:func:`placement.coherent.coherent_traffic`).
+
+    Args:
+        table: int ``[L, E, G]`` dispatch table (:func:`solvers.objective.dispatch_table`); routes: int ``[L, T, k]``
+            (-1 = none; a token without experts at a layer stays where it is).
+        start, pos: recompute only layers ``start + 1 ..`` of ``pos`` (in place) after layer ``start`` changed.
+    """
+    L, T, _ = routes.shape
+    G = table.shape[2]
+    if pos is None:
+        pos = np.empty((L, T), dtype=np.int64)
+        pos[0] = np.arange(T) % G
+        start = 0
+    for l in range(start, L - 1):
+        a = routes[l, :, 0].astype(np.int64)
+        pos[l + 1] = np.where(a >= 0, table[l, np.maximum(a, 0), pos[l]], pos[l])
+    return pos
+
+
+def position_mass(pos: np.ndarray, ids: np.ndarray, num_experts: int, num_gpus: int, factor: float = 1.0) -> np.ndarray:
+    """``[G, E]`` token-expert assignments of one layer by the position of their token: pos ``[T]``, ids
+    ``[T, k]`` (-1 = none), scaled by ``factor`` (the ``positions`` of :func:`effective_share`)."""
+    ok = ids >= 0
+    flat = (np.broadcast_to(pos[:, None], ids.shape)[ok] * num_experts + ids[ok]).astype(np.int64)
+    return np.bincount(flat, minlength=num_gpus * num_experts).reshape(num_gpus, num_experts) * factor
+
+
 def dispatch_matrix(positions: np.ndarray, table: np.ndarray) -> np.ndarray:
     """``[G, G]`` (p, h): token-expert mass dispatched from position p to serving GPU h.
 
@@ -372,7 +402,8 @@ def coherent_comm_seconds(distinct: np.ndarray, gpu_load: np.ndarray, into: np.n
 def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topology, cost: CostModel,
                            transitions: np.ndarray | None = None, coactivation: np.ndarray | None = None,
                            anchor_pairs: np.ndarray | None = None, tokens: np.ndarray | None = None,
-                           routes: np.ndarray | None = None, detail: bool = False):
+                           routes: np.ndarray | None = None, position_routes: np.ndarray | None = None,
+                           detail: bool = False):
     """``[L]`` estimated MoE-layer seconds of a placement from counts (the joint planner's objective).
 
     Args:
@@ -382,6 +413,9 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
             pairs-only duplicate estimate).
         routes: int ``[T, L, k]`` token routes (-1 = none): count the distinct tokens per GPU on them
             (:func:`token_distinct`, scaled to the units of ``load``) instead of the pairwise estimate.
+        position_routes: int ``[T, L, k]`` token routes, highest gate first (coherent dataflow): take each layer's
+            token positions from replaying them (:func:`replay_positions`) instead of the previous layer's served
+            shares.
         detail: also return ``(compute [L, G], comm [L, G])``.
     All counts must refer to the same tokens (the planner rescales them so). Under the coherent dataflow the
     replicas' shares are the position-aware served shares of :func:`effective_share` (module docstring).
@@ -400,8 +434,14 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
         pos = [None]  # [G, E] each
         served = np.empty_like(shares)
         served[0] = effective_share(shares[0], table[0], None)
+        if position_routes is not None:
+            ids = np.ascontiguousarray(np.asarray(position_routes).transpose(1, 0, 2))  # [L, T, k]
+            tok_pos = replay_positions(table, ids)
         for l in range(1, L):
-            pos.append(served[l - 1].T @ transitions[l - 1])
+            if position_routes is not None:
+                pos.append(position_mass(tok_pos[l], ids[l], E, G, routes_factor(load[l], ids[l])))
+            else:
+                pos.append(served[l - 1].T @ transitions[l - 1])
             served[l] = effective_share(shares[l], table[l], pos[l])
     compute = np.empty((L, G))
     distinct = np.empty((L, G))

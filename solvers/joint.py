@@ -58,7 +58,8 @@ import numpy as np
 
 from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
 from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, covered, dispatch_matrix,
-                          distinct_terms, effective_share, routes_factor, standard_comm_seconds, token_cover)
+                          distinct_terms, effective_share, position_mass, replay_positions, routes_factor,
+                          standard_comm_seconds, token_cover)
 from solvers.joint_bound import layer_bounds, total_bound, water_fill
 from solvers.objective import dispatch_rows, dispatch_table
 
@@ -80,7 +81,9 @@ class JointData:
     current ``[L, S]`` or None; allowed_node ``[L, E]`` (-1 = any); with token routes (distinct tokens counted on
     them, :func:`solvers.cost.token_distinct`): ids int32 ``[L, T, k]`` (-1 = none), tok_factor ``[L]`` load
     units per route token, and per layer the tokens of each expert (tok_order ``[L]`` arrays of token indices
-    grouped by expert, tok_start ``[L, E + 1]`` where each expert's group starts); else None.
+    grouped by expert, tok_start ``[L, E + 1]`` where each expert's group starts); else None. pos_ids int32
+    ``[L, T', k]`` and pos_factor ``[L]``: routes (highest gate first) whose replay gives the coherent dataflow's token
+    positions (:func:`solvers.cost.replay_positions`), or None (positions from the previous layer's served shares).
     """
 
     topology: Topology
@@ -102,6 +105,8 @@ class JointData:
     tok_factor: np.ndarray | None = None
     tok_order: list | None = None
     tok_start: np.ndarray | None = None
+    pos_ids: np.ndarray | None = None
+    pos_factor: np.ndarray | None = None
 
     @property
     def L(self) -> int:
@@ -213,18 +218,29 @@ def prepare(problem: Problem, options: Options) -> JointData:
     if problem.routes is not None and k > 1 and tokd:
         cap = params.get("distinct_tokens") or max(1, int(64e6 // (L * topo.num_gpus)))
         data = with_token_routes(data, problem.routes, int(cap), options.seed)
+    tokpos = params.get("token_positions")
+    if tokpos is None:  # positions only differ from the served-share estimate when replicas pick by position
+        tokpos = cost.dataflow == "coherent" and topo.num_slots > E
+    if tokpos and cost.dataflow == "coherent" and problem.routes is not None:
+        cap = params.get("position_tokens") or max(1, int(64e6 // (L * k)))
+        ids = _sample_routes(problem.routes, int(cap), options.seed)
+        data = replace(data, pos_ids=ids, pos_factor=np.array([routes_factor(data.load[l], ids[l]) for l in range(L)]))
     return data
+
+
+def _sample_routes(routes: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
+    """int32 ``[L, T, k]`` routes of at most ``max_tokens`` tokens (a random sample, in token order)."""
+    routes = np.asarray(routes)
+    if routes.shape[0] > max_tokens:
+        routes = routes[np.sort(np.random.default_rng(seed).choice(routes.shape[0], max_tokens, replace=False))]
+    return np.ascontiguousarray(routes.transpose(1, 0, 2)).astype(np.int32)
 
 
 def with_token_routes(data: JointData, routes: np.ndarray, max_tokens: int, seed: int = 0) -> JointData:
     """``data`` counting distinct tokens per GPU on ``routes [T, L, k]`` (at most ``max_tokens`` of them, a random
     sample beyond that, so the per-token state stays near ``max_tokens x L x G`` floats)."""
-    routes = np.asarray(routes)
-    T, L, k = routes.shape
-    if T > max_tokens:
-        routes = routes[np.sort(np.random.default_rng(seed).choice(T, max_tokens, replace=False))]
-        T = max_tokens
-    ids = np.ascontiguousarray(routes.transpose(1, 0, 2)).astype(np.int32)  # [L, T, k]
+    ids = _sample_routes(routes, max_tokens, seed)  # [L, T, k]
+    L, T, k = ids.shape
     factor = np.array([routes_factor(data.load[l], ids[l]) for l in range(L)])
     tok = np.repeat(np.arange(T, dtype=np.int32), k)
     order, start = [], np.zeros((L, data.E + 1), dtype=np.int64)
@@ -329,12 +345,15 @@ class State:
         self.M = np.zeros((L, G, G)) if self.use_T else None
         self.tab = None
         self.W = self.P
+        self.tokpos = None  # int [L, T'] replayed token positions (data.pos_ids), or None
         if self.use_T:
             self.tab = dispatch_table(self.X, E, topo)
+            if d.pos_ids is not None:
+                self.tokpos = replay_positions(self.tab, d.pos_ids)
             self.W = np.empty_like(self.P)
             self.W[0] = effective_share(self.P[0], self.tab[0], None)
             for l in range(1, L):  # positions of layer l: where the previous layer's anchors are served
-                self.Vin[l] = self.W[l - 1].T @ d.T[l - 1]
+                self.Vin[l] = self._positions(l)
                 self.M[l] = dispatch_matrix(self.Vin[l], self.tab[l])
                 self.W[l] = effective_share(self.P[l], self.tab[l], self.Vin[l])
             for l in range(L - 1):
@@ -383,6 +402,14 @@ class State:
         self.z[l], self.q[l] = z.T, q.T
         self.Dt[l] = self.d.tok_factor[l] * covered(self.z[l], self.q[l]).sum(axis=1)
 
+    def _positions(self, l: int) -> np.ndarray:
+        """``[G, E]`` where layer l's token-expert assignments sit (l >= 1): replayed on the tokens, or the previous
+        anchors spread by their served shares."""
+        d = self.d
+        if self.tokpos is not None:
+            return position_mass(self.tokpos[l], d.pos_ids[l], d.E, self.G, d.pos_factor[l])
+        return self.W[l - 1].T @ d.T[l - 1]
+
     def _rebuild(self, l: int) -> bool:
         """Recompute layer l from its placement and the previous layer's served shares (positions, served shares,
         loads, duplicate terms, anchor mass, distinct tokens, GPU seconds); True if its served shares changed."""
@@ -390,7 +417,7 @@ class State:
         changed = False
         if self.use_T:
             if l >= 1:
-                self.Vin[l] = self.W[l - 1].T @ d.T[l - 1]
+                self.Vin[l] = self._positions(l)
                 self.M[l] = dispatch_matrix(self.Vin[l], self.tab[l])
             W_l = effective_share(self.P[l], self.tab[l], self.Vin[l] if l >= 1 else None)
             changed = not np.allclose(W_l, self.W[l], rtol=0.0, atol=1e-12)
@@ -415,6 +442,11 @@ class State:
     def resync(self) -> None:
         """Make stale layers exact again, in layer order: a layer whose served shares change moves the positions of
         the next one, which is rebuilt too (:meth:`_rebuild`)."""
+        if self.tokpos is not None and self.stale.any():
+            # replayed positions: every layer from the first stale one on, positions first
+            l0 = int(np.argmax(self.stale))
+            replay_positions(self.tab, self.d.pos_ids, start=max(l0 - 1, 0), pos=self.tokpos)
+            self.stale[l0:] = True
         for l in range(self.d.L):
             if self.stale[l]:
                 if self._rebuild(l) and l + 1 < self.d.L:
@@ -693,6 +725,8 @@ class State:
                         self.stale[l + 1] = True
                     if l + 2 < d.L and np.abs(dW2).max() > 1e-12:
                         self.stale[l + 2] = True  # its positions moved with layer l+1's served shares
+                if self.tokpos is not None:
+                    self.stale[l + 1] = True  # replayed positions: rebuilt from l+1 on by resync()
             if l >= 1:
                 self.Vout[l - 1] += d.T[l - 1][:, idx] @ dP
                 self.M[l] = M_l
@@ -1311,7 +1345,8 @@ def _solve(problem: Problem, options: Options) -> Result:
     G, m = topo.num_gpus, topo.slots_per_gpu
     say = options.say
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G,
-                      lp_seconds=float(params.get("bound_lp", 0.0)), counted=data.ids is not None)
+                      lp_seconds=float(params.get("bound_lp", 0.0)), counted=data.ids is not None,
+                      token_positions=data.pos_ids is not None)
     bound = total_bound(lb, data.worst)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
                    "profiles": data.N, "migration_cost": data.migration_cost,

@@ -265,7 +265,7 @@ def _top_copies(mu: np.ndarray, count: int, max_copies: int) -> float:
 
 
 def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_slots: int = 0,
-                    max_copies: int = 0) -> float:
+                    max_copies: int = 0, row_extra: bool = False) -> float:
     """Upper bound on the adjacent-layer pair mass that can be local: a bipartite b-matching (each expert of
     either layer shares groups with at most ``per_group`` experts of the other layer, as a group holds
     ``per_group`` of each layer's slots; replicas split their share, so they obey the same limits).
@@ -282,6 +282,12 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_s
     capacity, with ``sum_b c_b <= extra_slots`` (the redundant slots) and ``c_b <= max_copies``. The dual adds
     ``m sum_b c_b mu_b`` and its largest value over such c (the ``extra_slots`` largest mu, each at most
     ``max_copies`` times) keeps every (lam, mu) a valid bound for every replica allocation.
+
+    ``row_extra``: each token has its own position (replayed positions, :func:`solvers.cost.replay_positions`), so
+    ``z_ab`` is the share of the (a, b) tokens whose position holds b, and only ``z_ab <= 1``, ``z_ab = 0`` unless a
+    and b share a group, hold: an anchor a with ``c_a`` extra groups shares groups with at most ``(1 + c_a) m``
+    experts b, so rows get the same extra capacity as columns (a second ``m x`` top-copies term for lam; the
+    previous layer's redundant slots are ``extra_slots`` too).
     """
     T = np.asarray(T, dtype=np.float64)
     E1, E2 = T.shape
@@ -290,12 +296,17 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_s
     if m >= min(E1, E2):
         return float(T.sum())
 
+    rows_too = bool(row_extra and extra)
+
     def value(lam, mu):
         v = float(m * (lam.sum() + mu.sum()) + np.maximum(T - lam[:, None] - mu[None, :], 0.0).sum())
+        if rows_too:
+            v += m * _top_copies(lam, extra, max_copies)
         return v + m * _top_copies(mu, extra, max_copies) if extra else v
 
-    # without extra slots: min(row-wise, column-wise) top sums; with them only the row-wise one (mu = 0) holds
-    best = max_local_mass(T, m) if not extra else _top_sum(T, m, axis=1)
+    # without extra slots: min(row-wise, column-wise) top sums; with them only the row-wise one (mu = 0) holds, and
+    # with extra rows too only the total
+    best = max_local_mass(T, m) if not extra else (float(T.sum()) if rows_too else _top_sum(T, m, axis=1))
     lam, mu = np.zeros(E1), np.zeros(E2)
     for _ in range(iterations):
         red = T - mu[None, :]
@@ -308,6 +319,10 @@ def max_local_pairs(T: np.ndarray, per_group: int, iterations: int = 40, extra_s
             keep = mu.copy()
             keep[np.argsort(-mu)[:extra]] = 0.0
             best = min(best, value(lam, keep))
+            if rows_too:
+                keep_l = lam.copy()
+                keep_l[np.argsort(-lam)[:extra]] = 0.0
+                best = min(best, value(keep_l, keep), value(keep_l, mu))
     return best
 
 
@@ -345,7 +360,8 @@ def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: Cos
 def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
                  coactivation: np.ndarray | None = None, anchor_pairs: np.ndarray | None = None,
                  max_replicas: int | None = None, lp_seconds: float = 0.0,
-                 dup_max: np.ndarray | None = None, counted: bool = False) -> np.ndarray:
+                 dup_max: np.ndarray | None = None, counted: bool = False,
+                 token_positions: bool = False) -> np.ndarray:
     """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
 
     Args:
@@ -356,6 +372,7 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
             this many seconds in all, shared evenly by the layers.
         dup_max: ``[L]`` co-activated pair allowances already computed (:func:`pair_allowance`), or None.
         counted: the objective counts distinct tokens on the tokens: use :func:`dawson_sankoff` for the copies.
+        token_positions: the coherent objective replays each token's position (``max_local_pairs(row_extra=True)``).
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -388,9 +405,10 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
             parts = []  # (pair counts [E, E] whose column sums are the experts' shares of the copies, local mass)
             if l >= 1:  # dispatch from the previous anchors (to the replica the dispatch rule picks)
                 Tl = transitions[l - 1]
-                parts.append((Tl, max_local_pairs(Tl, m, extra_slots=S - E, max_copies=G - 1),
-                              max_local_pairs(Tl, m * n, extra_slots=S - E, max_copies=topology.num_nodes - 1)
-                              if multi else None))
+                parts.append((Tl, max_local_pairs(Tl, m, extra_slots=S - E, max_copies=G - 1,
+                                                  row_extra=token_positions),
+                              max_local_pairs(Tl, m * n, extra_slots=S - E, max_copies=topology.num_nodes - 1,
+                                              row_extra=token_positions) if multi else None))
             Ql = anchor_pairs[l]  # combine onto the anchors
             sym = Ql + Ql.T
             local = max_colocated_pairs_lp(sym, m - 1, per_call) if per_call > 0 else max_colocated_pairs(sym, m - 1)

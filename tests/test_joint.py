@@ -84,6 +84,26 @@ def test_bound_never_beats_brute_force_optimum(real, dataflow, shape):
     assert exact.gap == 0.0
 
 
+def test_replayed_positions_bound_never_beats_brute_force_optimum(real):
+    """Coherent dataflow with redundant slots and token routes: positions are replayed token by token, so an
+    anchor's tokens can sit on different replicas; the bound (rows of the local-pair b-matching get the replicas'
+    capacity too) is still never above the optimum found by enumeration, and replaying changes the objective."""
+    problem = _tiny_problem(real, 3, 4, 2, 2, routes=True)
+    opts = Options(params={"dataflow": "coherent"})
+    data = prepare(problem, opts)
+    shares = prepare(problem, Options(params={"dataflow": "coherent", "token_positions": False}))
+    assert data.pos_ids is not None and shares.pos_ids is None
+    placements = list(_all_placements(4, 2, 3, 3))
+    values = np.array([objective_of(data, X) for X in placements])
+    assert np.abs(values - np.array([objective_of(shares, X) for X in placements])).max() > 1e-3 * values.min()
+    topo = problem.topology
+    lb = total_bound(layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=2,
+                                  token_positions=True))
+    assert lb <= values.min() * (1 + 1e-9)
+    res = solve("joint", problem, Options(time_limit=10, params={"dataflow": "coherent", "exact_limit": 0}))
+    assert res.bound == pytest.approx(lb) and res.objective >= values.min() * (1 - 1e-9)
+
+
 @pytest.mark.parametrize("dataflow", ["standard", "coherent"])
 def test_counted_bound_never_beats_brute_force_optimum(real, dataflow):
     """With distinct tokens counted on the tokens the bound uses the Dawson-Sankoff inequality (tokens with three or
@@ -196,8 +216,11 @@ def test_incremental_objective_equals_from_scratch(real, dataflow, counted):
     state = State(data, start)
     local_search(state, deadline=float("inf"), rng=np.random.default_rng(0), max_passes=1)
     assert state.objective() == pytest.approx(objective_of(data, state.X), rel=1e-9)
+    # coherent with redundant slots: token positions replayed on the routes (sampled alike: none here)
+    assert (data.pos_ids is not None) == (dataflow == "coherent")
     direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, data.T, data.C, data.Q, data.tokens,
-                                    routes=problem.routes if counted else None).sum()
+                                    routes=problem.routes if counted else None,
+                                    position_routes=problem.routes if dataflow == "coherent" else None).sum()
     assert state.objective() == pytest.approx(direct, rel=1e-9)
     fresh = State(data, state.X)
     assert np.allclose(state.W, fresh.W, atol=1e-12) and np.allclose(state.Lg, fresh.Lg, rtol=1e-9)
