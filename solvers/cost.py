@@ -36,11 +36,14 @@ serves a token:
   picks for its *position*, and positions concentrate on the GPUs holding hot anchor experts, so the counts model
   uses position-aware *served shares* (:func:`effective_share`): the positions of layer l's tokens are where
   the previous layer's anchors are served, ``pos_l = W_{l-1}^T T_{l-1}`` ``[G, E]`` (uniform homes at layer 0),
-  and ``W_l[e, h]`` is the fraction of ``pos_l[:, e]`` whose dispatch-table entry is h (computed layer by layer).
+  or, given the token routes (``position_routes``), where each token really is after replaying its path
+  (:func:`replay_positions`, :func:`position_mass`), and ``W_l[e, h]`` is the fraction of ``pos_l[:, e]`` whose
+  dispatch-table entry is h (computed layer by layer).
   W replaces the even split in the load, the duplicate-copy terms and the combine matrix ``W^T Q W``; the
   dispatch matrix is ``M_l[p, h] = sum_e pos_l[p, e] [table_l[e, p] == h]`` (:func:`dispatch_matrix`). An
-  expert with one replica has ``W = P``. (Positions from the even split ``P_{l-1}`` instead, as an earlier
-  version did, left the joint plan at DeepSeek-V3 size 19% optimistic against the replay, 14% with these.)
+  expert with one replica has ``W = P``, and without redundant slots the two position models agree (a token's
+  anchor is on one GPU). Positions from the even split ``P_{l-1}``, as an earlier version took them, left the
+  joint plan at DeepSeek-V3 size 19% optimistic against the replay; see docs/benchmarks.md for the others.
 
 Defaults: DeepSeek-V2-Lite sizes (the bundled trace: hidden 2048, expert intermediate 1408), bf16, H100 at
 400 TFLOP/s effective for grouped GEMMs (about 40% of the dense bf16 peak); link bandwidths live on

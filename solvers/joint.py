@@ -41,7 +41,10 @@ chain start under the standard dataflow, default 1.2), ``chain_start`` (bool; de
 slots), ``sweeps``, ``smoothing`` (shrink transitions and
 co-activation towards independence, 0..1), ``local_search`` (bool), ``iterated`` (bool: iterated local search
 with the time left, default true), ``bound_lp`` (seconds for the triangle-cut pair bound, default 0),
-``exact_limit`` (enumerate when there are at most this many placements), ``token_distinct`` (bool: count each
+``exact_limit`` (enumerate when there are at most this many placements), ``token_positions`` (bool: under the
+coherent dataflow replay each fitted token's position, :func:`solvers.cost.replay_positions`, instead of spreading
+an anchor's tokens by its served shares; default: with a token trace and redundant slots), ``position_tokens`` (at
+most this many route tokens are replayed; default ``64e6 / (L x k)``), ``token_distinct`` (bool: count each
 GPU's distinct tokens on the fitted token routes, :func:`solvers.cost.token_distinct`, instead of the pairwise
 estimate; default: with a token trace, except under the coherent dataflow with redundant slots),
 ``distinct_tokens`` (at most this many route tokens are kept for that count; default ``64e6 / (L x G)``).
@@ -318,7 +321,9 @@ class State:
     l+1 it changes the positions (Vin), hence M and the W rows of replicated experts (and what depends on them),
     exactly. Those W rows move the positions of layer l+2 and so on: a move evaluates layers l and l+1 and marks
     l+2 stale; :meth:`resync` rebuilds stale layers in order (the local search does so after every pass, the
-    iterated search after every kick), so the objective it compares is exact. With token routes the distinct
+    iterated search after every kick), so the objective it compares is exact. With replayed token positions
+    (``data.pos_ids``, tokpos ``[L, T']``) layer l+1 is evaluated from the served shares as above and marked stale:
+    :meth:`resync` replays the positions from there and rebuilds every later layer. With token routes the distinct
     tokens of layer l+1 follow its served-share change in proportion (D/load per GPU) and the layer is marked
     stale too (recounted on the tokens by :meth:`resync`).
     """
