@@ -1358,6 +1358,9 @@ def _solve(problem: Problem, options: Options) -> Result:
                    "distinct_tokens": "pairwise estimate" if data.ids is None else
                    f"counted on {data.ids.shape[1]} tokens",
                    "bound_seconds": time.perf_counter() - t0}
+    if data.coherent:
+        stats["token_positions"] = ("previous anchors' served shares" if data.pos_ids is None else
+                                    f"replayed on {data.pos_ids.shape[1]} tokens")
 
     exact_limit = float(params.get("exact_limit", 4096))
     if count_placements(data.E, G, m, data.L) <= exact_limit:

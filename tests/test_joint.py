@@ -102,6 +102,7 @@ def test_replayed_positions_bound_never_beats_brute_force_optimum(real):
     assert lb <= values.min() * (1 + 1e-9)
     res = solve("joint", problem, Options(time_limit=10, params={"dataflow": "coherent", "exact_limit": 0}))
     assert res.bound == pytest.approx(lb) and res.objective >= values.min() * (1 - 1e-9)
+    assert res.stats["token_positions"].startswith("replayed on")
 
 
 @pytest.mark.parametrize("dataflow", ["standard", "coherent"])
