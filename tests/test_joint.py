@@ -305,8 +305,10 @@ def test_incremental_objective_with_profiles_coherent():
 
 def test_coherent_counts_model_tracks_the_token_evaluator_with_replicas(real):
     """With redundant slots the coherent counts model gives each replica the tokens whose positions the dispatch
-    rule sends to it (not 1/r each); it then tracks the exact replay on the fitted trace, also for the joint plan,
-    whose replicas sit next to the anchors that use them (an even split was 14% optimistic there)."""
+    rule sends to it (not 1/r each), positions replayed token by token; it then tracks the exact replay on the
+    fitted trace, also for the joint plan, whose replicas sit next to the anchors that use them (measured 0.4% and
+    3.0% low; an even split was 5.3% and 14% optimistic, positions from the previous anchors' even split 0.8% and
+    6.0%)."""
     from placement.coherent import evaluate_coherent
     from placement.plan import Plan
     from placement.problem import build_problem
@@ -316,7 +318,7 @@ def test_coherent_counts_model_tracks_the_token_evaluator_with_replicas(real):
     problem = build_problem(fit, topo)
     opts = Options(time_limit=8, params={"dataflow": "coherent"})
     data = prepare(problem, opts)
-    for name, rel in (("eplb-global", 0.03), ("joint", 0.09)):  # even replica shares: 5.3% and 14%
+    for name, rel in (("eplb-global", 0.01), ("joint", 0.05)):
         res = solve(name, problem, opts if name == "joint" else Options())
         plan = Plan.from_result(res, 64, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
         exact = evaluate_coherent(plan, fit, data.cost)["est_moe_seconds"]
