@@ -71,7 +71,7 @@ def recorded_cost(plans) -> tuple[dict, list[str]]:
     for plan in plans:
         params = ((plan.solver or {}).get("options") or {}).get("params") or {}
         for key in COST_FIELDS:
-            if key in params:
+            if isinstance(params.get(key), (int, float, str)):  # anything else is not ours: ignored
                 seen.setdefault(key, set()).add(params[key])
     agreed = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
     return agreed, sorted(k for k, v in seen.items() if len(v) > 1)
