@@ -416,7 +416,8 @@ def describe_data(label: str, trace) -> str:
 def describe_topology(plan: Plan) -> str:
     t = plan.topology
     return (f"topology: {t.num_gpus} GPUs ({t.num_nodes} node(s) of {t.gpus_per_node}), {t.slots_per_gpu} expert "
-            f"slots per GPU, {plan.num_redundant} redundant slots in total")
+            f"slots per GPU, {plan.num_redundant} redundant slots in total; links {t.intra_node_bandwidth / 1e9:g} GB/s "
+            f"inside a node, {t.inter_node_bandwidth / 1e9:g} GB/s between nodes (per GPU and direction)")
 
 
 def describe_cost(cost: CostModel | None) -> str:

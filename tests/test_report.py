@@ -114,6 +114,16 @@ def test_report_command_on_user_plans(tmp_path):
     assert info["overall"]["round-robin"]["load_imbalance"] == pytest.approx(recorded["load_imbalance"])
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
     assert all(_png_ok(tmp_path / "rep" / "plots" / f"{s}.png") for s in ("load_imbalance", "affinity_heatmaps"))
+    # slower links: the same plans take longer, and the report says which links it assumed and how to redo it
+    slow = tmp_path / "slow"
+    res = runner.invoke(app, ["report", str(plan_path), "--holdout", "0.5", "--out", str(slow), "--no-plots", "--json",
+                              "--intra-node-bandwidth", "50GB"])
+    assert res.exit_code == 0, res.output
+    slow_info = json.loads(res.stdout)
+    for name in ("contiguous", "round-robin"):
+        assert slow_info["overall"][name]["est_moe_seconds"] > info["overall"][name]["est_moe_seconds"]
+    text = (slow / "report.md").read_text()
+    assert "links 50 GB/s inside a node" in text and "--intra-node-bandwidth 50GB" in text
 
 
 def _fixed_plan(name: str, trace, gpus: int = 8, layers: int | None = None) -> Plan:

@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, err, out, print_json, user_errors
+from placement.commands.plan import (FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
+                                     ModelOption)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +29,13 @@ def register(app: typer.Typer) -> None:
         hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time "
                                                   "(default: the plans')."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16, fp8 or fp32 (default: the plans')."),
+        dataflow: Optional[str] = typer.Option(None, "--dataflow", help="Dataflow of the time estimate: standard or "
+                                               "coherent (default: the plans')."),
+        model: ModelOption = None,
+        expert_intermediate_size: IntermediateOption = None,
+        gpu_flops: FlopsOption = None,
+        intra_bw: IntraBandwidthOption = None,
+        inter_bw: InterBandwidthOption = None,
         title: str = typer.Option("moeplace report", "--title", help="Report title."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
         as_json: bool = typer.Option(False, "--json", help="Print the written paths and metrics as JSON."),
@@ -59,7 +68,9 @@ def register(app: typer.Typer) -> None:
             ref = reference_baseline(plan_objs, data.num_experts, data.load_profile().total())
             if ref is not None:
                 plan_objs, labels = [ref, *plan_objs], ["contiguous", *labels]
-        plan_objs, cost = with_cost_options(plan_objs, hidden_size=hidden_size, dtype=dtype)
+        cost_opts = {"hidden_size": hidden_size, "dtype": dtype, "dataflow": dataflow, "model": model,
+                     "expert_intermediate_size": expert_intermediate_size, "gpu_flops": gpu_flops}
+        plan_objs, cost = with_cost_options(plan_objs, intra_bw=intra_bw, inter_bw=inter_bw, **cost_opts)
         setup = [describe_data("evaluation data", data) + f" from {', '.join(sources)}"
                  + (f" (held-out share {holdout:g} of sequences, split seed {seed})" if holdout else ""),
                  *([describe_topology(plan_objs[0])] if len({(p.topology, p.num_redundant) for p in plan_objs}) == 1
@@ -70,8 +81,8 @@ def register(app: typer.Typer) -> None:
         cmd += "".join(f" --trace {shlex.quote(t)}" for t in trace or [])
         cmd += f" --out {shlex.quote(str(out_dir))}" + (f" --holdout {holdout:g} --seed {seed}" if holdout else "")
         cmd += "" if baseline else " --no-baseline"
-        cmd += f" --hidden-size {hidden_size}" if hidden_size else ""
-        cmd += f" --dtype {dtype}" if dtype else ""
+        given = {**cost_opts, "intra_node_bandwidth": intra_bw, "inter_node_bandwidth": inter_bw}
+        cmd += "".join(f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v is not None)
         with err.status("writing the report ...") as status:
             stats = AffinityStats.from_trace(whole, seed=seed) if isinstance(whole, RoutingTrace) else None
             rep = build_report(plan_objs, data, out_dir, labels=labels, affinity=stats, title=title, setup=setup,
