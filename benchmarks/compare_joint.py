@@ -92,13 +92,6 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
     return rows
 
 
-def bandwidth(text: str | None) -> float | None:
-    """Bytes/s from ``50GB`` (or None)."""
-    from placement.budget import parse_size
-
-    return None if text is None else float(parse_size(text, "bandwidth"))
-
-
 def fmt(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -141,7 +134,7 @@ def main() -> None:
                     "profiles, measure balance on held-out traffic of unseen task mixtures")
     args = ap.parse_args()
     say = lambda m: print(m, flush=True)  # noqa: E731
-    from placement.commands.plan import parse_params
+    from placement.commands.plan import parse_bandwidth, parse_params
 
     if args.tasks:
         import numpy as np
@@ -169,7 +162,8 @@ def main() -> None:
         say(f"{g} GPUs, {args.redundant} redundant")
         rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
                     args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param),
-                    (bandwidth(args.intra_node_bandwidth), bandwidth(args.inter_node_bandwidth)))
+                    (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
+                     parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")))
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, fmt, out, print_json, user_errors
-from placement.commands.plan import (FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
-                                     ModelOption)
+from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, FlopsOption,
+                                     InterBandwidthOption, IntermediateOption, IntraBandwidthOption, ModelOption)
 
 
 def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
@@ -44,10 +44,9 @@ def register(app: typer.Typer) -> None:
         holdout: float = typer.Option(0.0, "--holdout", help="Evaluate only on the held-out share of sequences of "
                                       "the same split 'moeplace plan --holdout F --seed S' used."),
         seed: int = typer.Option(0, "--seed", help="Seed of that split."),
-        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16, fp8 or fp32."),
-        dataflow: Optional[str] = typer.Option(None, "--dataflow", help="Dataflow of the time estimate: standard or "
-                                               "coherent (ExFlow)."),
+        hidden_size: EvalHiddenOption = None,
+        dtype: EvalDtypeOption = None,
+        dataflow: EvalDataflowOption = None,
         model: ModelOption = None,
         model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config.json, for "
                                                     "the cost model's sizes."),

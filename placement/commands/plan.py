@@ -48,6 +48,13 @@ FlopsOption = Annotated[Optional[str], typer.Option(
 IntraBandwidthOption = Annotated[Optional[str], typer.Option(
     "--intra-node-bandwidth", help="GPU-to-GPU bytes/s per GPU and direction inside a node (default 450GB: NVLink "
     "4; PCIe Gen5 x16 is about 50GB).")]
+# evaluate and report: the same, where unset the value the plans were made for
+EvalHiddenOption = Annotated[Optional[int], typer.Option(
+    "--hidden-size", help="Hidden size for bytes and time (default: the plans').")]
+EvalDtypeOption = Annotated[Optional[str], typer.Option(
+    "--dtype", help="bf16, fp16, fp8 or fp32 (default: the plans').")]
+EvalDataflowOption = Annotated[Optional[str], typer.Option(
+    "--dataflow", help="Dataflow of the time estimate: standard or coherent (ExFlow) (default: the plans').")]
 InterBandwidthOption = Annotated[Optional[str], typer.Option(
     "--inter-node-bandwidth", help="Bytes/s per GPU and direction between nodes (default 50GB: one 400 Gb/s NIC "
     "per GPU).")]

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, err, out, print_json, user_errors
-from placement.commands.plan import (FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
-                                     ModelOption)
+from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, FlopsOption,
+                                     InterBandwidthOption, IntermediateOption, IntraBandwidthOption, ModelOption)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,11 +26,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of that split."),
         baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="Add the contiguous placement as the "
                                       "reference column when no plan is contiguous."),
-        hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Hidden size for bytes and time "
-                                                  "(default: the plans')."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16, fp8 or fp32 (default: the plans')."),
-        dataflow: Optional[str] = typer.Option(None, "--dataflow", help="Dataflow of the time estimate: standard or "
-                                               "coherent (default: the plans')."),
+        hidden_size: EvalHiddenOption = None,
+        dtype: EvalDtypeOption = None,
+        dataflow: EvalDataflowOption = None,
         model: ModelOption = None,
         expert_intermediate_size: IntermediateOption = None,
         gpu_flops: FlopsOption = None,
