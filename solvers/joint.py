@@ -363,8 +363,7 @@ class State:
                 self.W[l] = effective_share(self.P[l], self.tab[l], self.Vin[l])
             for l in range(L - 1):
                 self.Vout[l] = d.T[l] @ self.P[l + 1]
-        W = self.W
-        self.Lg = np.einsum("nle,leg->lng", d.loads, W)
+        self.Lg = np.empty((L, d.N, G))
         self.tokd = d.ids is not None
         self.z = self.q = self.Dt = None
         self.stale = np.zeros(L, dtype=bool)
@@ -377,20 +376,15 @@ class State:
             self._stamp = 0
             for l in range(L):
                 self._recount(l)
+        self.CP = self.KP = self.QP = self.QtP = self.A = None
+        self.dup = np.zeros((L, G))
+        self.logp0 = np.zeros((L, G))
         if d.C is not None and not self.tokd:
-            self.CP = np.einsum("lab,lbg->lag", d.C, W)
-            self.dup = 0.5 * np.einsum("lag,lag->lg", W, self.CP)
-            self.KP = np.einsum("lab,lbg->lag", d.Kw, W)
-            self.logp0 = np.einsum("le,leg->lg", d.U, W) + 0.5 * np.einsum("lag,lag->lg", W, self.KP)
-        else:
-            self.CP = self.KP = None
-            self.dup = np.zeros((L, G))
-            self.logp0 = np.zeros((L, G))
-        self.QP = self.QtP = self.A = None
+            self.CP, self.KP = np.empty((L, E, G)), np.empty((L, E, G))
         if self.use_T:
-            self.QP = np.einsum("lab,lbg->lag", d.Q, W)
-            self.QtP = np.einsum("lba,lbg->lag", d.Q, W)
-            self.A = np.einsum("lag,lah->lgh", W, self.QP)
+            self.QP, self.QtP, self.A = np.empty((L, E, G)), np.empty((L, E, G)), np.empty((L, G, G))
+        for l in range(L):
+            self._products(l)
         self.cur_mask = None
         self.moved = np.zeros(L)
         if d.current is not None:
@@ -415,6 +409,22 @@ class State:
             return position_mass(self.tokpos[l], d.pos_ids[l], d.E, self.G, d.pos_factor[l])
         return self.W[l - 1].T @ d.T[l - 1]
 
+    def _products(self, l: int) -> None:
+        """Layer l's quantities that follow from its served shares W[l]: GPU loads, duplicate-copy terms, anchor
+        products (from scratch; moves update them incrementally)."""
+        d = self.d
+        W = self.W[l]
+        self.Lg[l] = d.loads[:, l, :] @ W
+        if self.CP is not None:
+            self.CP[l] = d.C[l] @ W
+            self.dup[l] = 0.5 * (W * self.CP[l]).sum(axis=0)
+            self.KP[l] = d.Kw[l] @ W
+            self.logp0[l] = d.U[l] @ W + 0.5 * (W * self.KP[l]).sum(axis=0)
+        if self.use_T:
+            self.QP[l] = d.Q[l] @ W
+            self.QtP[l] = d.Q[l].T @ W
+            self.A[l] = W.T @ self.QP[l]
+
     def _rebuild(self, l: int) -> bool:
         """Recompute layer l from its placement and the previous layer's served shares (positions, served shares,
         loads, duplicate terms, anchor mass, distinct tokens, GPU seconds); True if its served shares changed."""
@@ -427,17 +437,7 @@ class State:
             W_l = effective_share(self.P[l], self.tab[l], self.Vin[l] if l >= 1 else None)
             changed = not np.allclose(W_l, self.W[l], rtol=0.0, atol=1e-12)
             self.W[l] = W_l
-        W = self.W[l]
-        self.Lg[l] = d.loads[:, l, :] @ W
-        if self.CP is not None:
-            self.CP[l] = d.C[l] @ W
-            self.dup[l] = 0.5 * (W * self.CP[l]).sum(axis=0)
-            self.KP[l] = d.Kw[l] @ W
-            self.logp0[l] = d.U[l] @ W + 0.5 * (W * self.KP[l]).sum(axis=0)
-        if self.use_T:
-            self.QP[l] = d.Q[l] @ W
-            self.QtP[l] = d.Q[l].T @ W
-            self.A[l] = W.T @ self.QP[l]
+        self._products(l)
         if self.tokd:
             self._recount(l)
         self.tg[l] = self.layer_gpu_seconds(l)
