@@ -649,3 +649,24 @@ def test_coherent_positions_follow_where_anchors_are_served():
     cost = CostModel(dataflow="coherent")
     _, compute, _ = estimate_layer_seconds(phy2log, load, topo, cost, trans, None, pairs, detail=True)
     assert np.allclose(compute / cost.seconds_per_assignment, tr["served"])
+
+
+def test_replayed_positions_are_the_runtime_protocol(real):
+    """The counts model's replay of token positions (solvers.cost.replay_positions) and the exact coherent replay
+    (placement.coherent.coherent_traffic, the runtime's protocol) put every token on the same GPU before every
+    layer, for a plan with replicas and homes spread evenly."""
+    from placement.coherent import coherent_traffic
+    from placement.evaluate import prepare as prepare_eval
+    from placement.problem import build_problem
+    from solvers.cost import replay_positions
+    from solvers.objective import dispatch_table
+
+    fit, _ = real
+    topo = Topology.for_experts(64, 8, 16)
+    X = solve("eplb-global", build_problem(fit, topo)).phy2log
+    ev = prepare_eval(fit)
+    ids = ev.expert_ids.astype(np.int64)  # [T, L, k], highest gate first
+    tr = coherent_traffic(X, 64, topo, ids, None, np.arange(ids.shape[0]))
+    pos = replay_positions(dispatch_table(X, 64, topo), np.ascontiguousarray(ids.transpose(1, 0, 2)))
+    assert np.array_equal(pos, tr["position"][:, :-1].T)
+    assert (pos[1:] != pos[:-1]).any()  # tokens do move
