@@ -5,6 +5,7 @@
     PYTHONPATH=. python benchmarks/compare_joint.py --tasks --gpus 8 --redundant 8   # several profiles, counts only
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --solvers joint --even-homes  # homes spread evenly
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 16 --redundant 16 --joint-param chain_start=true
+    PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --gpu-flops 455T   # expert rate from expert_gemm.py
 
 Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
 and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
@@ -34,7 +35,7 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
         solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None,
-        bandwidths: tuple[float | None, float | None] = (None, None)) -> list[dict]:
+        bandwidths: tuple[float | None, float | None] = (None, None), gpu_flops: float | None = None) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -56,7 +57,8 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
     topo = topo.with_bandwidths(*bandwidths)
     # several nodes: 8 expert groups so that EPLB's hierarchical policy (groups -> nodes) applies
     problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1)
-    cost_std, cost_coh = CostModel(), CostModel(dataflow="coherent")
+    flops = {"gpu_flops": gpu_flops} if gpu_flops else {}
+    cost_std, cost_coh = CostModel(**flops), CostModel(dataflow="coherent", **flops)
     rows = []
     available = set(names())
     for name in solvers:
@@ -64,7 +66,7 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
             say(f"  {name}: not available here, skipped")
             continue
         for flow in (dataflows if name == "joint" else [None]):
-            params = {**(joint_params or {}), "dataflow": flow} if flow else {}
+            params = {**flops, **(joint_params or {}), "dataflow": flow} if flow else {}
             limit = joint_limit if name == "joint" else ref_limit
             t = time.perf_counter()
             try:
@@ -128,13 +130,15 @@ def main() -> None:
                     help="GPU-GPU bytes/s per GPU and direction inside a node, e.g. 50GB (default: 450GB, NVLink 4)")
     ap.add_argument("--inter-node-bandwidth", default=None, metavar="SIZE",
                     help="bytes/s per GPU and direction between nodes (default: 50GB, 400 Gb/s InfiniBand)")
+    ap.add_argument("--gpu-flops", default=None, metavar="RATE",
+                    help="expert GEMM FLOP/s of the cost model, e.g. 455T (default: 400T; see expert_gemm.py)")
     ap.add_argument("--joint-param", action="append", default=[], metavar="KEY=VALUE",
                     help="joint planner parameter, as `moeplace plan --param` (repeatable)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
                     "profiles, measure balance on held-out traffic of unseen task mixtures")
     args = ap.parse_args()
     say = lambda m: print(m, flush=True)  # noqa: E731
-    from placement.commands.plan import parse_bandwidth, parse_params
+    from placement.commands.plan import parse_bandwidth, parse_params, parse_rate
 
     if args.tasks:
         import numpy as np
@@ -163,7 +167,8 @@ def main() -> None:
         rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
                     args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param),
                     (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
-                     parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")))
+                     parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")),
+                    parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None)
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:
