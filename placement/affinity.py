@@ -23,6 +23,7 @@ import numpy as np
 from traces import RoutingTrace, iter_trace_chunks
 
 _CHUNK = 8192  # tokens per bincount batch: bounds memory at V3 scale (k x k pairs per token and boundary)
+_PAIRS_PER_BLOCK = 1 << 23  # k x k pairs per bincount in _pair_counts (about 64 MB of int64 indices)
 
 
 def _pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int, wa: np.ndarray | None = None,
@@ -37,16 +38,19 @@ def _pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int, wa: np.ndarray 
     T, P, k = a.shape
     E = num_experts
     plane = np.arange(P, dtype=np.int64)[None, :, None, None]
-    ai = a.astype(np.int64)[:, :, :, None]
-    bj = b.astype(np.int64)[:, :, None, :]
-    flat = (plane * E + ai) * E + bj
-    valid = (ai >= 0) & (bj >= 0)
-    if exclude_diagonal:
-        valid = valid & ~np.eye(k, dtype=bool)[None, None]
-    weights = None
-    if wa is not None:
-        weights = (wa[:, :, :, None].astype(np.float64) * wb[:, :, None, :])[valid]
-    return np.bincount(flat[valid], weights=weights, minlength=P * E * E).reshape(P, E, E).astype(np.float64)
+    out = np.zeros(P * E * E)
+    step = max(1, _PAIRS_PER_BLOCK // max(P * k * k, 1))  # tokens per block: k x k pairs are k times the ids
+    for s in range(0, T, step):
+        ai = a[s:s + step].astype(np.int64)[:, :, :, None]
+        bj = b[s:s + step].astype(np.int64)[:, :, None, :]
+        valid = (ai >= 0) & (bj >= 0)
+        if exclude_diagonal:
+            valid = valid & ~np.eye(k, dtype=bool)[None, None]
+        weights = None
+        if wa is not None:
+            weights = (wa[s:s + step, :, :, None].astype(np.float64) * wb[s:s + step, :, None, :])[valid]
+        out += np.bincount(((plane * E + ai) * E + bj)[valid], weights=weights, minlength=P * E * E)
+    return out.reshape(P, E, E)
 
 
 @dataclass(eq=False)
@@ -69,9 +73,11 @@ class AffinityStats:
     def from_trace(cls, trace: RoutingTrace, seed: int = 0, chunk_tokens: int = _CHUNK) -> "AffinityStats":
         """Statistics of one trace (processed in token chunks to bound memory)."""
         perm = np.random.default_rng(seed).permutation(trace.num_tokens)  # one shuffle over the whole trace
-        parts = [cls._from_arrays(trace, slice(s, min(s + chunk_tokens, trace.num_tokens)), perm)
-                 for s in range(0, trace.num_tokens, chunk_tokens)]
-        return sum(parts[1:], parts[0])
+        total = None
+        for s in range(0, trace.num_tokens, chunk_tokens):  # a running sum: one part in memory at a time
+            part = cls._from_arrays(trace, slice(s, min(s + chunk_tokens, trace.num_tokens)), perm)
+            total = part if total is None else total + part
+        return total
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[RoutingTrace], seed: int = 0) -> "AffinityStats":

@@ -68,6 +68,9 @@ def prepare(data: RoutingTrace | LoadProfile | EvalData) -> EvalData:
                     transitions=_pair_counts(ids[:, :-1], ids[:, 1:], E), transitions_top1=top1, source=data.source)
 
 
+_IDS_PER_BLOCK = 1 << 22  # token-expert ids per block in token_traffic (bounds memory on long traces)
+
+
 def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted values ``[..., k]`` and a mask of first occurrences among the non-negative ones."""
     srt = np.sort(values, axis=-1)
@@ -89,19 +92,22 @@ def token_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, exp
     T, L, k = expert_ids.shape
     G = topology.num_gpus
     table = dispatch_table(phy2log, num_experts, topology)  # [L, E, G]
-    home = sequence_index % G  # [T]
-    ids = expert_ids.astype(np.int64)
-    lay = np.arange(L)[None, :, None]
-    gpu = np.where(ids >= 0, table[lay, np.maximum(ids, 0), home[:, None, None]], -1)  # [T, L, k]
-    srt, first = _distinct(gpu)
-    gpus = first.sum(axis=2)
     node_of = topology.node_of_gpu()
-    nsrt, nfirst = _distinct(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))
-    nodes = nfirst.sum(axis=2)
-    remote = first & (srt != home[:, None, None])
-    flat = (lay * G + home[:, None, None]) * G + srt
-    pairs = np.bincount(flat[remote], minlength=L * G * G).reshape(L, G, G).astype(np.float64)
-    return {"gpus": gpus, "nodes": nodes, "active": gpus > 0, "dispatch_pairs": pairs}
+    lay = np.arange(L)[None, :, None]
+    gpus = np.zeros((T, L), dtype=np.int64)
+    nodes = np.zeros((T, L), dtype=np.int64)
+    pairs = np.zeros(L * G * G)
+    step = max(1, _IDS_PER_BLOCK // max(L * k, 1))  # tokens per block: bounds the [tokens, L, k] temporaries
+    for s in range(0, T, step):
+        home = (sequence_index[s:s + step] % G)[:, None, None]
+        ids = expert_ids[s:s + step].astype(np.int64)
+        gpu = np.where(ids >= 0, table[lay, np.maximum(ids, 0), home], -1)  # [t, L, k]
+        srt, first = _distinct(gpu)
+        gpus[s:s + step] = first.sum(axis=2)
+        nodes[s:s + step] = _distinct(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))[1].sum(axis=2)
+        remote = first & (srt != home)
+        pairs += np.bincount(((lay * G + home) * G + srt)[remote], minlength=L * G * G)
+    return {"gpus": gpus, "nodes": nodes, "active": gpus > 0, "dispatch_pairs": pairs.reshape(L, G, G)}
 
 
 def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: CostModel | None = None) -> dict:
