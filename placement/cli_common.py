@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +19,29 @@ from traces import LoadProfile, RoutingTrace, TraceError
 
 out = Console(soft_wrap=True)  # tables and JSON: stdout
 err = Console(stderr=True)  # progress and errors: stderr
+
+
+@contextlib.contextmanager
+def progress(text: str, every: float = 10.0):
+    """Progress of long work on stderr: a spinner whose text ``update(message)`` replaces on a terminal; elsewhere
+    (a log file, CI) one line per message with the seconds elapsed, at most one line per ``every`` seconds."""
+    if err.is_terminal:
+        with err.status(text) as status:
+            yield status
+        return
+
+    class Lines:
+        def __init__(self) -> None:
+            self.start = self.last = time.monotonic()
+            err.print(text, markup=False, highlight=False)
+
+        def update(self, message: str) -> None:
+            now = time.monotonic()
+            if now - self.last >= every:
+                self.last = now
+                err.print(f"[{now - self.start:.0f} s] {message}", markup=False, highlight=False)
+
+    yield Lines()
 
 
 class UserError(ValueError):

@@ -1158,6 +1158,8 @@ def iterated_search(state: State, deadline: float, rng: np.random.Generator, swa
         else:
             _restore(state, saved)
         history.append(best)
+        if say and kicks % 10 == 0:
+            say(f"iterated local search: {kicks} kicks, {kept} kept, objective {best:.6g}")
     if say:
         say(f"iterated local search: {kicks} kicks, {kept} kept, objective {state.objective():.6g}")
     return kicks, kept

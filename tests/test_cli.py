@@ -175,3 +175,23 @@ def test_evaluate_notes_plans_made_for_different_cost_models(tmp_path):
     r = run("evaluate", *paths, "--trace", "deepseek-v2-lite-esft:law")
     assert r.exit_code == 0 and "different dataflow" in r.output
     assert _est(paths[1])["overall"]["dataflow"] == "coherent"
+
+
+def test_progress_goes_to_stderr_as_lines_when_not_a_terminal(tmp_path, capsys):
+    """In a log (no terminal) long work reports progress as lines on stderr, throttled; stdout stays clean."""
+    from placement.cli_common import progress
+
+    with progress("working ...", every=0.0) as p:
+        p.update("step 1")
+        p.update("step 2")
+    with progress("quiet ...", every=1e9) as p:
+        p.update("never shown")
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    lines = cap.err.splitlines()
+    assert lines[0] == "working ..." and "step 1" in lines[1] and "step 2" in lines[2]
+    assert lines[3] == "quiet ..." and len(lines) == 4
+    r = runner.invoke(app, ["plan", "--gpus", "4", "--time-limit", "2", "--out", str(tmp_path / "p.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert "planning with joint on 4 GPUs" in r.stderr
+    json.loads(r.stdout)  # the JSON on stdout is not mixed with progress

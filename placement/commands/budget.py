@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, err, out, print_json, user_errors
+from placement.cli_common import UserError, err, out, print_json, progress, user_errors
 
 DEFAULT_BUDGETS = "10%,25%,50%,75%"
 
@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         else:
             fit = held = data
             err.print("note: --holdout 0 replays the plans on the tokens they were fitted on (in-sample)")
-        with err.status("sweeping budgets ...") as status:
+        with progress("sweeping budgets ...") as status:
             rows = sweep(fit, held, gpus, specs, eb, bandwidth, seed=seed, search_tokens=search_tokens, batch=batch,
                          prefetch=prefetch, prefetch_overlap_s=overlap_us * 1e-6, progress=status.update)
         ok = monotone(rows)

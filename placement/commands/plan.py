@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from placement.cli_common import UserError, err, fmt, out, print_json, user_errors
+from placement.cli_common import UserError, err, fmt, out, print_json, progress, user_errors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
@@ -254,7 +254,7 @@ def register(app: typer.Typer) -> None:
         data, sources = load_data(trace)
         name = solver or ("budget" if memory_budget else default_solver())
         cur = Plan.load(current) if current else None
-        with err.status(f"planning with {name} on {gpus} GPUs ...") as status:
+        with progress(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
                              backend, threads, parse_params(param), holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,

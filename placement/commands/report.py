@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, err, out, print_json, user_errors
+from placement.cli_common import UserError, err, out, print_json, progress, user_errors
 from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, FlopsOption,
                                      InterBandwidthOption, IntermediateOption, IntraBandwidthOption, ModelOption)
 
@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         cmd += "" if baseline else " --no-baseline"
         given = {**cost_opts, "intra_node_bandwidth": intra_bw, "inter_node_bandwidth": inter_bw}
         cmd += "".join(f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v is not None)
-        with err.status("writing the report ...") as status:
+        with progress("writing the report ...") as status:
             stats = AffinityStats.from_trace(whole, seed=seed) if isinstance(whole, RoutingTrace) else None
             rep = build_report(plan_objs, data, out_dir, labels=labels, affinity=stats, title=title, setup=setup,
                                reproduce=cmd, cost=cost, plots=plots, progress=status.update)
