@@ -62,7 +62,7 @@ class AffinityStats:
     tokens: np.ndarray  # [L] tokens that reached each layer
     load: np.ndarray  # [L, E]
     transitions: np.ndarray  # [L-1, E, E]
-    transitions_shuffled: np.ndarray  # [L-1, E, E]
+    transitions_shuffled: np.ndarray | None  # [L-1, E, E]; None when made with baselines=False
     coactivation: np.ndarray  # [L, E, E]
     load_gate: np.ndarray | None = None  # [L, E]
     transitions_gate: np.ndarray | None = None  # [L-1, E, E]
@@ -70,9 +70,13 @@ class AffinityStats:
 
     # construction --------------------------------------------------------------------------------------------
     @classmethod
-    def from_trace(cls, trace: RoutingTrace, seed: int = 0, chunk_tokens: int = _CHUNK) -> "AffinityStats":
-        """Statistics of one trace (processed in token chunks to bound memory)."""
-        perm = np.random.default_rng(seed).permutation(trace.num_tokens)  # one shuffle over the whole trace
+    def from_trace(cls, trace: RoutingTrace, seed: int = 0, chunk_tokens: int = _CHUNK,
+                   baselines: bool = True) -> "AffinityStats":
+        """Statistics of one trace (processed in token chunks to bound memory).
+
+        ``baselines=False`` skips the token-shuffled transitions and the gate-weighted counts (None then), which
+        the affinity summary needs and the planner does not (two of the five k x k pair counts)."""
+        perm = np.random.default_rng(seed).permutation(trace.num_tokens) if baselines else None  # one shuffle
         total = None
         for s in range(0, trace.num_tokens, chunk_tokens):  # a running sum: one part in memory at a time
             part = cls._from_arrays(trace, slice(s, min(s + chunk_tokens, trace.num_tokens)), perm)
@@ -98,8 +102,9 @@ class AffinityStats:
         return cls.from_chunks(iter_trace_chunks(path, chunk_tokens), seed=seed)
 
     @classmethod
-    def _from_arrays(cls, trace: RoutingTrace, sl: slice, perm: np.ndarray) -> "AffinityStats":
-        """Statistics of tokens ``sl``; the shuffled baseline pairs token t at layer l with token perm[t] at l+1."""
+    def _from_arrays(cls, trace: RoutingTrace, sl: slice, perm: np.ndarray | None) -> "AffinityStats":
+        """Statistics of tokens ``sl``; the shuffled baseline pairs token t at layer l with token perm[t] at l+1
+        (no baseline and no gate-weighted counts when ``perm`` is None)."""
         ids = trace.expert_ids[sl]
         E = trace.num_experts
         T, L, k = ids.shape
@@ -110,13 +115,14 @@ class AffinityStats:
         tokens = valid.any(axis=2).sum(axis=0).astype(np.float64)
         a, b = ids[:, :-1], ids[:, 1:]
         trans = _pair_counts(a, b, E)
-        shuffled = _pair_counts(a, trace.expert_ids[perm[sl], 1:], E)
+        shuffled = None if perm is None else _pair_counts(a, trace.expert_ids[perm[sl], 1:], E)
         coact = _pair_counts(ids, ids, E, exclude_diagonal=True)
         load_g = trans_g = trans_1 = None
         if trace.gate_weights is not None:
             g = trace.gate_weights[sl]
-            load_g = np.bincount(flat, weights=g[valid].astype(np.float64), minlength=L * E).reshape(L, E)
-            trans_g = _pair_counts(a, b, E, g[:, :-1], g[:, 1:])
+            if perm is not None:
+                load_g = np.bincount(flat, weights=g[valid].astype(np.float64), minlength=L * E).reshape(L, E)
+                trans_g = _pair_counts(a, b, E, g[:, :-1], g[:, 1:])
             top1 = trace.take(np.arange(trace.num_tokens)[sl]).top1_ids()[:, :, None]
             trans_1 = _pair_counts(top1[:, :-1], top1[:, 1:], E)
         return cls(E, trace.moe_layer_index, tokens, load, trans, shuffled, coact, load_g, trans_g, trans_1)

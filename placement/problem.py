@@ -27,7 +27,7 @@ def build_problem(data: RoutingTrace | LoadProfile | list[RoutingTrace | LoadPro
     kwargs: dict = {}
     if traces_ and len(traces_) == len(items):
         trace = RoutingTrace.concat(traces_) if len(traces_) > 1 else traces_[0]
-        st = stats or AffinityStats.from_trace(trace)
+        st = stats or AffinityStats.from_trace(trace, baselines=False)
         kwargs.update(transitions=st.transitions, transitions_top1=st.transitions_top1, coactivation=st.coactivation,
                       top_k=trace.top_k, num_tokens=trace.num_tokens)
         if with_routes:

@@ -49,6 +49,10 @@ def test_counts_equal_naive_loops_on_real_slice(law, blocks, monkeypatch):
         for l in range(L - 1):
             t1[l, top1[t, l], top1[t, l + 1]] += 1
     assert np.array_equal(st.transitions_top1, t1)
+    lean = AffinityStats.from_trace(part, baselines=False)  # what the planner asks for: same counts, no baselines
+    assert np.array_equal(lean.transitions, trans) and np.array_equal(lean.coactivation, coact)
+    assert np.array_equal(lean.transitions_top1, t1) and np.array_equal(lean.load, load)
+    assert lean.transitions_shuffled is None and lean.transitions_gate is None
     # the shuffled baseline keeps both marginals
     assert np.array_equal(st.transitions_shuffled.sum(axis=2), trans.sum(axis=2))
     assert np.array_equal(st.transitions_shuffled.sum(axis=1), trans.sum(axis=1))
