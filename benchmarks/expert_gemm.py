@@ -17,7 +17,8 @@ fused gate+up GEMM, SiLU x up, one down GEMM, bf16) at ``m`` tokens per expert, 
 Columns: microseconds for the layer's local experts, achieved TFLOP/s (``6 x hidden x intermediate x m x experts``
 over the time) and, per implementation, a least-squares fit ``t = fixed + m / marginal`` over ``m >= --fit-from``:
 the marginal TFLOP/s is what ``gpu_flops`` should be for that model on that GPU; the fixed microseconds per expert
-(mostly reading its weights) are the same on every GPU when every slot is active, so they do not change a plan.
+(the intercept: launches, weight reads; negative where the rate drops at the largest sizes) are the same on every
+GPU when every slot is active, so they do not change a plan.
 Needs a CUDA GPU; prints one sentence and exits 2 without one.
 """
 

@@ -33,13 +33,13 @@ def progress(text: str, every: float = 10.0):
     class Lines:
         def __init__(self) -> None:
             self.start = self.last = time.monotonic()
-            err.print(text, markup=False, highlight=False)
+            err.print(text, markup=False, highlight=False, soft_wrap=True)
 
         def update(self, message: str) -> None:
             now = time.monotonic()
             if now - self.last >= every:
                 self.last = now
-                err.print(f"[{now - self.start:.0f} s] {message}", markup=False, highlight=False)
+                err.print(f"[{now - self.start:.0f} s] {message}", markup=False, highlight=False, soft_wrap=True)
 
     yield Lines()
 
