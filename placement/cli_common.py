@@ -18,7 +18,7 @@ from solvers import SolverInputError
 from traces import LoadProfile, RoutingTrace, TraceError
 
 out = Console(soft_wrap=True)  # tables and JSON: stdout
-err = Console(stderr=True)  # progress and errors: stderr
+err = Console(stderr=True, soft_wrap=True)  # progress and errors: stderr (a terminal wraps; logs keep lines whole)
 
 
 @contextlib.contextmanager
@@ -33,13 +33,13 @@ def progress(text: str, every: float = 10.0):
     class Lines:
         def __init__(self) -> None:
             self.start = self.last = time.monotonic()
-            err.print(text, markup=False, highlight=False, soft_wrap=True)
+            err.print(text, markup=False, highlight=False)
 
         def update(self, message: str) -> None:
             now = time.monotonic()
             if now - self.last >= every:
                 self.last = now
-                err.print(f"[{now - self.start:.0f} s] {message}", markup=False, highlight=False, soft_wrap=True)
+                err.print(f"[{now - self.start:.0f} s] {message}", markup=False, highlight=False)
 
     yield Lines()
 

@@ -130,7 +130,7 @@ def with_cost_options(plans: list, *, intra_bw: str | None = None, inter_bw: str
     unset = [k for k in differ if options.get(flag.get(k, k)) is None]
     if unset:
         err.print(f"note: the plans were made for different {', '.join(unset)}; all are evaluated with the default "
-                  f"('moeplace evaluate --{flag.get(unset[0], unset[0]).replace('_', '-')}' chooses)", markup=False)
+                  f"(--{flag.get(unset[0], unset[0]).replace('_', '-')} chooses)", markup=False)
     cost = cost_model(base=agreed, **options)
     bw = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"), parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
     if bw != (None, None):
