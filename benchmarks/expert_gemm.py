@@ -1,7 +1,7 @@
 """Measure the expert GEMM throughput behind the cost model's ``gpu_flops`` on a CUDA GPU.
 
-    python benchmarks/expert_gemm.py                                  # V2-Lite and V3 experts, 8 per GPU
-    python benchmarks/expert_gemm.py --models deepseek-v3 --local-experts 5 --json out.json
+    PYTHONPATH=. python benchmarks/expert_gemm.py                                  # V2-Lite and V3 experts, 8 per GPU
+    PYTHONPATH=. python benchmarks/expert_gemm.py --models deepseek-v3 --local-experts 5 --json out.json
 
 The cost model (``solvers/cost.py``) charges every token-expert assignment ``6 x hidden x intermediate`` FLOPs at
 ``gpu_flops`` FLOP/s. This script times what a GPU really takes for one MoE layer's local experts (SwiGLU: one
