@@ -52,6 +52,8 @@ Defaults: DeepSeek-V2-Lite sizes (the bundled trace: hidden 2048, expert interme
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -148,14 +150,27 @@ def phase_seconds(pair_bytes: np.ndarray, topology: Topology) -> np.ndarray:
 
     The diagonal (a GPU sending to itself) is ignored.
     """
-    node = topology.node_of_gpu()
-    inter = node[:, None] != node[None, :]
-    own = np.eye(topology.num_gpus, dtype=bool)
-    intra_b = np.where(inter | own, 0.0, pair_bytes)
-    inter_b = np.where(inter, pair_bytes, 0.0)
+    intra, inter = _link_masks(topology.num_gpus, topology.gpus_per_node)
+    intra_b = np.where(intra, pair_bytes, 0.0)
     intra_t = np.maximum(intra_b.sum(axis=-1), intra_b.sum(axis=-2)) / topology.intra_node_bandwidth
+    if inter is None:  # one node: nothing crosses nodes
+        return intra_t
+    inter_b = np.where(inter, pair_bytes, 0.0)
     inter_t = np.maximum(inter_b.sum(axis=-1), inter_b.sum(axis=-2)) / topology.inter_node_bandwidth
     return intra_t + inter_t
+
+
+@functools.lru_cache(maxsize=64)
+def _link_masks(num_gpus: int, gpus_per_node: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[G, G]`` masks of the GPU pairs linked inside a node (not a GPU with itself) and across nodes (None when
+    there is one node); read-only, shared by every call (the planner evaluates phases hundreds of thousands of
+    times)."""
+    node = np.arange(num_gpus) // gpus_per_node
+    inter = node[:, None] != node[None, :]
+    intra = ~(inter | np.eye(num_gpus, dtype=bool))
+    intra.flags.writeable = False
+    inter.flags.writeable = False
+    return intra, (inter if inter.any() else None)
 
 
 def layer_seconds(gpu_load: np.ndarray, dispatch_bytes: np.ndarray, topology: Topology, cost: CostModel) -> np.ndarray:

@@ -299,6 +299,11 @@ def _group_nodes(load: np.ndarray, groups: int, topo: Topology) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _block(M: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``M[idx][:, idx]`` of a square matrix."""
+    return M.take(idx, 0).take(idx, 1)
+
+
 class State:
     """A placement plus the cached products that make a move's exact effect cheap to compute.
 
@@ -592,13 +597,14 @@ class State:
         Lg = self.Lg[l] + d.loads[:, l, idx] @ dW
         dup = self.dup[l]
         logp0 = self.logp0[l]
-        if self.CP is not None:
-            ix = np.ix_(idx, idx)
-            dup = dup + (dW * (self.CP[l, idx] + 0.5 * (d.C[l][ix] @ dW))).sum(axis=0)
-            logp0 = logp0 + d.U[l, idx] @ dW + (dW * (self.KP[l, idx] + 0.5 * (d.Kw[l][ix] @ dW))).sum(axis=0)
+        if self.CP is not None:  # sub-blocks by take(): np.ix_ costs more than the products at this size
+            dup = dup + (dW * (self.CP[l].take(idx, 0) + 0.5 * (_block(d.C[l], idx) @ dW))).sum(axis=0)
+            logp0 = logp0 + d.U[l].take(idx) @ dW + (dW * (self.KP[l].take(idx, 0) + 0.5 * (_block(d.Kw[l], idx)
+                                                                                             @ dW))).sum(axis=0)
         A = None
         if self.use_T:
-            A = self.A[l] + dW.T @ (self.QP[l, idx] + d.Q[l][np.ix_(idx, idx)] @ dW) + self.QtP[l, idx].T @ dW
+            A = self.A[l] + dW.T @ (self.QP[l].take(idx, 0) + _block(d.Q[l], idx) @ dW) \
+                + self.QtP[l].take(idx, 0).T @ dW
         return Lg, dup, logp0, A
 
     def evaluate_move(self, l: int, changes: list[tuple[int, int]]):
@@ -652,7 +658,7 @@ class State:
                 upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1])
                 W2_row = Dt2 = None
                 if R.size:
-                    dVR = dW.T @ d.T[l][np.ix_(idx, R)]  # [G, |R|]
+                    dVR = dW.T @ d.T[l].take(idx, 0).take(R, 1)  # [G, |R|]
                     M_next = M_next + dispatch_matrix(dVR, self.tab[l + 1, R]) - dVR @ self.P[l + 1, R]
                     W2 = effective_share(self.P[l + 1, R], self.tab[l + 1, R], self.Vin[l + 1][:, R] + dVR)
                     dW2 = W2 - self.W[l + 1, R]

@@ -6,6 +6,8 @@ Replicas of one expert share its load evenly (EPLB's assumption).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from solvers.base import Topology
@@ -86,6 +88,15 @@ def pair_locality(phy2log: np.ndarray, transitions: np.ndarray, topology: Topolo
             "cross_node": pairs - same_gpu - same_node}
 
 
+@functools.lru_cache(maxsize=64)
+def _same_node(num_gpus: int, gpus_per_node: int) -> np.ndarray:
+    """Read-only bool ``[G, G]``: the two GPUs share a node."""
+    node = np.arange(num_gpus) // gpus_per_node
+    out = node[:, None] == node[None, :]
+    out.flags.writeable = False
+    return out
+
+
 def dispatch_rows(mask: np.ndarray, topology: Topology) -> np.ndarray:
     """int ``[n, G]``: for each row (an expert's GPU mask) the GPU serving a token whose position is GPU h.
 
@@ -98,8 +109,7 @@ def dispatch_rows(mask: np.ndarray, topology: Topology) -> np.ndarray:
     """
     mask = np.asarray(mask, dtype=bool)
     G = topology.num_gpus
-    node = topology.node_of_gpu()
-    same_node = node[:, None] == node[None, :]  # [H, G]
+    same_node = _same_node(G, topology.gpus_per_node)  # [H, G]
     h = np.arange(G)
     cand_node = mask[:, None, :] & same_node[None, :, :]  # [n, H, G]
     has_node = cand_node.any(axis=2)  # [n, H]
