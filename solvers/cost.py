@@ -60,7 +60,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from solvers.base import SolverInputError, Topology
-from solvers.objective import dispatch_table
+from solvers.objective import dispatch_table, same_node_mask
 
 DATAFLOWS = ("standard", "coherent")
 
@@ -165,8 +165,7 @@ def _link_masks(num_gpus: int, gpus_per_node: int) -> tuple[np.ndarray, np.ndarr
     """``[G, G]`` masks of the GPU pairs linked inside a node (not a GPU with itself) and across nodes (None when
     there is one node); read-only, shared by every call (the planner evaluates phases hundreds of thousands of
     times)."""
-    node = np.arange(num_gpus) // gpus_per_node
-    inter = node[:, None] != node[None, :]
+    inter = ~same_node_mask(num_gpus, gpus_per_node)
     intra = ~(inter | np.eye(num_gpus, dtype=bool))
     intra.flags.writeable = False
     inter.flags.writeable = False

@@ -89,8 +89,9 @@ def pair_locality(phy2log: np.ndarray, transitions: np.ndarray, topology: Topolo
 
 
 @functools.lru_cache(maxsize=64)
-def _same_node(num_gpus: int, gpus_per_node: int) -> np.ndarray:
-    """Read-only bool ``[G, G]``: the two GPUs share a node."""
+def same_node_mask(num_gpus: int, gpus_per_node: int) -> np.ndarray:
+    """Read-only bool ``[G, G]``: the two GPUs share a node (cached: the planner asks hundreds of thousands of
+    times)."""
     node = np.arange(num_gpus) // gpus_per_node
     out = node[:, None] == node[None, :]
     out.flags.writeable = False
@@ -109,7 +110,7 @@ def dispatch_rows(mask: np.ndarray, topology: Topology) -> np.ndarray:
     """
     mask = np.asarray(mask, dtype=bool)
     G = topology.num_gpus
-    same_node = _same_node(G, topology.gpus_per_node)  # [H, G]
+    same_node = same_node_mask(G, topology.gpus_per_node)  # [H, G]
     h = np.arange(G)
     cand_node = mask[:, None, :] & same_node[None, :, :]  # [n, H, G]
     has_node = cand_node.any(axis=2)  # [n, H]
