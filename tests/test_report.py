@@ -124,6 +124,14 @@ def test_report_command_on_user_plans(tmp_path):
         assert slow_info["overall"][name]["est_moe_seconds"] > info["overall"][name]["est_moe_seconds"]
     text = (slow / "report.md").read_text()
     assert "links 50 GB/s inside a node" in text and "--intra-node-bandwidth 50GB" in text
+    # sizes from the model's config.json, as plan and evaluate take them
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 7168, "moe_intermediate_size": 2048}))
+    res = runner.invoke(app, ["report", str(plan_path), "--holdout", "0.5", "--out", str(tmp_path / "v3"),
+                              "--no-plots", "--model-config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "v3" / "report.md").read_text()
+    assert "hidden size 7168" in text and "expert intermediate size 2048" in text and "--model-config" in text
 
 
 def _fixed_plan(name: str, trace, gpus: int = 8, layers: int | None = None) -> Plan:

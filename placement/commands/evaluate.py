@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from placement.cli_common import UserError, fmt, out, print_json, user_errors
-from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, FlopsOption,
-                                     InterBandwidthOption, IntermediateOption, IntraBandwidthOption, ModelOption)
+from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
+                                     FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
+                                     ModelOption)
 
 
 def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
@@ -48,8 +48,7 @@ def register(app: typer.Typer) -> None:
         dtype: EvalDtypeOption = None,
         dataflow: EvalDataflowOption = None,
         model: ModelOption = None,
-        model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config.json, for "
-                                                    "the cost model's sizes."),
+        model_config: EvalModelConfigOption = None,
         expert_intermediate_size: IntermediateOption = None,
         gpu_flops: FlopsOption = None,
         intra_bw: IntraBandwidthOption = None,

@@ -36,7 +36,8 @@ def parse_params(items: list[str] | None) -> dict:
 
 COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow")
 
-# cost-model options shared by plan, evaluate (and their docs); evaluate defaults to what the plan was made for
+# cost-model options shared by plan, evaluate and report (evaluate and report default to what the plans were made
+# for; the defaults in the help texts are for new plans)
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="Model sizes for the cost model: deepseek-v2-lite (default), deepseek-v2, deepseek-v3, "
     "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b; --model-config reads them from config.json instead.")]
@@ -48,16 +49,18 @@ FlopsOption = Annotated[Optional[str], typer.Option(
 IntraBandwidthOption = Annotated[Optional[str], typer.Option(
     "--intra-node-bandwidth", help="GPU-to-GPU bytes/s per GPU and direction inside a node (default 450GB: NVLink "
     "4; PCIe Gen5 x16 is about 50GB).")]
-# evaluate and report: the same, where unset the value the plans were made for
+InterBandwidthOption = Annotated[Optional[str], typer.Option(
+    "--inter-node-bandwidth", help="Bytes/s per GPU and direction between nodes (default 50GB: one 400 Gb/s NIC "
+    "per GPU).")]
+# evaluate and report only: where unset, the value the plans were made for
 EvalHiddenOption = Annotated[Optional[int], typer.Option(
     "--hidden-size", help="Hidden size for bytes and time (default: the plans').")]
 EvalDtypeOption = Annotated[Optional[str], typer.Option(
     "--dtype", help="bf16, fp16, fp8 or fp32 (default: the plans').")]
 EvalDataflowOption = Annotated[Optional[str], typer.Option(
     "--dataflow", help="Dataflow of the time estimate: standard or coherent (ExFlow) (default: the plans').")]
-InterBandwidthOption = Annotated[Optional[str], typer.Option(
-    "--inter-node-bandwidth", help="Bytes/s per GPU and direction between nodes (default 50GB: one 400 Gb/s NIC "
-    "per GPU).")]
+EvalModelConfigOption = Annotated[Optional[Path], typer.Option(
+    "--model-config", help="The model's config.json, for the cost model's sizes.")]
 
 
 def parse_rate(text, what: str) -> float:

@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, err, out, print_json, progress, user_errors
-from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, FlopsOption,
-                                     InterBandwidthOption, IntermediateOption, IntraBandwidthOption, ModelOption)
+from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
+                                     FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
+                                     ModelOption)
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
         dtype: EvalDtypeOption = None,
         dataflow: EvalDataflowOption = None,
         model: ModelOption = None,
+        model_config: EvalModelConfigOption = None,
         expert_intermediate_size: IntermediateOption = None,
         gpu_flops: FlopsOption = None,
         intra_bw: IntraBandwidthOption = None,
@@ -67,7 +69,8 @@ def register(app: typer.Typer) -> None:
             if ref is not None:
                 plan_objs, labels = [ref, *plan_objs], ["contiguous", *labels]
         cost_opts = {"hidden_size": hidden_size, "dtype": dtype, "dataflow": dataflow, "model": model,
-                     "expert_intermediate_size": expert_intermediate_size, "gpu_flops": gpu_flops}
+                     "model_config": model_config, "expert_intermediate_size": expert_intermediate_size,
+                     "gpu_flops": gpu_flops}
         plan_objs, cost = with_cost_options(plan_objs, intra_bw=intra_bw, inter_bw=inter_bw, **cost_opts)
         setup = [describe_data("evaluation data", data) + f" from {', '.join(sources)}"
                  + (f" (held-out share {holdout:g} of sequences, split seed {seed})" if holdout else ""),
