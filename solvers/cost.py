@@ -46,14 +46,14 @@ serves a token:
   joint plan at DeepSeek-V3 size 19% optimistic against the replay; see docs/benchmarks.md for the others.
 
 Defaults: DeepSeek-V2-Lite sizes (the bundled trace: hidden 2048, expert intermediate 1408), bf16, H100 at
-400 TFLOP/s effective for grouped GEMMs (about 40% of the dense bf16 peak); link bandwidths live on
+400 TFLOP/s for a layer's local experts (measured 351-569 TFLOP/s on an H100 SXM for V2-Lite and V3 experts,
+``benchmarks/expert_gemm.py``, docs/benchmarks.md); link bandwidths live on
 :class:`solvers.base.Topology` (NVLink 4 450 GB/s, 400 Gb/s InfiniBand 50 GB/s per GPU).
 """
 
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 

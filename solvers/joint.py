@@ -599,8 +599,8 @@ class State:
         logp0 = self.logp0[l]
         if self.CP is not None:  # sub-blocks by take(): np.ix_ costs more than the products at this size
             dup = dup + (dW * (self.CP[l].take(idx, 0) + 0.5 * (_block(d.C[l], idx) @ dW))).sum(axis=0)
-            logp0 = logp0 + d.U[l].take(idx) @ dW + (dW * (self.KP[l].take(idx, 0) + 0.5 * (_block(d.Kw[l], idx)
-                                                                                             @ dW))).sum(axis=0)
+            grow = self.KP[l].take(idx, 0) + 0.5 * (_block(d.Kw[l], idx) @ dW)
+            logp0 = logp0 + d.U[l].take(idx) @ dW + (dW * grow).sum(axis=0)
         A = None
         if self.use_T:
             A = self.A[l] + dW.T @ (self.QP[l].take(idx, 0) + _block(d.Q[l], idx) @ dW) \
