@@ -62,7 +62,10 @@ def main() -> None:
         trace = datasets.load()
         gpn, groups, params = None, 1, {"dataflow": "coherent"}
         cost = CostModel(dataflow="coherent")
+    from placement.evaluate import prepare as prepare_eval
+
     fit, held = trace.split_by_sequence(0.5, seed=0)
+    fit_ev, held_ev = prepare_eval(fit), prepare_eval(held)  # once: every plan is replayed on the same tokens
     for red in args.redundant:
         topo = Topology.for_experts(fit.num_experts, args.gpus, red, gpn)
         problem = build_problem(fit, topo, expert_groups=groups)
@@ -73,11 +76,11 @@ def main() -> None:
             res = solve(name, problem, opts if name == "joint" else Options())
             secs = time.perf_counter() - t
             plan = Plan.from_result(res, fit.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
-            exact = evaluate_coherent(plan, fit, cost)
-            out = evaluate_coherent(plan, held, cost)
+            exact = evaluate_coherent(plan, fit_ev, cost)
+            out = evaluate_coherent(plan, held_ev, cost)
             state = State(data, res.phy2log)
             ratio = state.objective() / exact["est_moe_seconds"]
-            ex_compute, ex_comm = coherent_parts(plan, fit, cost)
+            ex_compute, ex_comm = coherent_parts(plan, fit_ev, cost)
             compute = state.alpha * state.Lg[:, 0]  # [L, G]
             comm = float((state.tg[:, 0] - compute).sum()) / ex_comm
             print(f"{args.gpus} GPUs +{red:3d} redundant  {name:12s} counts/exact {ratio:.3f} (summed over GPUs: "
@@ -86,14 +89,13 @@ def main() -> None:
                   f"solve {secs:5.1f}s", flush=True)
 
 
-def coherent_parts(plan, trace, cost) -> tuple[float, float]:
-    """Compute and all-to-all seconds of the exact coherent replay, each summed over GPUs and layers (the counts
-    model's slowest-GPU time can be off while these sums are right, or the other way round)."""
+def coherent_parts(plan, ev, cost) -> tuple[float, float]:
+    """Compute and all-to-all seconds of the exact coherent replay on ``ev`` (:func:`placement.evaluate.prepare`),
+    each summed over GPUs and layers (the counts model's slowest-GPU time can be off while these sums are right,
+    or the other way round)."""
     from placement.coherent import coherent_traffic
-    from placement.evaluate import prepare as prepare_eval
     from solvers.cost import phase_seconds
 
-    ev = prepare_eval(trace)
     tr = coherent_traffic(plan.phy2log, plan.num_experts, plan.topology, ev.expert_ids, None, ev.sequence_index)
     B = cost.token_bytes
     comm = sum(float((phase_seconds(tr["dispatch_pairs"][l] * B, plan.topology)

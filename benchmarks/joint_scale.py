@@ -28,12 +28,17 @@ import numpy as np  # noqa: E402
 SOLVERS = ["contiguous", "eplb-hierarchical", "eplb-global", "exflow", "moetuner", "joint"]
 
 
+def v3_trace_path(tokens: int, cache: Path, seed: int = 0, **overrides) -> Path:
+    """Where :func:`v3_trace` caches the trace of these arguments."""
+    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    return cache / f"v3-synthetic-{tokens}-s{seed}{('-' + tag) if tag else ''}.npz"
+
+
 def v3_trace(tokens: int, cache: Path, seed: int = 0, **overrides):
     from traces import load, save
     from traces.synthetic import deepseek_v3
 
-    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
-    path = cache / f"v3-synthetic-{tokens}-s{seed}{('-' + tag) if tag else ''}.npz"
+    path = v3_trace_path(tokens, cache, seed, **overrides)
     if path.exists():
         return load(path)
     cache.mkdir(parents=True, exist_ok=True)

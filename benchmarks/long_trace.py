@@ -31,12 +31,12 @@ def main() -> int:
     ap.add_argument("--redundant", type=int, default=64)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
     args = ap.parse_args()
-    from benchmarks.joint_scale import v3_trace
+    from benchmarks.joint_scale import v3_trace, v3_trace_path
 
     rows = []
     for n in args.tokens:
         v3_trace(n, args.cache)  # generate (or find) the cached trace
-        path = args.cache / f"v3-synthetic-{n}-s0.npz"
+        path = v3_trace_path(n, args.cache)
         out = args.cache / f"plan-{n}.json"
         cmd = [sys.executable, "-m", "placement.cli", "plan", str(path), "--gpus", str(args.gpus), "--gpus-per-node",
                "8", "--redundant", str(args.redundant), "--model", "deepseek-v3", "--holdout", "0.5",
