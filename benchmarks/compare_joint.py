@@ -6,6 +6,7 @@
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --solvers joint --even-homes  # homes spread evenly
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 16 --redundant 16 --joint-param chain_start=true
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --gpu-flops 455T   # expert rate from expert_gemm.py
+    PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --affinity-weights 0 1 2 4  # time vs k x k locality
 
 Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
 and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
@@ -22,6 +23,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # small matrix products: one BLAS thread is fastest
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,7 +37,8 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
         solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None,
-        bandwidths: tuple[float | None, float | None] = (None, None), gpu_flops: float | None = None) -> list[dict]:
+        bandwidths: tuple[float | None, float | None] = (None, None), gpu_flops: float | None = None,
+        affinity_weights: list[float] | None = None) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -65,8 +68,11 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
         if name not in available:
             say(f"  {name}: not available here, skipped")
             continue
-        for flow in (dataflows if name == "joint" else [None]):
+        weights = affinity_weights or [None]
+        for flow, w in (itertools.product(dataflows, weights) if name == "joint" else [(None, None)]):
             params = {**flops, **(joint_params or {}), "dataflow": flow} if flow else {}
+            if w is not None:
+                params["affinity_weight"] = w
             limit = joint_limit if name == "joint" else ref_limit
             t = time.perf_counter()
             try:
@@ -78,14 +84,15 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
             plan = Plan.from_result(res, trace.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
             o = evaluate(plan, held_ev, cost_std)["overall"]
             c = evaluate_coherent(plan, held, cost_coh)
-            row = {"gpus": gpus, "redundant": redundant, "solver": name if not flow else f"joint ({flow})",
+            label = name if not flow else f"joint ({flow})" if w is None else f"joint ({flow}, w={w:g})"
+            row = {"gpus": gpus, "redundant": redundant, "solver": label, "affinity_weight": w,
                    "seconds": secs, "gap": res.gap, "status": res.status, "objective": res.objective,
                    "bound": res.bound, "load_imbalance": o["load_imbalance"], "balancedness": o["balancedness"],
                    "cross_gpu_fraction": o["cross_gpu_fraction"], "inter_node_fraction": o["inter_node_fraction"],
                    "dispatch_gpus": o["dispatch_gpus"], "std_us_per_token": o["est_moe_us_per_token"],
                    "coherent_us_per_token": c["est_moe_us_per_token"]}
             rows.append(row)
-            say(f"  {row['solver']:22s} {secs:6.1f}s imb {row['load_imbalance']:.3f} cross "
+            say(f"  {row['solver']:28s} {secs:6.1f}s imb {row['load_imbalance']:.3f} cross "
                 f"{row['cross_gpu_fraction']:.3f} std {row['std_us_per_token']:.4f} coh {row['coherent_us_per_token']:.4f}"
                 f" gap {fmt(row['gap'])}")
     base = next((r for r in rows if r["solver"] == "contiguous"), None)
@@ -132,6 +139,8 @@ def main() -> None:
                     help="bytes/s per GPU and direction between nodes (default: 50GB, 400 Gb/s InfiniBand)")
     ap.add_argument("--gpu-flops", default=None, metavar="RATE",
                     help="expert GEMM FLOP/s of the cost model, e.g. 455T (default: 400T; see expert_gemm.py)")
+    ap.add_argument("--affinity-weights", type=float, nargs="*", default=None, metavar="W",
+                    help="run the joint planner once per affinity_weight (its k x k locality term), side by side")
     ap.add_argument("--joint-param", action="append", default=[], metavar="KEY=VALUE",
                     help="joint planner parameter, as `moeplace plan --param` (repeatable)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
@@ -168,7 +177,7 @@ def main() -> None:
                     args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param),
                     (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
                      parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")),
-                    parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None)
+                    parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None, args.affinity_weights)
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:

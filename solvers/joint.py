@@ -6,7 +6,10 @@ position-aware shares of their expert's tokens, :func:`solvers.cost.effective_sh
 GPU's distinct tokens are counted on the fitted tokens, :func:`solvers.cost.token_distinct`): per layer the slowest
 GPU's compute plus all-to-all time, summed over layers; with several workload profiles the mean
 (``objective="expected"``) or the maximum (``"worst"``) over profiles; plus ``migration_cost`` seconds for every
-expert copy that must be moved onto a GPU that does not hold it in the current plan.
+expert copy that must be moved onto a GPU that does not hold it in the current plan; plus, with
+``affinity_weight`` w > 0, ``w x C0 x`` the fitted cross-GPU fraction of adjacent-layer k x k expert pairs (ExFlow's
+locality metric; ``C0`` the balanced compute time), which trades estimated time for inter-layer locality
+(:func:`with_affinity_weight`).
 
 Method (a decomposition that is exact where it can be, then local search on the true objective):
 
@@ -28,7 +31,8 @@ Method (a decomposition that is exact where it can be, then local search on the 
 5. Iterated local search (Lourenco, Martin & Stuetzle, "Iterated Local Search", 2003) with the time left: kick a
    layer, descend on it and its neighbours, keep or undo (:func:`iterated_search`).
 6. Bound: :func:`solvers.joint_bound.layer_bounds` (valid for every placement; ``bound_lp`` seconds tighten its
-   pair allowances with triangle cuts); gap = (objective - bound) / objective.
+   pair allowances with triangle cuts), plus :func:`affinity_bound` for the affinity term; gap = (objective -
+   bound) / objective.
 
 Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`` (a
 :class:`solvers.cost.CostModel`), ``model`` (a cost preset such as "deepseek-v3"), any CostModel field
@@ -47,7 +51,9 @@ an anchor's tokens by its served shares; default: with a token trace and redunda
 most this many route tokens are replayed; default ``64e6 / (L x k)``), ``token_distinct`` (bool: count each
 GPU's distinct tokens on the fitted token routes, :func:`solvers.cost.token_distinct`, instead of the pairwise
 estimate; default: with a token trace, except under the coherent dataflow with redundant slots),
-``distinct_tokens`` (at most this many route tokens are kept for that count; default ``64e6 / (L x G)``).
+``distinct_tokens`` (at most this many route tokens are kept for that count; default ``64e6 / (L x G)``),
+``affinity_weight`` (>= 0, default 0: one point of the fitted k x k cross-GPU fraction is worth this many percent of
+the balanced compute time; needs transitions).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from solvers.base import Options, Problem, Result, SolverInputError, Topology, g
 from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, covered, dispatch_matrix,
                           distinct_terms, effective_share, position_mass, replay_positions, routes_factor,
                           standard_comm_seconds, token_cover)
-from solvers.joint_bound import layer_bounds, total_bound, water_fill
+from solvers.joint_bound import layer_bounds, max_local_mass, total_bound, water_fill
 from solvers.objective import dispatch_rows, dispatch_table
 
 BIG = 1e30
@@ -87,6 +93,8 @@ class JointData:
     grouped by expert, tok_start ``[L, E + 1]`` where each expert's group starts); else None. pos_ids int32
     ``[L, T', k]`` and pos_factor ``[L]``: routes (highest gate first) whose replay gives the coherent dataflow's token
     positions (:func:`solvers.cost.replay_positions`), or None (positions from the previous layer's served shares).
+    aff ``[L-1, E, E]`` adjacent-layer k x k expert pairs and aff_cost seconds per pair with no common GPU (the
+    ``affinity_weight`` term), or None.
     """
 
     topology: Topology
@@ -110,6 +118,8 @@ class JointData:
     tok_start: np.ndarray | None = None
     pos_ids: np.ndarray | None = None
     pos_factor: np.ndarray | None = None
+    aff: np.ndarray | None = None
+    aff_cost: float = 0.0
 
     @property
     def L(self) -> int:
@@ -212,6 +222,7 @@ def prepare(problem: Problem, options: Options) -> JointData:
         allowed = _group_nodes(load, problem.expert_groups, topo)
     data = JointData(topo, cost, loads, load, T, C, Q, tokens, U, Kw, scale, objective == "worst", cur, mig,
                      allowed)
+    data = with_affinity_weight(data, problem, params.get("affinity_weight", 0.0))
     tokd = params.get("token_distinct")
     if tokd is None:
         # the count takes each replica of an expert as picked independently per token, as the standard model's even
@@ -229,6 +240,30 @@ def prepare(problem: Problem, options: Options) -> JointData:
         ids = _sample_routes(problem.routes, int(cap), options.seed)
         data = replace(data, pos_ids=ids, pos_factor=np.array([routes_factor(data.load[l], ids[l]) for l in range(L)]))
     return data
+
+
+def with_affinity_weight(data: JointData, problem: Problem, weight) -> JointData:
+    """``data`` with the ``affinity_weight`` term: ``weight x C0 x`` (the fitted cross-GPU fraction of adjacent-layer
+    k x k expert pairs, ExFlow's locality metric, replicas sharing a GPU counting as local), with ``C0 = alpha x
+    sum_l load_l / G`` the perfectly balanced compute time of the fitted workload. So one point (0.01) of cross-GPU
+    fraction is worth ``weight`` percent of C0. 0 (the default) leaves the estimated time alone."""
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise SolverInputError(f"affinity_weight must be a number >= 0, got {weight!r}") from None
+    if not (w >= 0.0 and math.isfinite(w)):
+        raise SolverInputError(f"affinity_weight must be a number >= 0, got {weight!r}")
+    if w == 0.0:
+        return data
+    if problem.transitions is None or data.L < 2:
+        raise SolverInputError("affinity_weight needs adjacent-layer transitions, which counts-only input (or a "
+                               "single layer) does not have; give a token trace or drop affinity_weight")
+    K = np.asarray(problem.transitions, dtype=np.float64)
+    pairs = float(K.sum())
+    if pairs <= 0:
+        return data
+    c0 = data.cost.seconds_per_assignment * float(data.load.sum()) / data.topology.num_gpus
+    return replace(data, aff=K, aff_cost=w * c0 / pairs)
 
 
 def _sample_routes(routes: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
@@ -400,6 +435,10 @@ class State:
             self.moved = ((self.P > 0) & ~self.cur_mask).sum(axis=(1, 2)).astype(float)
         self.tg = np.stack([self.layer_gpu_seconds(l) for l in range(L)])  # [L, N, G]
         self.tl = self.tg.max(axis=2)  # [L, N]
+        self.H = self.local = None  # affinity_weight: GPU masks [L, E, G] and local k x k pair mass [L-1]
+        if d.aff is not None:
+            self.H = (self.P > 0).astype(np.float64)
+            self.local = np.array([(d.aff[l] * ((self.H[l] @ self.H[l + 1].T) > 0)).sum() for l in range(L - 1)])
 
     def _recount(self, l: int) -> None:
         z, q = token_cover(self.W[l], self.d.ids[l])
@@ -558,12 +597,37 @@ class State:
         return (self.tl if tl is None else tl).sum(axis=0)
 
     def objective(self) -> float:
-        tot = self.profile_totals()
-        base = float(tot.max() if self.d.worst else tot.mean())
-        return base + self.d.migration_cost * float(self.moved.sum())
+        return self._combine(self.profile_totals(), float(self.moved.sum()), self.local)
 
-    def _combine(self, tot: np.ndarray, moved_total: float) -> float:
-        return float(tot.max() if self.d.worst else tot.mean()) + self.d.migration_cost * moved_total
+    def _combine(self, tot: np.ndarray, moved_total: float, local: np.ndarray | None) -> float:
+        out = float(tot.max() if self.d.worst else tot.mean()) + self.d.migration_cost * moved_total
+        if local is not None:  # affinity_weight: the pairs with no common GPU
+            out += self.d.aff_cost * (float(self.d.aff.sum()) - float(local.sum()))
+        return out
+
+    def affinity_seconds(self) -> float:
+        """The ``affinity_weight`` term of the objective (0 without it)."""
+        if self.local is None:
+            return 0.0
+        return self.d.aff_cost * (float(self.d.aff.sum()) - float(self.local.sum()))
+
+    def _local_update(self, l: int, idx: np.ndarray, P_new: np.ndarray) -> np.ndarray | None:
+        """``[L-1]`` local k x k pair mass after experts ``idx`` of layer l take the shares ``P_new`` (None without
+        the affinity term): only the pairs with a moved expert change."""
+        if self.local is None:
+            return None
+        d = self.d
+        Hn = (P_new > 0).astype(np.float64)  # [k, G]
+        Ho = self.H[l].take(idx, 0)
+        local = self.local.copy()
+        if l >= 1:
+            K = d.aff[l - 1].take(idx, 1)  # [E, k]
+            local[l - 1] += (K * (((self.H[l - 1] @ Hn.T) > 0).astype(np.float64)
+                                  - ((self.H[l - 1] @ Ho.T) > 0))).sum()
+        if l + 1 < d.L:
+            K = d.aff[l].take(idx, 0)  # [k, E]
+            local[l] += (K * (((Hn @ self.H[l + 1].T) > 0).astype(np.float64) - ((Ho @ self.H[l + 1].T) > 0))).sum()
+        return local
 
     # -- moves -------------------------------------------------------------------------------------------------
     def _move_arrays(self, l: int, changes: list[tuple[int, int]]):
@@ -684,11 +748,12 @@ class State:
             cm = self.cur_mask[l, idx]
             moved_l = self.moved[l] - ((self.P[l, idx] > 0) & ~cm).sum() + ((P_new > 0) & ~cm).sum()
             moved_total += moved_l - self.moved[l]
-        obj = self._combine(self.profile_totals(tl), moved_total)
+        local = self._local_update(l, idx, P_new)
+        obj = self._combine(self.profile_totals(tl), moved_total, local)
         sec_old = sum(float((self.tg[ll] ** 2).sum()) for ll in new_tg)
         sec_new = sum(float((t ** 2).sum()) for t in new_tg.values())
         payload = (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
-                   moved_l, Dt_l, tok_l)
+                   moved_l, Dt_l, tok_l, local)
         return obj, sec_new - sec_old, payload
 
     def _store_layer(self, l: int, idx: np.ndarray, dW: np.ndarray, Lg, dup, logp0, A) -> None:
@@ -706,7 +771,7 @@ class State:
 
     def apply(self, payload) -> None:
         (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
-         moved_l, Dt_l, tok_l) = payload
+         moved_l, Dt_l, tok_l, local) = payload
         d = self.d
         self.X[l] = X_row
         self.r[l] = r_row
@@ -746,6 +811,9 @@ class State:
             self.tl[ll] = t.max(axis=1)
         if moved_l is not None:
             self.moved[l] = moved_l
+        if local is not None:
+            self.local = local
+            self.H[l, idx] = (self.P[l, idx] > 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1185,16 +1253,25 @@ def _attraction(state: State, l: int) -> np.ndarray | None:
     """``[E, G]`` how strongly expert e is tied to the experts on GPU g: adjacent-layer pair mass that would be
     local (coherent) or co-activation information with the GPU's experts (standard), in comparable units."""
     d = state.d
+    A = None
     if state.use_T:
         A = np.zeros((d.E, state.G))
         if l >= 1:
             A += state.Vin[l].T
         if l + 1 < d.L:
             A += state.Vout[l]
-        return A + state.QP[l] + state.QtP[l]
-    if state.KP is not None:
-        return state.KP[l] * d.tokens[l]
-    return None
+        A += state.QP[l] + state.QtP[l]
+    elif state.KP is not None:
+        A = state.KP[l] * d.tokens[l]
+    if state.H is not None:  # affinity_weight: k x k pairs with the neighbours' GPUs, in token copies
+        K = np.zeros((d.E, state.G))
+        if l >= 1:
+            K += d.aff[l - 1].T @ state.H[l - 1]
+        if l + 1 < d.L:
+            K += d.aff[l] @ state.H[l + 1]
+        K *= d.aff_cost * d.topology.intra_node_bandwidth / d.cost.token_bytes
+        A = K if A is None else A + K
+    return A
 
 
 def _best_move(state: State, l: int, rng: np.random.Generator, candidates: int):
@@ -1333,6 +1410,17 @@ def enumerate_exact(data: JointData, deadline: float) -> tuple[np.ndarray, float
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def affinity_bound(data: JointData) -> float:
+    """Lower bound on the ``affinity_weight`` term: without redundant slots an expert of layer l shares its GPU
+    with m experts of layer l+1, so at most its m largest pairs (and each next-layer expert's m largest) are
+    local (:func:`solvers.joint_bound.max_local_mass`); with redundant slots 0."""
+    if data.aff is None or data.topology.num_slots > data.E:
+        return 0.0
+    m = data.topology.slots_per_gpu
+    cross = sum(float(K.sum()) - max_local_mass(K, m) for K in data.aff)
+    return data.aff_cost * max(cross, 0.0)
+
+
 def objective_of(data: JointData, X: np.ndarray) -> float:
     """Exact counts objective of ``X [L, S]`` computed from scratch (for one profile and no migration it equals
     ``solvers.cost.estimate_layer_seconds(...).sum()``)."""
@@ -1360,7 +1448,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G,
                       lp_seconds=float(params.get("bound_lp", 0.0)), counted=data.ids is not None,
                       token_positions=data.pos_ids is not None)
-    bound = total_bound(lb, data.worst)
+    bound = total_bound(lb, data.worst) + affinity_bound(data)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
                    "profiles": data.N, "migration_cost": data.migration_cost,
                    "distinct_tokens": "pairwise estimate" if data.ids is None else
@@ -1450,6 +1538,9 @@ def _solve(problem: Problem, options: Options) -> Result:
     if search and params.get("iterated", True) and time.perf_counter() < deadline:
         stats["kicks"], stats["kicks_kept"] = iterated_search(state, deadline, rng, say=say)
     state.resync()
+    if data.aff is not None:
+        stats["affinity_seconds"] = state.affinity_seconds()
+        stats["fitted_cross_gpu_fraction"] = 1.0 - float(state.local.sum()) / float(data.aff.sum())
     # the incremental objective equals the from-scratch one (tests/test_joint.py checks it), so no recount here
     return _result(state.X, state.objective(), bound, "feasible", t0, data, stats)
 

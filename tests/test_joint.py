@@ -2,7 +2,8 @@
 
 Properties, not copied numbers: the bound is never above the optimum (brute force on tiny instances built from the
 real trace) nor above any plan's objective; the incremental objective equals the from-scratch one; a migration
-penalty keeps experts in place; a planted affinity is recovered; bad requests get one clear error; a time limit
+penalty keeps experts in place; an affinity weight adds its documented term and buys locality; a planted
+affinity is recovered; bad requests get one clear error; a time limit
 still returns a valid plan with its gap; the generator reproduces the real trace's statistics.
 """
 
@@ -433,6 +434,63 @@ def test_planted_affinity_is_recovered():
     assert loc["same_gpu"].sum() / loc["pairs"].sum() >= 0.8
 
 
+def _cross_pairs(X: np.ndarray, problem: Problem) -> float:
+    """Adjacent-layer k x k pairs of the fitted trace with no common GPU, from the evaluator's own locality."""
+    from solvers.objective import pair_locality
+
+    loc = pair_locality(X, problem.transitions, problem.topology)
+    return float(loc["pairs"].sum() - loc["same_gpu"].sum())
+
+
+@pytest.mark.parametrize("dataflow", ["standard", "coherent"])
+@pytest.mark.parametrize("shape", [(3, 4, 2, 0), (2, 4, 2, 2)])
+def test_affinity_weight_adds_the_documented_term_and_keeps_the_bound(real, dataflow, shape):
+    """``affinity_weight`` w adds ``w x C0 x`` (cross-GPU fraction of the k x k pairs), ``C0`` the balanced compute
+    time, to every placement's objective (checked against the evaluator's pair locality); the bound stays below the
+    optimum found by enumeration."""
+    L, E, G, R = shape
+    problem = _tiny_problem(real, L, E, G, R)
+    w = 5.0
+    plain = prepare(problem, Options(params={"dataflow": dataflow}))
+    data = prepare(problem, Options(params={"dataflow": dataflow, "affinity_weight": w}))
+    c0 = data.cost.seconds_per_assignment * data.load.sum() / G
+    pairs = float(problem.transitions.sum())
+    values = []
+    for X in _all_placements(E, G, problem.topology.slots_per_gpu, L):
+        v = objective_of(data, X)
+        assert v == pytest.approx(objective_of(plain, X) + w * c0 * _cross_pairs(X, problem) / pairs, rel=1e-9)
+        values.append(v)
+    res = solve("joint", problem, Options(time_limit=10, params={"dataflow": dataflow, "exact_limit": 0,
+                                                                 "affinity_weight": w}))
+    assert res.bound <= min(values) * (1 + 1e-9) and res.objective >= min(values) * (1 - 1e-9)
+    plain_bound = solve("joint", problem, Options(time_limit=10, params={"dataflow": dataflow, "exact_limit": 0})).bound
+    if R == 0:  # an expert shares its GPU with m next-layer experts at most: some pairs are always cross-GPU
+        assert res.bound > plain_bound
+    exact = solve("joint", problem, Options(time_limit=10, params={"dataflow": dataflow, "affinity_weight": w}))
+    assert exact.status == "optimal" and exact.objective == pytest.approx(min(values), rel=1e-12)
+
+
+@pytest.mark.parametrize("dataflow", ["standard", "coherent"])
+def test_affinity_weight_trades_time_for_locality(real, dataflow):
+    """On the real trace (8 GPUs + 8 redundant slots) the incremental objective with the affinity term equals the
+    from-scratch one after a descent, and a strong weight gives a plan with fewer cross-GPU pairs than no weight."""
+    from placement.problem import build_problem
+
+    fit, _ = real
+    problem = build_problem(fit, Topology.for_experts(64, 8, 8))
+    data = prepare(problem, Options(params={"dataflow": dataflow, "affinity_weight": 4.0}))
+    state = State(data, solve("contiguous", problem).phy2log)
+    local_search(state, deadline=float("inf"), rng=np.random.default_rng(0), max_passes=1)
+    assert state.objective() == pytest.approx(objective_of(data, state.X), rel=1e-9)
+    assert state.affinity_seconds() == pytest.approx(data.aff_cost * _cross_pairs(state.X, problem), rel=1e-9)
+    free = solve("joint", problem, Options(time_limit=4, params={"dataflow": dataflow}))
+    tied = solve("joint", problem, Options(time_limit=4, params={"dataflow": dataflow, "affinity_weight": 8.0}))
+    assert _cross_pairs(tied.phy2log, problem) < 0.97 * _cross_pairs(free.phy2log, problem)
+    assert tied.stats["fitted_cross_gpu_fraction"] == pytest.approx(
+        _cross_pairs(tied.phy2log, problem) / float(problem.transitions.sum()), rel=1e-9)
+    assert 0 < tied.bound <= tied.objective
+
+
 def test_bad_requests_get_one_clear_error(real_problem8):
     load = np.ones((2, 8))
     with pytest.raises(SolverInputError, match="cannot hold"):
@@ -452,6 +510,11 @@ def test_bad_requests_get_one_clear_error(real_problem8):
               Options(params={"keep_groups_on_nodes": True}))
     with pytest.raises(SolverInputError, match="objective"):
         solve("joint", real_problem8, Options(params={"objective": "best"}))
+    for bad in (-1, "much", float("nan")):
+        with pytest.raises(SolverInputError, match="affinity_weight must be a number >= 0"):
+            solve("joint", real_problem8, Options(params={"affinity_weight": bad}))
+    with pytest.raises(SolverInputError, match="affinity_weight needs adjacent-layer transitions"):
+        solve("joint", Problem(load=load, topology=Topology.for_experts(8, 2)), Options(params={"affinity_weight": 1}))
 
 
 def test_time_limit_returns_a_valid_plan_with_gap(real_problem8):
