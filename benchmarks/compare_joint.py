@@ -7,6 +7,7 @@
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 16 --redundant 16 --joint-param chain_start=true
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --gpu-flops 455T   # expert rate from expert_gemm.py
     PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --affinity-weights 0 1 2 4  # time vs k x k locality
+    PYTHONPATH=. python benchmarks/compare_joint.py --gpus 8 --seed 0 1 2 3 4   # five hold-out splits, summary
 
 Plans are fitted on half the sequences of the bundled DeepSeek-V2-Lite ESFT trace (split by sequence, seed 0)
 and measured on the other half. With several nodes the experts form 8 groups (EPLB's hierarchical policy packs
@@ -119,6 +120,39 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def over_splits(rows: list[dict]) -> str:
+    """Markdown summary over hold-out splits: per solver the mean of each held-out metric, the time of each dataflow
+    as a ratio to the best reference solver of the same split (mean and worst split), and in how many splits it is
+    the fastest of all."""
+    import numpy as np
+
+    out = []
+    flows = [("std_us_per_token", "std"), ("coherent_us_per_token", "coherent")]
+    for (gpus, red) in sorted({(r["gpus"], r["redundant"]) for r in rows}):
+        sub = [r for r in rows if (r["gpus"], r["redundant"]) == (gpus, red)]
+        seeds = sorted({r["seed"] for r in sub})
+        best_ref = {(s, k): min((r[k] for r in sub if r["seed"] == s and r["solver"] in REFERENCES[1:]),
+                                default=None) for s in seeds for k, _ in flows}
+        fastest = {(s, k): min(r[k] for r in sub if r["seed"] == s) for s in seeds for k, _ in flows}
+        out.append(f"\n{gpus} GPUs, {red} redundant slots, {len(seeds)} hold-out splits (seeds "
+                   f"{', '.join(map(str, seeds))})\n")
+        head = ["imbalance", "x contig.", "std us/tok", "coh. us/tok"]
+        for _, f in flows:
+            head += [f"{f} / best ref. (mean)", f"{f} / best ref. (worst)", f"{f} fastest"]
+        out.append("| solver | " + " | ".join(head) + " |")
+        out.append("| --- |" + " ---: |" * len(head))
+        for name in dict.fromkeys(r["solver"] for r in sub):
+            rs = [r for r in sub if r["solver"] == name]
+            cells = [fmt(np.mean([r[k] for r in rs]), d) for k, d in
+                     (("load_imbalance", 3), ("cross_ratio", 3), ("std_us_per_token", 4), ("coherent_us_per_token", 4))]
+            for k, _ in flows:
+                ratio = [r[k] / best_ref[(r["seed"], k)] for r in rs if best_ref[(r["seed"], k)]]
+                cells += [fmt(np.mean(ratio) if ratio else None), fmt(max(ratio) if ratio else None),
+                          f"{sum(r[k] <= fastest[(r['seed'], k)] for r in rs)}/{len(rs)}"]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, nargs="*", default=[4, 8, 16])
@@ -128,7 +162,8 @@ def main() -> None:
     ap.add_argument("--joint-time-limit", type=float, default=10.0)
     ap.add_argument("--dataflow", nargs="*", default=["standard", "coherent"])
     ap.add_argument("--solvers", default=",".join(REFERENCES + ["joint"]))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, nargs="*", default=[0], help="hold-out split (and solver) seeds; with "
+                    "several, every split is run and a summary over splits is printed")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--even-homes", action="store_true", help="evaluate with every held-out token its own sequence "
@@ -158,7 +193,7 @@ def main() -> None:
 
         fit, held = [], []
         for task in datasets.ESFT_TASKS:
-            f, h = datasets.load(tasks=task).split_by_sequence(0.5, seed=args.seed)
+            f, h = datasets.load(tasks=task).split_by_sequence(0.5, seed=args.seed[0])
             fit.append(f.load_profile().logical_count[0])
             held.append(h.load_profile().logical_count[0])
         out = {}
@@ -171,17 +206,21 @@ def main() -> None:
             args.json.write_text(json.dumps(out, indent=2))
         return
     rows = []
-    for g in args.gpus:
-        say(f"{g} GPUs, {args.redundant} redundant")
-        rows += run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
-                    args.solvers.split(","), args.seed, say, args.even_homes, parse_params(args.joint_param),
-                    (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
-                     parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")),
-                    parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None, args.affinity_weights)
+    for seed in args.seed:
+        for g in args.gpus:
+            say(f"{g} GPUs, {args.redundant} redundant, split seed {seed}")
+            got = run(g, args.gpus_per_node, args.redundant, args.time_limit, args.joint_time_limit, args.dataflow,
+                      args.solvers.split(","), seed, say, args.even_homes, parse_params(args.joint_param),
+                      (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
+                       parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")),
+                      parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None, args.affinity_weights)
+            rows += [{**r, "seed": seed} for r in got]
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))
     if args.markdown:
-        print(markdown(rows))
+        print(markdown(rows) if len(args.seed) == 1 else over_splits(rows))
+    elif len(args.seed) > 1:
+        print(over_splits(rows))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ Parameters (``Options.params``): ``dataflow`` ("standard" | "coherent"), ``cost`
 weights over the intra-node link), ``keep_groups_on_nodes`` (bool: every expert group stays on one node, for
 node-limited routing), ``caps`` (load caps tried by the construction), ``chain_cap`` (load cap of the affinity
 chain start under the standard dataflow, default 1.2), ``chain_start`` (bool; default: only without redundant
-slots), ``sweeps``, ``smoothing`` (shrink transitions and
+slots), ``sweeps``, ``balance_weight`` (the column construction's weight on balance, default 8), ``smoothing`` (shrink transitions and
 co-activation towards independence, 0..1), ``local_search`` (bool), ``iterated`` (bool: iterated local search
 with the time left, default true), ``bound_lp`` (seconds for the triangle-cut pair bound, default 0),
 ``exact_limit`` (enumerate when there are at most this many placements), ``token_positions`` (bool: under the
@@ -61,7 +61,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -165,9 +165,28 @@ def _smooth(pairs: np.ndarray, amount: float, symmetric_zero_diag: bool = False)
     return out
 
 
+PARAMS = frozenset({"dataflow", "cost", "model", "objective", "normalize_profiles", "migration_cost",
+                    "keep_groups_on_nodes", "caps", "chain_cap", "chain_start", "sweeps", "balance_weight", "smoothing",
+                    "local_search", "iterated", "bound_lp", "exact_limit", "token_positions", "position_tokens",
+                    "token_distinct", "distinct_tokens", "affinity_weight"})
+
+
+def _check_params(params: dict) -> None:
+    """Refuse unknown parameter names (a misspelt one would otherwise be ignored without a word)."""
+    import difflib
+
+    known = PARAMS | {f.name for f in fields(CostModel)}
+    for key in params:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else "see the joint planner's parameters in docs/concepts.md"
+            raise SolverInputError(f"the joint planner has no parameter {key!r}; {hint}")
+
+
 def prepare(problem: Problem, options: Options) -> JointData:
     """Validate the request and bring every input to one set of units."""
     params = dict(options.params or {})
+    _check_params(params)
     if problem.budget_slots is not None:
         raise SolverInputError("the joint planner keeps every expert resident; for a memory budget use a budget "
                                "solver (drop --memory-budget to use joint)")

@@ -92,6 +92,9 @@ def _bad_inputs(tmp_path):
         ("plan", "--gpus", 4, "--intra-node-bandwidth", "-5GB"),
         ("plan", "--gpus", 4, "--model", "gpt-5"),
         ("plan", "--gpus", 4, "--model-config", tmp_path / "nope.json"),
+        ("plan", "--gpus", 4, "--solver", "eplb", "--affinity-weight", 1),
+        ("plan", "--gpus", 4, "--affinity-weight", -1),
+        ("plan", "--gpus", 4, "--param", "afinity_weight=1"),
     ]
 
 

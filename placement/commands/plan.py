@@ -236,6 +236,10 @@ def register(app: typer.Typer) -> None:
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
                                      "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
                                      "from the GPU of its highest-gate expert, so inter-layer affinity pays)."),
+        affinity_weight: Optional[float] = typer.Option(None, "--affinity-weight", help="Joint planner: trade "
+                                                        "estimated time for inter-layer locality; one point of "
+                                                        "cross-GPU transitions is worth this many percent of the "
+                                                        "balanced compute time (default 0; docs/concepts.md)."),
         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="GPU memory for expert weights, per "
                                                     "GPU: expert slots (416), a share of all experts (25%) or bytes "
                                                     "(6GiB); other experts stay in host memory (docs/memory-budget.md)."),
@@ -258,10 +262,16 @@ def register(app: typer.Typer) -> None:
                       parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
         data, sources = load_data(trace)
         name = solver or ("budget" if memory_budget else default_solver())
+        params = parse_params(param)
+        if affinity_weight is not None:
+            if name != "joint":
+                raise UserError(f"--affinity-weight is a joint-planner option and the solver is {name}; drop it or "
+                                "use --solver joint")
+            params["affinity_weight"] = affinity_weight
         cur = Plan.load(current) if current else None
         with progress(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
-                             backend, threads, parse_params(param), holdout, cur, cost,
+                             backend, threads, params, holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths)
         plan.save(out_path)
