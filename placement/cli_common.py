@@ -12,6 +12,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from placement.plan import Plan, PlanError
 from solvers import SolverInputError
@@ -50,11 +51,36 @@ class UserError(ValueError):
 
 USER_ERRORS = (UserError, TraceError, SolverInputError, PlanError)
 
+# input-error classes of modules the CLI imports lazily (module, class name): caught when the module is loaded
+# (an exception of a class whose module was never imported cannot be raised, so nothing is imported here)
+LAZY_USER_ERRORS = (("placement.runtime", "RuntimeInputError"), ("placement.export", "ExportError"),
+                    ("placement.plots", "PlotsUnavailable"))
+
+
+def _is_lazy_user_error(exc: BaseException) -> bool:
+    for module, name in LAZY_USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
 
 def fail(message: str) -> None:
-    """Print one sentence to stderr and exit with code 2."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print one sentence to stderr and exit with code 2. The message is printed as plain text: file names and
+    messages such as "must be a [T, k] array" contain brackets that rich would read as markup."""
+    err.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False)
     raise typer.Exit(2)
+
+
+def _os_error_message(exc: OSError) -> str:
+    name = exc.filename if exc.filename is not None else ""
+    reason = (exc.strerror or type(exc).__name__).rstrip(".")
+    reason = reason[:1].lower() + reason[1:]
+    if isinstance(exc, NotADirectoryError) or isinstance(exc, FileExistsError):
+        return f"{name}: a part of this path is an existing file, not a folder; choose another path"
+    if name:
+        return f"{name}: {reason}; check the path and try again"
+    return f"{reason}; check the paths given and try again"
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -72,8 +98,16 @@ def user_errors(fn: Callable) -> Callable:
             fail(f"{exc.filename}: is a folder, a file was expected")
         except PermissionError as exc:
             fail(f"{exc.filename}: permission denied")
+        except OSError as exc:  # file name too long, read-only file system, disk full, a file where a folder is due
+            fail(_os_error_message(exc))
+        except MemoryError:
+            fail("this problem does not fit in memory; use fewer GPUs, slots or layers, or a smaller trace")
+        except (ValueError, RuntimeError) as exc:
+            if _is_lazy_user_error(exc):
+                fail(str(exc))
+            raise
         except KeyboardInterrupt:
-            err.print("interrupted")
+            err.print("interrupted", markup=False, highlight=False)
             raise typer.Exit(130)
 
     return wrapper

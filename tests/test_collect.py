@@ -491,7 +491,11 @@ def test_cli_collect_bad_input_is_one_sentence(qwen, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dense = _save_checkpoint(LlamaForCausalLM(LlamaConfig(**COMMON)), tmp_path / "dense", with_tokenizer=False)
+    rejected = tmp_path / "rejected"  # a config.json transformers' own validation refuses (not a ValueError)
+    rejected.mkdir()
+    (rejected / "config.json").write_text(json.dumps({"model_type": "deepseek_v2", "hidden_size": 16}))
     cases = [
+        (["--model", str(rejected), "--data", str(good)], "attention heads"),
         (["--model", str(tmp_path / "nope"), "--data", str(good)], "not a model folder"),
         (["--model", str(ckpt), "--data", str(tmp_path / "missing.jsonl")], "no such data file"),
         (["--model", str(ckpt), "--data", str(badjson)], "bad.jsonl:2"),

@@ -733,6 +733,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
                     "spiece.model", "sentencepiece.bpe.model", "tiktoken.model")
 
 
+def _config_errors() -> tuple:
+    """huggingface_hub's strict-dataclass errors (a config.json transformers rejects) are not ValueErrors."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: str = "auto",
                     trust_remote_code: bool = False):
     """``(model, tokenizer or None)`` from a local checkpoint folder; never touches the hub."""
@@ -765,10 +774,12 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str = "cpu", dtype: st
         except ImportError as exc:
             raise CollectError(f"loading {p} needs a package that is not installed ({exc}); --device auto needs "
                                f"accelerate") from None
-        except (OSError, ValueError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CollectError(f"transformers could not load {p} ({msg}); check the folder holds a complete "
-                               f"checkpoint (config.json and weights)") from None
+        except (OSError, ValueError, KeyError, *_config_errors()) as exc:
+            # huggingface_hub's config validation errors say what is wrong in their cause, on a second line
+            shown = exc.__cause__ if exc.__cause__ is not None and not isinstance(exc, (OSError, KeyError)) else exc
+            msg = str(shown).strip().splitlines()[0] if str(shown).strip() else type(shown).__name__
+            raise CollectError(f"transformers could not load {p} ({msg.rstrip('.')}); check the folder holds a "
+                               f"complete checkpoint (a valid config.json and weights)") from None
         tokenizer = None
         if any((p / name).is_file() for name in _TOKENIZER_FILES):
             try:

@@ -1,0 +1,58 @@
+"""Bad input found by fuzzing the CLI: one sentence, exit code 2, no traceback, no output file left behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from placement.cli import app
+from placement.cli_common import user_errors
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_sentence(r, *words):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    for w in words:
+        assert w in r.output, (w, r.output)
+
+
+def test_messages_are_printed_without_markup(tmp_path):
+    """File names and messages with brackets are printed as they are (rich markup would crash or delete them)."""
+    assert_one_sentence(run("plan", "run[/x].npz", "--gpus", 4), "run[/x].npz")
+    assert_one_sentence(run("evaluate", "plan[/].json"), "plan[/].json")
+    ragged = tmp_path / "ragged.json"
+    ragged.write_text(json.dumps({"id": "r1", "choices": [{"routed_experts": [[[1, 2]], [[3]]]}]}))
+    assert_one_sentence(run("import", "vllm", ragged, "--out", tmp_path / "x.npz"), "[tokens, layers, top_k]")
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_lazily_imported_input_errors_are_one_sentence():
+    from placement.export import ExportError
+    from placement.runtime import RuntimeInputError
+
+    for cls in (RuntimeInputError, ExportError):
+        @user_errors
+        def command():
+            raise cls("needs 8 GPUs [found 0]")
+
+        with pytest.raises(typer.Exit) as exc:
+            command()
+        assert exc.value.exit_code == 2
+
+    @user_errors
+    def bug():
+        raise ValueError("a bug, not bad input")
+
+    with pytest.raises(ValueError):
+        bug()
