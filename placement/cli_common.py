@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -83,12 +84,28 @@ def _os_error_message(exc: OSError) -> str:
     return f"{reason}; check the paths given and try again"
 
 
+def check_common_options(values: dict) -> None:
+    """Options several commands share, checked once for all of them (by parameter name): ``--seed`` (a numpy
+    seed: not negative), ``--threads`` (at least 1) and ``--time-limit`` (positive seconds)."""
+    seed = values.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    threads = values.get("threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}; leave it out to use the default")
+    limit = values.get("time_limit")
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and not (math.isfinite(limit) and limit > 0):
+        raise UserError(f"--time-limit must be a positive number of seconds, got {limit}")
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn the project's input errors (and missing/unreadable files) into one sentence + exit code 2."""
+    """Turn the project's input errors (and missing/unreadable files) into one sentence + exit code 2; checks the
+    options :func:`check_common_options` knows before the command runs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_common_options(kwargs)
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
             fail(str(exc))

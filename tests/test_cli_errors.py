@@ -56,3 +56,34 @@ def test_lazily_imported_input_errors_are_one_sentence():
 
     with pytest.raises(ValueError):
         bug()
+
+
+@pytest.fixture(scope="module")
+def small_plan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans") / "p.json"
+    r = run("plan", "deepseek-v2-lite-esft:law", "--gpus", 4, "--solver", "contiguous", "--out", path)
+    assert r.exit_code == 0, r.output
+    return path
+
+
+def test_shared_options_are_checked_for_every_command(small_plan, tmp_path):
+    """--seed (numpy refuses negative seeds), --threads and --time-limit are checked once for all commands."""
+    o = tmp_path / "o.json"
+    cases = [
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--holdout", 0.5, "--seed", -1, "-o", o), "--seed"),
+        (("evaluate", small_plan, "--holdout", 0.5, "--seed", -1), "--seed"),
+        (("report", small_plan, "--holdout", 0.5, "--seed", -1, "-o", tmp_path / "r", "--no-plots"), "--seed"),
+        (("budget", "--gpus", 4, "-b", "25%", "--seed", -1), "--seed"),
+        (("affinity", "deepseek-v2-lite-esft:summary", "--seed", -1), "--seed"),
+        (("demo", "--no-plots", "--solver", "contiguous", "--seed", -1, "-o", tmp_path / "d"), "--seed"),
+        (("bench", small_plan, "--seed", -1), "--seed"),
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--time-limit", -1, "-o", o), "--time-limit"),
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--time-limit", "nan", "-o", o), "--time-limit"),
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--time-limit", 0, "-o", o), "--time-limit"),
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--threads", 0, "-o", o), "--threads"),
+        (("bench", small_plan, "--threads", -1), "--threads"),
+        (("bench", small_plan, "-w", 0), "--world-size"),
+    ]
+    for args, word in cases:
+        assert_one_sentence(run(*args), word)
+    assert not o.exists() and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()

@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"--world-size {world_size} disagrees with torchrun's WORLD_SIZE={env_world}; drop "
                                 f"--world-size under torchrun")
             world_size = env_world
-        world_size = world_size or plan_objs[0].topology.num_gpus
+        world_size = plan_objs[0].topology.num_gpus if world_size is None else world_size
         if world_size < 1:
             raise UserError(f"--world-size must be >= 1, got {world_size}")
         data, sources = load_data(trace)
