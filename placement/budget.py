@@ -42,9 +42,14 @@ def parse_size(text: str, what: str = "size") -> int:
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS:
         raise UserError(f"{what} {text!r} is not a size; write e.g. 6GiB, 6.4GB, 512MiB or a number of bytes")
+    if re.fullmatch(r"[KMGT]i?b", m.group(2)):  # 10Gb: gigabits, not bytes
+        raise UserError(f"{what} {text!r} is in bits ({m.group(2)}); write bytes with a capital B "
+                        f"({m.group(1)}{m.group(2)} = {float(m.group(1)) / 8:g}{m.group(2)[:-1]}B)")
     value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise UserError(f"{what} must be positive, got {text!r}")
+    if not math.isfinite(value) or value >= 2 ** 63:
+        raise UserError(f"{what} {text!r} is too large; write a size below 8 EiB, e.g. 6GiB")
+    if int(value) <= 0:
+        raise UserError(f"{what} must be at least one byte, got {text!r}")
     return int(value)
 
 

@@ -87,3 +87,23 @@ def test_shared_options_are_checked_for_every_command(small_plan, tmp_path):
     for args, word in cases:
         assert_one_sentence(run(*args), word)
     assert not o.exists() and not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+def test_sizes_and_rates_must_be_finite(small_plan):
+    from placement.budget import parse_size
+    from placement.cli_common import UserError
+
+    assert parse_size("6GiB") == 6 * 2 ** 30 and parse_size("6.4GB") == 6_400_000_000
+    for bad, word in (("1e400", "too large"), ("1e309", "too large"), ("10Gb", "bits"), ("0.5", "at least one")):
+        with pytest.raises(UserError, match=word):
+            parse_size(bad, "--x")
+    cases = [
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--intra-node-bandwidth", "1e400"), "too large"),
+        (("plan", "--gpus", 4, "--memory-budget", "6GiB", "--expert-bytes", "1e400"), "too large"),
+        (("plan", "--gpus", 4, "--solver", "contiguous", "--gpu-flops", "1e400"), "--gpu-flops"),
+        (("budget", "--gpus", 4, "-b", "25%", "--pcie-bandwidth", "1e400"), "--pcie-bandwidth"),
+        (("budget", "--gpus", 4, "-b", "25%", "--prefetch-overlap-us", "nan"), "--prefetch-overlap-us"),
+        (("evaluate", small_plan, "--inter-node-bandwidth", "1e400"), "--inter-node-bandwidth"),
+    ]
+    for args, word in cases:
+        assert_one_sentence(run(*args), word)

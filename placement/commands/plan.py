@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -71,7 +72,10 @@ def parse_rate(text, what: str) -> float:
                      str(text))
     if not m or float(m.group(1)) <= 0:
         raise UserError(f"{what} {text!r} is not a positive rate; write e.g. 400T or 4e14")
-    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}[m.group(2).lower()]
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}[m.group(2).lower()]
+    if not math.isfinite(value):
+        raise UserError(f"{what} {text!r} is too large to be a rate; write e.g. 400T or 4e14")
+    return value
 
 
 def recorded_cost(plans) -> tuple[dict, list[str]]:
