@@ -166,6 +166,97 @@ class Problem:
         return self.topology.num_slots - self.num_experts
 
 
+class Params:
+    """A solver's ``Options.params`` read with types: every getter checks the value and raises
+    :class:`SolverInputError` with one sentence naming the parameter (a string where a number belongs, a number
+    out of range); unknown names are refused, with the nearest known one (a misspelt name would otherwise be
+    ignored without a word). The cost-model fields (``solvers.cost.CostModel``), ``cost`` and ``model`` are
+    known to every solver, since the CLI passes them to all of them."""
+
+    _MISSING = object()
+
+    def __init__(self, params: Mapping[str, Any] | None, solver: str, known: set[str] | frozenset[str]):
+        import difflib
+        from dataclasses import fields as dc_fields
+
+        from solvers.cost import CostModel
+
+        self.solver = solver
+        self.values = dict(params or {})
+        allowed = set(known) | {f.name for f in dc_fields(CostModel)} | {"cost", "model"}
+        for key in self.values:
+            if key not in allowed:
+                near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(known)) or 'none'}"
+                raise SolverInputError(f"the {solver} solver has no parameter {key!r}; {hint}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values and self.values[key] is not None
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        v = self.values.get(key)
+        return default if v is None else v
+
+    def _bad(self, key: str, want: str) -> SolverInputError:
+        return SolverInputError(f"parameter {key} must be {want}, got {self.values[key]!r}")
+
+    def number(self, key: str, default, *, lo: float | None = None, hi: float | None = None, integer: bool = False,
+               lo_open: bool = False):
+        """A finite number (an integer with ``integer``) in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), or
+        ``default`` when absent or None."""
+        v = self.values.get(key)
+        if v is None:
+            return default
+        kind = "an integer" if integer else "a number"
+        rng = ("" if lo is None else (f" > {lo:g}" if lo_open else f" >= {lo:g}")) + \
+              ("" if hi is None else f" and <= {hi:g}")
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise self._bad(key, kind + rng)
+        if not np.isfinite(v) or (integer and float(v) != int(v)):
+            raise self._bad(key, kind + rng)
+        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+            raise self._bad(key, kind + rng)
+        return int(v) if integer else float(v)
+
+    def integer(self, key: str, default, *, lo: int | None = None, hi: int | None = None):
+        return self.number(key, default, lo=lo, hi=hi, integer=True)
+
+    def flag(self, key: str, default):
+        """A boolean (JSON true / false), or ``default`` when absent or None."""
+        v = self.values.get(key)
+        if v is None:
+            return default
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        raise self._bad(key, "true or false")
+
+    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
+        v = self.values.get(key)
+        if v is None:
+            return default
+        if v not in options:
+            raise self._bad(key, "one of " + ", ".join(repr(o) for o in options))
+        return str(v)
+
+    def numbers(self, key: str, default, *, lo: float | None = None, hi: float | None = None):
+        """A non-empty list of finite numbers in ``[lo, hi]``, or ``default``."""
+        v = self.values.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, (list, tuple)) or not v:
+            raise self._bad(key, "a list of numbers, e.g. [1.02,1.05]")
+        sub = Params({key: 0}, self.solver, {key})
+        out = []
+        for x in v:
+            sub.values[key] = x
+            try:
+                out.append(sub.number(key, None, lo=lo, hi=hi))
+            except SolverInputError:
+                raise self._bad(key, "a list of numbers" + ("" if lo is None else f" >= {lo:g}")
+                                + ("" if hi is None else f" and <= {hi:g}")) from None
+        return out
+
+
 @dataclass(frozen=True)
 class Options:
     """How to solve: the same knobs for every solver; solver-specific ones go in ``params``.

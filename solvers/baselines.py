@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.base import Options, Problem, Result
+from solvers.base import Options, Params, Problem, Result
 
 
 def _physical_experts(problem: Problem) -> np.ndarray:
@@ -19,6 +19,7 @@ def _physical_experts(problem: Problem) -> np.ndarray:
 
 def contiguous(problem: Problem, options: Options) -> Result:
     """Slot s holds physical expert s: GPU g holds experts g*S/G .. (g+1)*S/G - 1, the same for every layer."""
+    Params(options.params, "contiguous", set())  # none of its own
     row = _physical_experts(problem)
     phy2log = np.tile(row, (problem.num_layers, 1))
     return Result(phy2log=phy2log, solver="contiguous", status="fixed")
@@ -26,6 +27,7 @@ def contiguous(problem: Problem, options: Options) -> Result:
 
 def round_robin(problem: Problem, options: Options) -> Result:
     """Physical expert p goes to GPU p mod G (vLLM's ``--expert-placement-strategy round_robin``)."""
+    Params(options.params, "round-robin", set())  # none of its own
     topo = problem.topology
     phys = _physical_experts(problem)
     p = np.arange(topo.num_slots)

@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from solvers.base import Options, Problem, Result, SolverInputError
+from solvers.base import Options, Params, Problem, Result, SolverInputError
 from solvers.memsim import access_stream, simulate, summarize
 
 __all__ = ["ep_owner", "allocate", "phy2log_of", "budget_split", "solve", "SOLVERS"]
@@ -190,7 +190,8 @@ def budget_split(problem: Problem) -> tuple[int, int]:
 def solve(problem: Problem, options: Options) -> Result:
     """Memory-budget plan (see the module docstring); ``phy2log`` holds -1 in slots left empty."""
     t0 = time.perf_counter()
-    p = dict(options.params)
+    p = Params(options.params, "budget", {"swap_slots", "swap_shares", "min_swap_slots", "allocation", "importance",
+                                          "search_tokens", "batch", "policy", "dynamic_interval", "dynamic_window"})
     topo = problem.topology
     G, spg = topo.num_gpus, topo.slots_per_gpu
     L, E = problem.load.shape
@@ -200,32 +201,28 @@ def solve(problem: Problem, options: Options) -> Result:
         return _full_placement(problem, owner, t0)
     per_gpu, min_res = budget_split(problem)
     owned = np.bincount(owner.ravel(), minlength=G)
-    allocation = str(p.get("allocation", "global"))
-    importance_kind = str(p.get("importance", "lru-misses"))
-    batch = int(p.get("batch", 1))
-    policy = str(p.get("policy", "static"))
-    if policy not in ("static", "dynamic"):
-        raise SolverInputError(f"policy must be 'static' or 'dynamic', got {policy!r}")
-    interval = int(p.get("dynamic_interval", DYNAMIC_INTERVAL))
-    window = int(p.get("dynamic_window", DYNAMIC_WINDOW))
-    if interval < 1 or window < 1:
-        raise SolverInputError("dynamic_interval and dynamic_window must be >= 1 token")
+    allocation = p.choice("allocation", "global", ("global", "per-layer"))
+    importance_kind = p.choice("importance", "lru-misses", ("lru-misses", "count"))
+    batch = p.integer("batch", 1, lo=1)
+    policy = p.choice("policy", "static", ("static", "dynamic"))
+    interval = p.integer("dynamic_interval", DYNAMIC_INTERVAL, lo=1)
+    window = p.integer("dynamic_window", DYNAMIC_WINDOW, lo=1)
     dyn = (max(1, interval // batch), max(1, window // batch)) if policy == "dynamic" else None
     policy_rec = {"miss": "fetch-on-miss", "buffer": "lru", "batch": batch, "kind": policy,
                   "dynamic": {"interval_tokens": interval, "window_tokens": window}}
     k = int(problem.top_k)
-    min_swap = int(p.get("min_swap_slots", k))
+    min_swap = p.integer("min_swap_slots", k, lo=0)
     max_swap = per_gpu
     if (per_gpu >= owned).all():  # every expert fits: nothing to swap
         resident = np.ones((L, E), dtype=bool)
         return _result(problem, resident, owner, per_gpu, 0, [], allocation, "all-resident", None, policy_rec, t0)
-    if "swap_slots" in p and p["swap_slots"] is not None:
-        cands = [int(p["swap_slots"])]
+    if "swap_slots" in p:
+        cands = [p.integer("swap_slots", 0)]
         if not 0 <= cands[0] <= max_swap:
             raise SolverInputError(f"swap_slots must be between 0 and the budget ({max_swap} slots per GPU), "
                                    f"got {cands[0]}")
     else:
-        shares = p.get("swap_shares", DEFAULT_SHARES)
+        shares = p.numbers("swap_shares", DEFAULT_SHARES, lo=0.0, hi=1.0)
         lo = min(min_swap, max_swap)
         cands = sorted({int(min(max(round(s * per_gpu), lo), max_swap)) for s in shares})
     # a GPU cannot keep more resident experts than it owns; any slots beyond go to its buffer
@@ -236,7 +233,7 @@ def solve(problem: Problem, options: Options) -> Result:
     search = []
     best = None
     if stream_full is not None and len(cands) > 1:
-        sub = _search_routes(problem.routes, problem.home, int(p.get("search_tokens", 4096)), options.seed)
+        sub = _search_routes(problem.routes, problem.home, p.integer("search_tokens", 4096, lo=1), options.seed)
         stream = access_stream(sub, E, batch)
         for c in cands:
             quota = np.minimum(per_gpu - c, owned)

@@ -99,8 +99,10 @@ class CostModel:
         if self.dataflow not in DATAFLOWS:
             raise SolverInputError(f"dataflow {self.dataflow!r} is not one of {', '.join(DATAFLOWS)}")
         for name in ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "weight_dtype_bytes"):
-            if not getattr(self, name) > 0:
-                raise SolverInputError(f"cost model {name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
+                    or not v > 0:
+                raise SolverInputError(f"cost model {name} must be a positive number, got {v!r}")
 
     @property
     def token_bytes(self) -> int:
@@ -138,8 +140,10 @@ class CostModel:
         if not isinstance(cm, CostModel):
             raise SolverInputError("params['cost'] must be a solvers.cost.CostModel")
         if params.get("model"):
-            cm = cls.preset(str(params["model"]), **{f.name: getattr(cm, f.name) for f in fields(cm)
-                                                      if f.name not in PRESETS[str(params["model"]).lower()]})
+            key = str(params["model"]).lower()
+            if key not in PRESETS:
+                raise SolverInputError(f"unknown model preset {params['model']!r}; known: {', '.join(sorted(PRESETS))}")
+            cm = cls.preset(key, **{f.name: getattr(cm, f.name) for f in fields(cm) if f.name not in PRESETS[key]})
         names = {f.name for f in fields(cls)}
         over = {k: v for k, v in params.items() if k in names and v is not None}
         return replace(cm, **over) if over else cm

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.base import Options, Problem, Result, SolverInputError
+from solvers.base import Options, Params, Problem, Result, SolverInputError
 
 __all__ = ["balanced_packing", "replicate_experts", "rebalance_experts_hierarchical", "rebalance_experts"]
 
@@ -163,6 +163,7 @@ def rebalance_experts(weight: np.ndarray, num_replicas: int, num_groups: int, nu
 
 # solvers ---------------------------------------------------------------------------------------------------------
 def _eplb(problem: Problem, options: Options, policy: str) -> Result:
+    Params(options.params, "eplb" if policy == "auto" else f"eplb-{policy}", set())  # none of its own
     topo = problem.topology
     if problem.budget_slots is not None:
         raise SolverInputError("EPLB keeps every expert resident; plan without --memory-budget or use a budget solver")

@@ -52,7 +52,7 @@ import numpy as np
 
 from solvers import mip
 from solvers._common import assign_with_capacity, fill_redundant
-from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
+from solvers.base import Options, Params, Problem, Result, SolverInputError, Topology, gap_of
 
 _FORMS = ("aggregated", "token")
 
@@ -218,16 +218,12 @@ def _relabel(part: np.ndarray, P: int) -> np.ndarray:
 
 def exflow(problem: Problem, options: Options) -> Result:
     """ExFlow's integer program (arXiv 2401.08383) on open solvers; see the module docstring."""
-    params = dict(options.params)
-    form = str(params.get("form", "aggregated"))
-    if form not in _FORMS:
-        raise SolverInputError(f"unknown ExFlow form {form!r}; choose one of: {', '.join(_FORMS)}")
-    top1 = bool(params.get("top1", form == "token"))
-    bipartition = bool(params.get("bipartition", True))
-    batch = int(params.get("batch_tokens", 5000))
-    use_hint = bool(params.get("hint", True))
-    if batch < 1:
-        raise SolverInputError(f"batch_tokens must be >= 1, got {batch}")
+    p = Params(options.params, "exflow", {"form", "top1", "bipartition", "batch_tokens", "hint"})
+    form = p.choice("form", "aggregated", tuple(_FORMS))
+    top1 = p.flag("top1", form == "token")
+    bipartition = p.flag("bipartition", True)
+    batch = p.integer("batch_tokens", 5000, lo=1)
+    use_hint = p.flag("hint", True)
     if options.backend not in mip.BACKENDS:
         raise SolverInputError(f"unknown backend {options.backend!r}; choose one of: {', '.join(mip.BACKENDS)}")
     if problem.budget_slots is not None:

@@ -61,11 +61,11 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
+from solvers.base import Options, Params, Problem, Result, SolverInputError, Topology, gap_of
 from solvers.cost import (CostModel, anchor_counts, coherent_comm_seconds, covered, dispatch_matrix,
                           distinct_terms, effective_share, position_mass, replay_positions, routes_factor,
                           standard_comm_seconds, token_cover)
@@ -171,22 +171,14 @@ PARAMS = frozenset({"dataflow", "cost", "model", "objective", "normalize_profile
                     "token_distinct", "distinct_tokens", "affinity_weight"})
 
 
-def _check_params(params: dict) -> None:
-    """Refuse unknown parameter names (a misspelt one would otherwise be ignored without a word)."""
-    import difflib
-
-    known = PARAMS | {f.name for f in fields(CostModel)}
-    for key in params:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"did you mean {near[0]!r}?" if near else "see the joint planner's parameters in docs/concepts.md"
-            raise SolverInputError(f"the joint planner has no parameter {key!r}; {hint}")
-
-
 def prepare(problem: Problem, options: Options) -> JointData:
     """Validate the request and bring every input to one set of units."""
-    params = dict(options.params or {})
-    _check_params(params)
+    p = Params(options.params, "joint", PARAMS)
+    params = p.values
+    # the search's settings are read later (and some only for one dataflow): check them all here
+    p.numbers("caps", None, lo=1.0), p.number("chain_cap", None, lo=1.0), p.integer("sweeps", None, lo=1)
+    p.number("balance_weight", None, lo=0.0), p.number("bound_lp", None, lo=0.0), p.number("exact_limit", None, lo=0.0)
+    p.flag("chain_start", None), p.flag("local_search", None), p.flag("iterated", None)
     if problem.budget_slots is not None:
         raise SolverInputError("the joint planner keeps every expert resident; for a memory budget use a budget "
                                "solver (drop --memory-budget to use joint)")
@@ -196,15 +188,13 @@ def prepare(problem: Problem, options: Options) -> JointData:
         raise SolverInputError(f"{topo.slots_per_gpu} slots per GPU exceed the {E} experts, so a GPU would hold the "
                                f"same expert twice; use fewer redundant slots (at most {E * topo.num_gpus - E})")
     cost = CostModel.from_params(params)
-    objective = str(params.get("objective", "expected"))
-    if objective not in ("expected", "worst"):
-        raise SolverInputError(f"objective {objective!r} must be 'expected' or 'worst'")
+    objective = p.choice("objective", "expected", ("expected", "worst"))
     if cost.dataflow == "coherent" and problem.transitions is None and problem.routes is None:
         raise SolverInputError("the coherent dataflow needs adjacent-layer transitions, which counts-only input "
                                "does not have; give a token trace or use --dataflow standard")
     loads = problem.profiles if problem.profiles is not None else problem.load[None]
     loads = np.asarray(loads, dtype=np.float64)
-    if loads.shape[0] > 1 and params.get("normalize_profiles", True):
+    if loads.shape[0] > 1 and p.flag("normalize_profiles", True):
         # profiles recorded over different spans: compare them per token (every profile scaled to the mean total)
         tot = loads.sum(axis=(1, 2), keepdims=True)
         loads = loads / np.maximum(tot, 1e-300) * tot.mean()
@@ -212,9 +202,7 @@ def prepare(problem: Problem, options: Options) -> JointData:
     mean_tot = np.maximum(load.sum(axis=1), 1e-300)
     scale = loads.sum(axis=2) / mean_tot[None, :]
     k = max(int(problem.top_k), 1)
-    smoothing = float(params.get("smoothing", 0.0))
-    if not 0.0 <= smoothing <= 1.0:
-        raise SolverInputError(f"smoothing must be between 0 and 1, got {smoothing}")
+    smoothing = p.number("smoothing", 0.0, lo=0.0, hi=1.0)
     T = C = Q = None
     if problem.coactivation is not None and k > 1:
         C = _smooth(_rescale_pairs(problem.coactivation, load, float(k - 1)), smoothing, symmetric_zero_diag=True)
@@ -230,48 +218,38 @@ def prepare(problem: Problem, options: Options) -> JointData:
     cur = None if problem.current is None else np.asarray(problem.current, dtype=np.int64)
     if cur is not None and (cur.min() < -1 or cur.max() >= E):
         raise SolverInputError("the current plan names experts outside 0..E-1; plan for the same model")
-    mig = params.get("migration_cost")
-    if mig is None:
-        mig = cost.expert_bytes / topo.intra_node_bandwidth if cur is not None else 0.0
-    mig = float(mig)
-    if mig < 0:
-        raise SolverInputError(f"migration_cost must be >= 0, got {mig}")
+    mig = p.number("migration_cost", cost.expert_bytes / topo.intra_node_bandwidth if cur is not None else 0.0, lo=0.0)
     allowed = None
-    if params.get("keep_groups_on_nodes"):
+    if p.flag("keep_groups_on_nodes", False):
         allowed = _group_nodes(load, problem.expert_groups, topo)
     data = JointData(topo, cost, loads, load, T, C, Q, tokens, U, Kw, scale, objective == "worst", cur, mig,
                      allowed)
-    data = with_affinity_weight(data, problem, params.get("affinity_weight", 0.0))
-    tokd = params.get("token_distinct")
+    data = with_affinity_weight(data, problem, p.number("affinity_weight", 0.0, lo=0.0))
+    tokd = p.flag("token_distinct", None)
     if tokd is None:
         # the count takes each replica of an expert as picked independently per token, as the standard model's even
         # split does; under the coherent dataflow all of a token's replicas are picked from its position, and with
         # redundant slots the counted plans measured slower held out (docs/benchmarks.md), so not by default there
         tokd = not (cost.dataflow == "coherent" and topo.num_slots > E)
     if problem.routes is not None and k > 1 and tokd:
-        cap = params.get("distinct_tokens") or max(1, int(64e6 // (L * topo.num_gpus)))
-        data = with_token_routes(data, problem.routes, int(cap), options.seed)
-    tokpos = params.get("token_positions")
+        cap = p.integer("distinct_tokens", max(1, int(64e6 // (L * topo.num_gpus))), lo=1)
+        data = with_token_routes(data, problem.routes, cap, options.seed)
+    tokpos = p.flag("token_positions", None)
     if tokpos is None:  # positions only differ from the served-share estimate when replicas pick by position
         tokpos = cost.dataflow == "coherent" and topo.num_slots > E
     if tokpos and cost.dataflow == "coherent" and problem.routes is not None:
-        cap = params.get("position_tokens") or max(1, int(64e6 // (L * k)))
-        ids = _sample_routes(problem.routes, int(cap), options.seed)
+        cap = p.integer("position_tokens", max(1, int(64e6 // (L * k))), lo=1)
+        ids = _sample_routes(problem.routes, cap, options.seed)
         data = replace(data, pos_ids=ids, pos_factor=np.array([routes_factor(data.load[l], ids[l]) for l in range(L)]))
     return data
 
 
-def with_affinity_weight(data: JointData, problem: Problem, weight) -> JointData:
+def with_affinity_weight(data: JointData, problem: Problem, weight: float) -> JointData:
     """``data`` with the ``affinity_weight`` term: ``weight x C0 x`` (the fitted cross-GPU fraction of adjacent-layer
     k x k expert pairs, ExFlow's locality metric, replicas sharing a GPU counting as local), with ``C0 = alpha x
     sum_l load_l / G`` the perfectly balanced compute time of the fitted workload. So one point (0.01) of cross-GPU
     fraction is worth ``weight`` percent of C0. 0 (the default) leaves the estimated time alone."""
-    try:
-        w = float(weight)
-    except (TypeError, ValueError):
-        raise SolverInputError(f"affinity_weight must be a number >= 0, got {weight!r}") from None
-    if not (w >= 0.0 and math.isfinite(w)):
-        raise SolverInputError(f"affinity_weight must be a number >= 0, got {weight!r}")
+    w = float(weight)  # checked by Params (a finite number >= 0)
     if w == 0.0:
         return data
     if problem.transitions is None or data.L < 2:
@@ -1459,13 +1437,13 @@ def _solve(problem: Problem, options: Options) -> Result:
     limit = options.time_limit
     deadline = t0 + (limit if limit is not None else 1e9) * 0.97
     data = prepare(problem, options)
-    params = dict(options.params or {})
+    p = Params(options.params, "joint", PARAMS)
     rng = np.random.default_rng(options.seed)
     topo = data.topology
     G, m = topo.num_gpus, topo.slots_per_gpu
     say = options.say
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G,
-                      lp_seconds=float(params.get("bound_lp", 0.0)), counted=data.ids is not None,
+                      lp_seconds=p.number("bound_lp", 0.0, lo=0.0), counted=data.ids is not None,
                       token_positions=data.pos_ids is not None)
     bound = total_bound(lb, data.worst) + affinity_bound(data)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
@@ -1477,7 +1455,7 @@ def _solve(problem: Problem, options: Options) -> Result:
         stats["token_positions"] = ("previous anchors' served shares" if data.pos_ids is None else
                                     f"replayed on {data.pos_ids.shape[1]} tokens")
 
-    exact_limit = float(params.get("exact_limit", 4096))
+    exact_limit = p.number("exact_limit", 4096.0, lo=0.0)
     if count_placements(data.E, G, m, data.L) <= exact_limit:
         found = enumerate_exact(data, deadline)
         if found is not None:
@@ -1496,30 +1474,29 @@ def _solve(problem: Problem, options: Options) -> Result:
     # construction gets at most 40% of the time left; the local search the rest
     c_deadline = time.perf_counter() + 0.4 * max(deadline - time.perf_counter(), 0.0)
     if coherent:
-        caps = params.get("caps") or [1.02, 1.05, 1.1]
-        sweeps = int(params.get("sweeps", 8))
+        caps = p.numbers("caps", [1.02, 1.05, 1.1], lo=1.0)
+        sweeps = p.integer("sweeps", 8, lo=1)
         for cap in caps:
             if time.perf_counter() > c_deadline:
                 break
             candidates.append((f"chain cap {cap}", construct(data, r, float(cap), sweeps, c_deadline, start=base)))
     else:
         if data.C is not None and time.perf_counter() < c_deadline:
-            lam = float(params.get("balance_weight", 8.0))
-            sweeps = int(params.get("sweeps", 3))
+            lam = p.number("balance_weight", 8.0, lo=0.0)
+            sweeps = p.integer("sweeps", 3, lo=1)
             start = stratified_start(data, r) if data.allowed_node is None else base
             candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
-        chain_start = params.get("chain_start")
-        chain_start = topo.num_slots == data.E if chain_start is None else bool(chain_start)
+        chain_start = p.flag("chain_start", topo.num_slots == data.E)
         if (problem.routes is not None or problem.transitions is not None) and data.L > 1 and chain_start \
                 and time.perf_counter() < c_deadline:
             # an affinity chain is another good start under the standard dataflow too: its assignments see the
             # anchor pairs (co-activation) with whole-layer exactness. Not by default with redundant slots: there it
             # gave no better plan (8 or 16 GPUs + 16 redundant, docs/benchmarks.md) and the column start gets its
             # construction time
-            T, Q = anchor_stats(problem, data.load, float(params.get("smoothing", 0.0)))
+            T, Q = anchor_stats(problem, data.load, p.number("smoothing", 0.0, lo=0.0, hi=1.0))
             chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
-            cap = float(params.get("chain_cap", 1.2))
-            candidates.append((f"chain cap {cap}", construct(chain, r, cap, int(params.get("sweeps", 8)), c_deadline,
+            cap = p.number("chain_cap", 1.2, lo=1.0)
+            candidates.append((f"chain cap {cap}", construct(chain, r, cap, p.integer("sweeps", 8, lo=1), c_deadline,
                                                              start=base)))
     scored, built = [], {}
     for name, X in candidates:
@@ -1535,7 +1512,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     stats["construction"] = {name: v for v, name, _ in scored}
     stats["construction_seconds"] = time.perf_counter() - t0
     state, picked, starts = None, None, {}
-    search = bool(params.get("local_search", True))
+    search = p.flag("local_search", True)
     built = {name: built[name] for _, name, _ in (order if search else order[:1])}  # drop states never descended
     first_secs = None
     for _, name, _ in (order if search else order[:1]):
@@ -1554,7 +1531,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     built.clear()
     stats["construction_pick"] = picked
     stats["starts"] = starts
-    if search and params.get("iterated", True) and time.perf_counter() < deadline:
+    if search and p.flag("iterated", True) and time.perf_counter() < deadline:
         stats["kicks"], stats["kicks_kept"] = iterated_search(state, deadline, rng, say=say)
     state.resync()
     if data.aff is not None:

@@ -55,7 +55,7 @@ import numpy as np
 
 from solvers import mip
 from solvers._common import assign_with_capacity, fill_redundant
-from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
+from solvers.base import Options, Params, Problem, Result, SolverInputError, Topology, gap_of
 from solvers.eplb import replicate_experts
 
 
@@ -281,21 +281,17 @@ def stage2_bound(C: list[np.ndarray], w: np.ndarray) -> float:
 # the solver ------------------------------------------------------------------------------------------------------
 def moetuner(problem: Problem, options: Options) -> Result:
     """MoETuner's two-stage ILP (arXiv 2502.06643) on open solvers; see the module docstring."""
-    params = dict(options.params)
-    sizes_mode = str(params.get("cluster_sizes", "equal"))
-    stage2 = str(params.get("stage2", "auto"))
-    gap = params.get("mip_gap", 0.025)
-    gap = None if gap is None else float(gap)
-    share1 = float(params.get("stage1_share", 0.4))
-    joint_max = int(params.get("joint_max_terms", 60000))
-    if sizes_mode not in ("equal", "unequal"):
-        raise SolverInputError(f"unknown cluster_sizes {sizes_mode!r}; choose equal or unequal")
-    if stage2 not in ("auto", "joint", "sequential"):
-        raise SolverInputError(f"unknown stage2 {stage2!r}; choose auto, joint or sequential")
+    p = Params(options.params, "moetuner", {"cluster_sizes", "stage2", "mip_gap", "stage1_share", "joint_max_terms"})
+    sizes_mode = p.choice("cluster_sizes", "equal", ("equal", "unequal"))
+    stage2 = p.choice("stage2", "auto", ("auto", "joint", "sequential"))
+    # mip_gap=null asks for no relative gap limit
+    gap = None if "mip_gap" in p.values and p.values["mip_gap"] is None else p.number("mip_gap", 0.025, lo=0.0)
+    share1 = p.number("stage1_share", 0.4, lo=0.0, lo_open=True, hi=1.0)
+    joint_max = p.integer("joint_max_terms", 60000, lo=1)
     if sizes_mode == "unequal" and stage2 == "sequential":
         raise SolverInputError("unequal cluster sizes need stage2=joint (the per-GPU total couples all layers)")
-    if not 0.0 < share1 < 1.0:
-        raise SolverInputError(f"stage1_share must be between 0 and 1, got {share1}")
+    if share1 >= 1.0:
+        raise SolverInputError(f"parameter stage1_share must be between 0 and 1, got {share1}")
     if options.backend not in mip.BACKENDS:
         raise SolverInputError(f"unknown backend {options.backend!r}; choose one of: {', '.join(mip.BACKENDS)}")
     if problem.budget_slots is not None:
