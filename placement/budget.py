@@ -46,8 +46,8 @@ def parse_size(text: str, what: str = "size") -> int:
         raise UserError(f"{what} {text!r} is in bits ({m.group(2)}); write bytes with a capital B "
                         f"({m.group(1)}{m.group(2)} = {float(m.group(1)) / 8:g}{m.group(2)[:-1]}B)")
     value = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value >= 2 ** 63:
-        raise UserError(f"{what} {text!r} is too large; write a size below 8 EiB, e.g. 6GiB")
+    if not math.isfinite(value):
+        raise UserError(f"{what} {text!r} is too large to be a size; write e.g. 6GiB, 6.4GB or 1e30")
     if int(value) <= 0:
         raise UserError(f"{what} must be at least one byte, got {text!r}")
     return int(value)

@@ -18,6 +18,7 @@ from rich.text import Text
 from placement.plan import Plan, PlanError
 from solvers import SolverInputError
 from traces import LoadProfile, RoutingTrace, TraceError
+from traces.format import OutputPathError, command_files
 
 out = Console(soft_wrap=True)  # tables and JSON: stdout
 err = Console(stderr=True, soft_wrap=True)  # progress and errors: stderr (a terminal wraps; logs keep lines whole)
@@ -50,7 +51,7 @@ class UserError(ValueError):
     """Bad input at the CLI boundary (one sentence)."""
 
 
-USER_ERRORS = (UserError, TraceError, SolverInputError, PlanError)
+USER_ERRORS = (UserError, TraceError, SolverInputError, PlanError, OutputPathError)
 
 # input-error classes of modules the CLI imports lazily (module, class name): caught when the module is loaded
 # (an exception of a class whose module was never imported cannot be raised, so nothing is imported here)
@@ -77,7 +78,9 @@ def _os_error_message(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else ""
     reason = (exc.strerror or type(exc).__name__).rstrip(".")
     reason = reason[:1].lower() + reason[1:]
-    if isinstance(exc, NotADirectoryError) or isinstance(exc, FileExistsError):
+    if isinstance(exc, FileExistsError):
+        return f"{name} exists and is not a folder; give another output folder"
+    if isinstance(exc, NotADirectoryError):
         return f"{name}: a part of this path is an existing file, not a folder; choose another path"
     if name:
         return f"{name}: {reason}; check the path and try again"
@@ -106,7 +109,8 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             check_common_options(kwargs)
-            return fn(*args, **kwargs)
+            with command_files():  # no output replaces an input; a failing command leaves no new file behind
+                return fn(*args, **kwargs)
         except USER_ERRORS as exc:
             fail(str(exc))
         except FileNotFoundError as exc:

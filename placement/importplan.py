@@ -40,6 +40,9 @@ class PlacementImportError(PlanError):
 
 def _read_any(path: Path) -> Any:
     """File content as Python objects / numpy arrays, by suffix (JSON, YAML, .npy, .npz, .pt)."""
+    from traces.format import note_input
+
+    note_input(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":

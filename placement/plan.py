@@ -211,6 +211,9 @@ class Plan:
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"{p}: no such plan file; create one with 'moeplace plan'")
+        from traces.format import note_input
+
+        note_input(p)
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -388,6 +388,8 @@ def affinity_figures(stats, plan=None, boundaries: Sequence[int] | None = None) 
 
 def write_affinity_plots(stats, out_dir: str | Path, plan=None, boundaries: Sequence[int] | None = None) -> list[Path]:
     """Write :func:`affinity_figures` as PNGs into ``out_dir``; returns the paths."""
+    from traces.format import make_output_dir
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     return [save(fig, out_dir / f"{stem}.png") for stem, fig in affinity_figures(stats, plan, boundaries).items()]

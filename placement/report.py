@@ -26,6 +26,7 @@ from placement.evaluate import HEADLINE, EvalData, evaluate, prepare
 from placement.plan import Plan, _jsonable
 from solvers.cost import CostModel
 from traces import LoadProfile, RoutingTrace, atomic_write_bytes
+from traces.format import make_output_dir
 
 # metrics where a larger value is better (everything else in the table: smaller is better)
 HIGHER_IS_BETTER = {"balancedness", "affinity_locality", "affinity_locality_top1", "resident_hit_rate"}
@@ -263,7 +264,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
 
     say = progress or (lambda m: None)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     ev = prepare(data)
     names = _unique_names(plans, labels)
     say("evaluating plans ...")
@@ -325,7 +326,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
     plot_dir = out_dir / "plots"
     written = []
     if figs:
-        plot_dir.mkdir(exist_ok=True)
+        make_output_dir(plot_dir)
         for stem, (fig, _) in figs.items():
             written.append(P.save(fig, plot_dir / f"{stem}.png"))
 

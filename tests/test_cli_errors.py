@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,66 @@ def test_sizes_and_rates_must_be_finite(small_plan):
     ]
     for args, word in cases:
         assert_one_sentence(run(*args), word)
+
+
+def _plan_to(out):
+    return run("plan", "deepseek-v2-lite-esft:law", "--gpus", 4, "--solver", "contiguous", "--out", out)
+
+
+def test_output_paths_are_checked_and_named(small_plan, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    afile = tmp_path / "afile.json"
+    afile.write_text("{}")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    fifo = tmp_path / "fifo"
+    import os
+
+    os.mkfifo(fifo)
+    cases = [(afile / "o.json", "afile.json is a file"), ("", "not a file name"), (folder, "is a folder"),
+             (fifo, "not a regular file")]
+    for out, word in cases:
+        r = _plan_to(out)
+        assert_one_sentence(r, word)
+        assert ".tmp" not in r.output
+    assert afile.read_text() == "{}" and fifo.exists() and not fifo.is_file()
+    assert_one_sentence(run("report", small_plan, "-o", afile, "--no-plots"), "afile.json")
+    law = Path(__file__).resolve().parents[1] / "traces/data/deepseek-v2-lite-esft/esft_law.npz"
+    assert_one_sentence(run("merge", law, "--out", afile / "x.npz"), "afile.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.json", "fifo", "folder"]  # no temp files left
+
+
+def test_a_long_file_name_the_os_accepts_works(tmp_path):
+    out = tmp_path / ("b" * 250 + ".json")  # 255 bytes: the longest name Linux takes
+    r = _plan_to(out)
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["format"] == "moeplace.plan"
+
+
+def test_no_output_replaces_an_input(small_plan, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(small_plan.read_bytes())
+    assert_one_sentence(run("export", plan, "-f", "sglang", "-o", plan), "also an input")
+    assert plan.read_bytes() == small_plan.read_bytes()
+    trace = tmp_path / "t.npz"
+    np.savez(trace, logical_count=np.ones((2, 26, 64)))
+    before = trace.read_bytes()
+    assert_one_sentence(run("plan", trace, "--gpus", 4, "--solver", "contiguous", "-o", trace), "also an input")
+    assert trace.read_bytes() == before
+
+
+def test_a_failing_command_leaves_no_new_file(small_plan, tmp_path):
+    """export -f vllm writes two files: when the second cannot be written, the first is taken back (a new one
+    removed, an old one restored)."""
+    out = tmp_path / "exv.json"
+    (tmp_path / "exv.expert_maps.json").mkdir()
+    assert_one_sentence(run("export", small_plan, "-f", "vllm", "-o", out), "exv.expert_maps.json")
+    assert not out.exists()
+    out.write_text("old")
+    assert_one_sentence(run("export", small_plan, "-f", "vllm", "-o", out), "exv.expert_maps.json")
+    assert out.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exv.expert_maps.json", "exv.json"]
+    (tmp_path / "exv.expert_maps.json").rmdir()
+    assert run("export", small_plan, "-f", "vllm", "-o", out).exit_code == 0
+    assert out.read_text() != "old" and (tmp_path / "exv.expert_maps.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exv.expert_maps.json", "exv.json"]  # no backups left

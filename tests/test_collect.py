@@ -511,6 +511,8 @@ def test_cli_collect_bad_input_is_one_sentence(qwen, tmp_path):
         assert needle in text and "Traceback" not in text, text
         assert text.startswith("error:") and text.count("error:") == 1, text
         assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.exception)
+        # a failed collection leaves neither the trace nor a shard folder (manifest) behind
+        assert not (tmp_path / "x.npz").exists() and not (tmp_path / "x.npz.shards").exists(), args
 
 
 def test_cli_merge(tmp_path):

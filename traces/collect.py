@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from traces.format import RoutingTrace, TraceError, atomic_write_bytes, save
+from traces.format import RoutingTrace, TraceError, atomic_write_bytes, make_output_dir, note_input, save
 
 __all__ = [
     "CollectError",
@@ -463,6 +463,7 @@ def read_jsonl_sequences(path: str | os.PathLike, tokenizer=None, max_seq_len: i
     if not p.is_file():
         raise CollectError(f"{p}: no such data file; give a JSONL file with one {{\"text\": ...}} or "
                            f"{{\"input_ids\": [...]}} per line")
+    note_input(p)
     index = -1
     with open(p, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -628,7 +629,7 @@ def collect(model, sequences: Iterable[tuple[int, list[int]]], out: str | os.Pat
     fingerprint.update({"batch_size": batch_size, "max_tokens": max_tokens, "generate": generate,
                         "num_experts": layout["num_experts"],
                         "moe_layer_index": [int(x) for x in layout["moe_layer_index"]]})
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(shard_dir)
     manifest = _load_manifest(shard_dir, fingerprint)
     notes: list[str] = []
     if manifest is None:

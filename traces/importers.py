@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from traces.format import LoadProfile, RoutingTrace, TraceError
+from traces.format import LoadProfile, RoutingTrace, TraceError, note_input
 
 __all__ = ["import_sglang", "import_vllm", "import_trtllm", "import_dump", "STACKS"]
 
@@ -62,6 +62,7 @@ def _existing(paths, what: str) -> list[Path]:
     for p in out:
         if not p.exists():
             raise TraceError(f"{p}: no such file; give the {what}")
+        note_input(p)
     return out
 
 

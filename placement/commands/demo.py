@@ -84,6 +84,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     from placement.report import build_report, comparable_solvers, describe_cost, describe_data, describe_topology
     from solvers import Options, SolverInputError, Topology, names, solve
     from traces import atomic_write_bytes, datasets
+    from traces.format import make_output_dir
 
     say = _progress_fn(progress)
     available = names()
@@ -98,7 +99,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     stats_fit = AffinityStats.from_trace(fit, seed=seed)
     problem = build_problem(fit, topo, stats=stats_fit)
     say("affinity model fitted", 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     plans: dict[str, Plan] = {}
     skipped: dict[str, str] = {}
     for name in chosen:
