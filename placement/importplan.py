@@ -249,19 +249,29 @@ _PARSERS = {"sglang": _parse_sglang, "vllm": _parse_vllm, "trtllm": _parse_trtll
             "vllm-ascend": _parse_vllm_ascend, "eplb": _parse_eplb}
 
 
+MAX_DECODER_LAYERS = 10_000  # far above any model (DeepSeek-V3: 61); bounds what --moe-layers may expand to
+
+
 def parse_layers(spec: str) -> np.ndarray:
-    """``"1-26"``, ``"3,5,7"`` or ``"1-3,8"`` -> sorted decoder-layer indices."""
+    """``"1-26"``, ``"3,5,7"`` or ``"1-3,8"`` -> sorted decoder-layer indices (below :data:`MAX_DECODER_LAYERS`)."""
     out: list[int] = []
     try:
         for part in spec.replace(" ", "").split(","):
             if not part:
-                continue
+                raise ValueError("empty part")
             if "-" in part:
                 a, b = (int(x) for x in part.split("-", 1))
-                out.extend(range(a, b + 1))
+                if a > b:
+                    raise ValueError("reversed range")
             else:
-                out.append(int(part))
-    except ValueError:
+                a = b = int(part)
+            if b >= MAX_DECODER_LAYERS:
+                raise PlacementImportError(f"--moe-layers {spec!r} reaches layer {b}; models have fewer than "
+                                           f"{MAX_DECODER_LAYERS} decoder layers, give the MoE layers' indices")
+            out.extend(range(a, b + 1))
+    except ValueError as exc:
+        if isinstance(exc, PlacementImportError):
+            raise
         raise PlacementImportError(f"--moe-layers {spec!r} must look like 1-26 or 1,3,5") from None
     arr = np.asarray(sorted(set(out)), dtype=np.int64)
     if arr.size == 0 or arr.min() < 0:

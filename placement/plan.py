@@ -179,6 +179,7 @@ class Plan:
         if d.get("version") != VERSION:
             raise PlanError(f"{where} is plan version {d.get('version')!r}; this moeplace reads version {VERSION}")
         validate_plan_dict(d, where)
+        _check_cost_params(d, where)
         missing = [k for k in ("num_experts", "num_hidden_layers", "moe_layer_index", "topology", "phy2log") if k not in d]
         if missing:
             raise PlanError(f"{where} lacks the field {missing[0]!r}")
@@ -229,6 +230,32 @@ class Plan:
 
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "plan-v1.json"
+
+
+# cost-model fields a plan records in solver.options.params (the plan, evaluate and report commands read them back)
+_COST_PARAM_KINDS = {"hidden_size": "int", "expert_intermediate_size": "int", "dtype_bytes": "int",
+                     "gpu_flops": "rate", "dataflow": "str"}
+
+
+def _check_cost_params(d: dict, where: str) -> None:
+    """A PlanError unless the recorded cost-model fields have their types (positive integers, a positive finite
+    rate, a dataflow name): the evaluator computes with them."""
+    solver = d.get("solver")
+    options = solver.get("options") if isinstance(solver, dict) else None
+    params = options.get("params") if isinstance(options, dict) else None
+    if not isinstance(params, dict):
+        return
+    for key, kind in _COST_PARAM_KINDS.items():
+        if key not in params:
+            continue
+        v = params[key]
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "rate": number and math.isfinite(v) and v > 0, "str": isinstance(v, str)}[kind]
+        if not ok:
+            want = {"int": "a positive integer", "rate": "a positive number", "str": "a dataflow name"}[kind]
+            raise PlanError(f"{where}: solver.options.params.{key} must be {want}, got {v!r}; fix the field or "
+                            f"make the plan again")
 
 
 def plan_schema() -> dict:

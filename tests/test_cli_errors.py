@@ -171,3 +171,36 @@ def test_a_failing_command_leaves_no_new_file(small_plan, tmp_path):
     assert run("export", small_plan, "-f", "vllm", "-o", out).exit_code == 0
     assert out.read_text() != "old" and (tmp_path / "exv.expert_maps.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exv.expert_maps.json", "exv.json"]  # no backups left
+
+
+def test_malformed_imports_and_plans_are_one_sentence(small_plan, tmp_path):
+    out = tmp_path / "x.npz"
+    choices = tmp_path / "choices.json"
+    choices.write_text(json.dumps({"id": "r", "choices": 5}))
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    trunc = tmp_path / "trunc.npz"
+    np.savez(trunc, a=np.zeros((4, 2, 2), dtype=np.int32))
+    trunc.write_bytes(trunc.read_bytes()[:40])
+    bad_cost = tmp_path / "plan.json"
+    d = json.loads(small_plan.read_text())
+    d["solver"]["options"]["params"]["hidden_size"] = "abc"
+    bad_cost.write_text(json.dumps(d))
+    sg = tmp_path / "sg.json"
+    sg.write_text(json.dumps({"physical_to_logical_map": [list(range(64))] * 27}))
+    cases = [
+        (("import", "vllm", choices, "--num-experts", 64, "--out", out), "choices.json"),
+        (("import", "vllm", binary, "--out", out), "UTF-8"),
+        (("import", "vllm", trunc, "--out", out), "trunc.npz"),
+        (("evaluate", bad_cost), "hidden_size"),
+        (("report", bad_cost, "-o", tmp_path / "r", "--no-plots"), "hidden_size"),
+        (("import-plan", sg, "--gpus", 4, "-o", tmp_path / "p.json", "--moe-layers=1-1000000000"), "--moe-layers"),
+        (("import-plan", sg, "--gpus", 4, "-o", tmp_path / "p.json", "--moe-layers", "1,,2"), "--moe-layers"),
+        (("import-plan", sg, "--gpus", 4, "-o", tmp_path / "p.json", "--moe-layers", "5-3"), "--moe-layers"),
+        (("budget", "--gpus", 4, "-b", "25%", "--prefetch", 65), "--prefetch"),
+    ]
+    for args, word in cases:
+        assert_one_sentence(run(*args), word)
+    assert not out.exists() and not (tmp_path / "p.json").exists() and not (tmp_path / "r").exists()
+    r = run("import-plan", sg, "--gpus", 4, "-o", tmp_path / "p.json", "--moe-layers", "1-26")
+    assert r.exit_code == 0, r.output

@@ -38,6 +38,7 @@ import binascii
 import io
 import json
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -295,9 +296,12 @@ def _vllm_requests(path: Path) -> list[tuple[str, np.ndarray]]:
         try:
             with np.load(path, allow_pickle=False) as d:
                 return [(f"{path.stem}:{k}", _decode_routed(d[k], f"{path}:{k}")) for k in d.files]
-        except (ValueError, OSError, EOFError):
-            raise TraceError(f"{path} is not a readable .npz file") from None
-    text = path.read_text(encoding="utf-8")
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            raise TraceError(f"{path} is not a readable .npz file; it may be truncated") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TraceError(f"{path} is not a UTF-8 text file; give .json/.jsonl responses or .npy/.npz arrays") from None
     out = []
     if suffix == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -447,7 +451,20 @@ def import_trtllm(paths) -> LoadProfile:
 
 
 def import_dump(stack: str, paths, **options) -> RoutingTrace | LoadProfile:
-    """Dispatch to the importer of ``stack`` ("sglang", "vllm" or "trtllm")."""
+    """Dispatch to the importer of ``stack`` ("sglang", "vllm" or "trtllm"). A file whose content is not what
+    the stack writes (wrong types, strings where numbers belong, a damaged archive) is a :class:`TraceError`."""
+    try:
+        return _import_dump(stack, paths, **options)
+    except TraceError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, EOFError, zipfile.BadZipFile) as exc:
+        names = ", ".join(str(p) for p in paths)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise TraceError(f"{names} is not a well-formed {stack} dump ({type(exc).__name__}: {first}); check "
+                         f"that the file(s) are complete and come from {stack} unchanged") from None
+
+
+def _import_dump(stack: str, paths, **options) -> RoutingTrace | LoadProfile:
     if stack == "sglang":
         return import_sglang(paths, allow_pickle=options.get("allow_pickle", False),
                              moe_layer_index=options.get("moe_layer_index"))

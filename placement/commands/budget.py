@@ -95,6 +95,9 @@ def register(app: typer.Typer) -> None:
         data, sources = load_data(trace)
         if not isinstance(data, RoutingTrace):
             raise UserError("the budget sweep replays token routing, so it needs token traces, not counts")
+        if prefetch > data.num_experts:
+            raise UserError(f"--prefetch {prefetch} is more than the {data.num_experts} experts of a layer; give at "
+                            f"most {data.num_experts}")
         specs = [b.strip() for b in budgets.split(",") if b.strip()]
         if not specs:
             raise UserError("--budgets is empty; give e.g. 10%,25%,50%")
