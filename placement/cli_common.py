@@ -87,15 +87,32 @@ def _os_error_message(exc: OSError) -> str:
     return f"{reason}; check the paths given and try again"
 
 
+# upper bounds that keep the planners' memory sane: their GPU x GPU tables grow with layers x experts x GPUs^2
+# (512 GPUs on a 26-layer, 64-expert trace take about 8 GB); no expert-parallel group deployed today is larger
+MAX_GPUS = 512
+MAX_REDUNDANT = 65536
+
+
 def check_common_options(values: dict) -> None:
     """Options several commands share, checked once for all of them (by parameter name): ``--seed`` (a numpy
-    seed: not negative), ``--threads`` (at least 1) and ``--time-limit`` (positive seconds)."""
+    seed: not negative), ``--threads`` (at least 1), ``--time-limit`` (positive seconds), ``--gpus`` (1 to
+    :data:`MAX_GPUS`), ``--redundant`` (at most :data:`MAX_REDUNDANT`) and ``--holdout`` (a share in [0, 1))."""
     seed = values.get("seed")
     if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
     threads = values.get("threads")
     if isinstance(threads, int) and not isinstance(threads, bool) and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}; leave it out to use the default")
+    gpus = values.get("gpus")
+    if isinstance(gpus, int) and not isinstance(gpus, bool) and not 1 <= gpus <= MAX_GPUS:
+        raise UserError(f"--gpus must be between 1 and {MAX_GPUS}, got {gpus}"
+                        + ("" if gpus < 1 else "; moeplace plans expert-parallel groups of at most that size"))
+    redundant = values.get("redundant")
+    if isinstance(redundant, int) and not isinstance(redundant, bool) and redundant > MAX_REDUNDANT:
+        raise UserError(f"--redundant must be at most {MAX_REDUNDANT} slots in total, got {redundant}")
+    holdout = values.get("holdout")
+    if isinstance(holdout, float) and not 0.0 <= holdout < 1.0:
+        raise UserError(f"--holdout must be in [0, 1), got {holdout}")
     limit = values.get("time_limit")
     if isinstance(limit, (int, float)) and not isinstance(limit, bool) and not (math.isfinite(limit) and limit > 0):
         raise UserError(f"--time-limit must be a positive number of seconds, got {limit}")

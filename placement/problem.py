@@ -37,10 +37,12 @@ def build_problem(data: RoutingTrace | LoadProfile | list[RoutingTrace | LoadPro
         kwargs["profiles"] = prof
     cur = None
     if current is not None:
-        if current.topology.num_slots != topology.num_slots or current.num_layers != load.shape[0]:
-            raise PlanError(f"the current plan ({current.num_layers} layers x {current.topology.num_slots} slots) does "
-                            f"not match this request ({load.shape[0]} layers x {topology.num_slots} slots); migration "
-                            f"cost needs the same layers, GPUs and slots")
+        ct = current.topology
+        if (ct.num_slots != topology.num_slots or ct.num_gpus != topology.num_gpus
+                or current.num_layers != load.shape[0]):
+            raise PlanError(f"the current plan ({current.num_layers} layers x {ct.num_slots} slots on {ct.num_gpus} "
+                            f"GPUs) does not match this request ({load.shape[0]} layers x {topology.num_slots} slots "
+                            f"on {topology.num_gpus} GPUs); migration cost needs the same layers, GPUs and slots")
         cur = current.phy2log
     return Problem(load=load, topology=topology, expert_groups=expert_groups, current=cur, budget_slots=budget_slots,
                    **kwargs)

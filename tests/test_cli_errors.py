@@ -204,3 +204,20 @@ def test_malformed_imports_and_plans_are_one_sentence(small_plan, tmp_path):
     assert not out.exists() and not (tmp_path / "p.json").exists() and not (tmp_path / "r").exists()
     r = run("import-plan", sg, "--gpus", 4, "-o", tmp_path / "p.json", "--moe-layers", "1-26")
     assert r.exit_code == 0, r.output
+
+
+def test_topology_bounds_holdout_and_current_plan(small_plan, tmp_path):
+    o = tmp_path / "o.json"
+    cases = [
+        (("plan", "--gpus", 100000, "--solver", "contiguous", "-r", 99936, "-o", o), "--gpus"),
+        (("plan", "--gpus", 4, "--solver", "eplb", "-r", 10 ** 23, "-o", o), "--redundant"),
+        (("budget", "--gpus", 1000, "-b", "25%"), "--gpus"),
+        (("evaluate", small_plan, "--holdout", 1.5), "got 1.5"),
+        (("demo", "--gpus", 3, "--no-plots", "-o", tmp_path / "d"), "divides 64"),
+        # a plan for 4 GPUs is not the plan in service on 8 (same layers and slots, other GPUs)
+        (("plan", "deepseek-v2-lite-esft:law", "--gpus", 8, "--solver", "contiguous", "--current", small_plan,
+          "-o", o), "on 4 GPUs"),
+    ]
+    for args, word in cases:
+        assert_one_sentence(run(*args), word)
+    assert not o.exists() and not (tmp_path / "d").exists()

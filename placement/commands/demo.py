@@ -95,6 +95,10 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     say("loading the bundled trace ...")
     trace = datasets.load()
     fit, held = trace.split_by_sequence(0.5, seed=seed)
+    if trace.num_experts % gpus:
+        raise UserError(f"the demo trace's {trace.num_experts} experts cannot be split evenly over {gpus} GPUs; choose "
+                        f"--gpus that divides {trace.num_experts} (e.g. 8), or plan with redundant slots using "
+                        f"'moeplace plan --redundant'")
     topo = Topology.for_experts(trace.num_experts, gpus, 0, gpus_per_node)
     stats_fit = AffinityStats.from_trace(fit, seed=seed)
     problem = build_problem(fit, topo, stats=stats_fit)
