@@ -29,6 +29,8 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from placement.commands.plan import SEQUENCE_GROUPS  # noqa: E402
+
 REFERENCES = ["contiguous", "eplb-hierarchical", "eplb-global", "exflow", "moetuner"]
 KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("cross_ratio", "x contig."),
         ("inter_node_fraction", "inter-node"), ("dispatch_gpus", "GPUs/token"),
@@ -39,7 +41,7 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
         solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None,
         bandwidths: tuple[float | None, float | None] = (None, None), gpu_flops: float | None = None,
-        affinity_weights: list[float] | None = None) -> list[dict]:
+        affinity_weights: list[float] | None = None, sequence_groups: int = 1) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -60,7 +62,14 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
     topo = Topology.for_experts(trace.num_experts, gpus, redundant, min(gpn, gpus))
     topo = topo.with_bandwidths(*bandwidths)
     # several nodes: 8 expert groups so that EPLB's hierarchical policy (groups -> nodes) applies
-    problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1)
+    from placement.affinity import AffinityStats
+
+    stats = AffinityStats.from_trace(fit, baselines=False)
+    problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1, stats=stats)
+    # the joint planner's profiles: groups of the fitted sequences, as `moeplace plan` does by default
+    joint_problem = problem if sequence_groups <= 1 else build_problem(
+        fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1, stats=stats, sequence_groups=sequence_groups,
+        seed=seed)
     flops = {"gpu_flops": gpu_flops} if gpu_flops else {}
     cost_std, cost_coh = CostModel(**flops), CostModel(dataflow="coherent", **flops)
     rows = []
@@ -77,7 +86,8 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
             limit = joint_limit if name == "joint" else ref_limit
             t = time.perf_counter()
             try:
-                res = solve(name, problem, Options(time_limit=limit, seed=seed, threads=1, params=params))
+                res = solve(name, joint_problem if name == "joint" else problem,
+                            Options(time_limit=limit, seed=seed, threads=1, params=params))
             except SolverInputError as exc:
                 say(f"  {name}: {exc}")
                 continue
@@ -179,6 +189,8 @@ def main() -> None:
                     help="joint planner parameter, as `moeplace plan --param` (repeatable)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
                     "profiles, measure balance on held-out traffic of unseen task mixtures")
+    ap.add_argument("--sequence-groups", type=int, default=SEQUENCE_GROUPS, help="the joint planner's profiles: "
+                    "this many groups of the fitted sequences (default as `moeplace plan`; 1: one sample)")
     ap.add_argument("--summary-of", type=Path, default=None, metavar="JSON",
                     help="print the summary over splits of a run saved with --json, and exit")
     args = ap.parse_args()
@@ -217,7 +229,8 @@ def main() -> None:
                       args.solvers.split(","), seed, say, args.even_homes, parse_params(args.joint_param),
                       (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
                        parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")),
-                      parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None, args.affinity_weights)
+                      parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None, args.affinity_weights,
+                      args.sequence_groups)
             rows += [{**r, "seed": seed} for r in got]
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))

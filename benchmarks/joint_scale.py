@@ -23,6 +23,8 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from placement.commands.plan import SEQUENCE_GROUPS  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 SOLVERS = ["contiguous", "eplb-hierarchical", "eplb-global", "exflow", "moetuner", "joint"]
@@ -60,7 +62,7 @@ def evaluate_all(plan, held, cost_std, cost_coh) -> dict:
 
 
 def run_config(fit, held_ev, gpus: int, gpn: int, redundant: int, solvers: list[str], dataflows: list[str],
-               time_limit: float, seed: int, say) -> list[dict]:
+               time_limit: float, seed: int, say, sequence_groups: int = 1) -> list[dict]:
     from placement.evaluate import prepare
     from placement.plan import Plan
     from placement.problem import build_problem
@@ -69,7 +71,13 @@ def run_config(fit, held_ev, gpus: int, gpn: int, redundant: int, solvers: list[
 
     topo = Topology.for_experts(fit.num_experts, gpus, redundant, gpn)
     t = time.perf_counter()
-    problem = build_problem(fit, topo, expert_groups=8)
+    from placement.affinity import AffinityStats
+
+    stats = AffinityStats.from_trace(fit, baselines=False)
+    problem = build_problem(fit, topo, expert_groups=8, stats=stats)
+    # the joint planner's profiles: groups of the fitted sequences, as `moeplace plan` does by default
+    joint_problem = problem if sequence_groups <= 1 else build_problem(fit, topo, expert_groups=8, stats=stats,
+                                                                       sequence_groups=sequence_groups, seed=seed)
     build_s = time.perf_counter() - t
     say(f"  problem built in {build_s:.1f}s")
     cost_std = CostModel.preset("deepseek-v3")
@@ -85,7 +93,8 @@ def run_config(fit, held_ev, gpus: int, gpn: int, redundant: int, solvers: list[
             if flow:
                 params["dataflow"] = flow
             t = time.perf_counter()
-            res = solve(name, problem, Options(time_limit=time_limit, seed=seed, threads=1, params=params))
+            res = solve(name, joint_problem if name == "joint" else problem,
+                        Options(time_limit=time_limit, seed=seed, threads=1, params=params))
             secs = time.perf_counter() - t
             plan = Plan.from_result(res, fit.num_experts, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
             m = evaluate_all(plan, held_ev, cost_std, cost_coh)
@@ -192,6 +201,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sequence-groups", type=int, default=SEQUENCE_GROUPS, help="the joint planner's profiles: "
+                    "this many groups of the fitted sequences (default as `moeplace plan`; 1: one sample)")
     args = ap.parse_args()
     say = lambda m: print(m, flush=True)  # noqa: E731
 
@@ -227,7 +238,7 @@ def main() -> None:
                     continue
                 say(f"{gpus} GPUs ({gpus // args.gpus_per_node} nodes), {red} redundant slots")
                 rows += run_config(fit, held_ev, gpus, args.gpus_per_node, red, args.solvers.split(","), args.dataflow,
-                                   args.time_limit, args.seed, say)
+                                   args.time_limit, args.seed, say, args.sequence_groups)
                 if args.json:
                     args.json.write_text(json.dumps(result, indent=2))
     if args.json:

@@ -491,6 +491,30 @@ def test_affinity_weight_trades_time_for_locality(real, dataflow):
     assert 0 < tied.bound <= tied.objective
 
 
+def test_sequence_groups_partition_the_sequences_and_become_profiles(real):
+    """Sequence groups split the fitted trace into whole sequences, each token in exactly one group; their loads
+    become the joint planner's profiles and add up to the whole trace's load, which the other solvers keep."""
+    from placement.problem import build_problem
+    from traces import TraceError
+
+    fit, _ = real
+    masks = fit.sequence_groups(5, seed=3)
+    assert np.array_equal(np.sum(masks, axis=0), np.ones(fit.num_tokens))
+    seqs = [set(np.unique(fit.seq_id[m])) for m in masks]
+    assert all(not (a & b) for i, a in enumerate(seqs) for b in seqs[i + 1:])
+    sizes = [len(s) for s in seqs]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == fit.num_sequences
+    with pytest.raises(TraceError, match="fewer than"):
+        fit.sequence_groups(fit.num_sequences + 1)
+    topo = Topology.for_experts(64, 8)
+    grouped = build_problem(fit, topo, sequence_groups=5, seed=3)
+    plain = build_problem(fit, topo)
+    assert grouped.profiles.shape == (5,) + plain.load.shape and plain.profiles is None
+    assert np.allclose(grouped.profiles.sum(axis=0), plain.load) and np.array_equal(grouped.load, plain.load)
+    res = solve("joint", grouped, Options(time_limit=2))
+    assert res.stats["profiles"] == 5 and 0 < res.bound <= res.objective
+
+
 def test_bad_requests_get_one_clear_error(real_problem8):
     load = np.ones((2, 8))
     with pytest.raises(SolverInputError, match="cannot hold"):

@@ -178,6 +178,22 @@ class RoutingTrace:
             mask = np.isin(self.seq_id, fit_seqs)
         return self.take(mask), self.take(~mask)
 
+    def sequence_groups(self, groups: int, seed: int = 0) -> list[np.ndarray]:
+        """``groups`` bool token masks ``[T]`` that split the trace into groups of whole sequences of about equal
+        count, chosen at random with ``seed`` (without seq_id: consecutive token chunks). Needs at least ``groups``
+        sequences."""
+        if groups < 1:
+            raise TraceError(f"sequence groups must be >= 1, got {groups}")
+        if self.seq_id is None:
+            return [np.isin(np.arange(self.num_tokens), part)
+                    for part in np.array_split(np.arange(self.num_tokens), groups)]
+        seqs = np.unique(self.seq_id)
+        if seqs.size < groups:
+            raise TraceError(f"the trace holds {seqs.size} sequences, fewer than the {groups} sequence groups asked "
+                             f"for; ask for at most {seqs.size}")
+        parts = np.array_split(np.random.default_rng(seed).permutation(seqs), groups)
+        return [np.isin(self.seq_id, part) for part in parts]
+
     def load_profile(self) -> "LoadProfile":
         """Token-expert assignment counts per layer as a one-profile :class:`LoadProfile`."""
         return LoadProfile(logical_count=layer_counts(self.expert_ids, self.num_experts)[None],
