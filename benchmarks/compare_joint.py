@@ -29,7 +29,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from placement.commands.plan import SEQUENCE_GROUPS  # noqa: E402
+from placement.commands.plan import RESAMPLES  # noqa: E402
 
 REFERENCES = ["contiguous", "eplb-hierarchical", "eplb-global", "exflow", "moetuner"]
 KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("cross_ratio", "x contig."),
@@ -41,7 +41,7 @@ KEYS = [("load_imbalance", "imbalance"), ("cross_gpu_fraction", "cross-GPU"), ("
 def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: float, dataflows: list[str],
         solvers: list[str], seed: int, say, even_homes: bool = False, joint_params: dict | None = None,
         bandwidths: tuple[float | None, float | None] = (None, None), gpu_flops: float | None = None,
-        affinity_weights: list[float] | None = None, sequence_groups: int = 1) -> list[dict]:
+        affinity_weights: list[float] | None = None, resamples: int = 1) -> list[dict]:
     from placement.coherent import evaluate_coherent
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
@@ -66,9 +66,9 @@ def run(gpus: int, gpn: int, redundant: int, ref_limit: float, joint_limit: floa
 
     stats = AffinityStats.from_trace(fit, baselines=False)
     problem = build_problem(fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1, stats=stats)
-    # the joint planner's profiles: groups of the fitted sequences, as `moeplace plan` does by default
-    joint_problem = problem if sequence_groups <= 1 else build_problem(
-        fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1, stats=stats, sequence_groups=sequence_groups,
+    # the joint planner's profiles: resamples of the fitted sequences, as `moeplace plan` does by default
+    joint_problem = problem if resamples <= 1 else build_problem(
+        fit, topo, expert_groups=8 if topo.num_nodes > 1 else 1, stats=stats, resamples=resamples,
         seed=seed)
     flops = {"gpu_flops": gpu_flops} if gpu_flops else {}
     cost_std, cost_coh = CostModel(**flops), CostModel(dataflow="coherent", **flops)
@@ -189,8 +189,8 @@ def main() -> None:
                     help="joint planner parameter, as `moeplace plan --param` (repeatable)")
     ap.add_argument("--tasks", action="store_true", help="counts only: fit on the three bundled tasks as separate "
                     "profiles, measure balance on held-out traffic of unseen task mixtures")
-    ap.add_argument("--sequence-groups", type=int, default=SEQUENCE_GROUPS, help="the joint planner's profiles: "
-                    "this many groups of the fitted sequences (default as `moeplace plan`; 1: one sample)")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES, help="the joint planner's profiles: "
+                    "this many bootstrap resamples of the fitted sequences (default as `moeplace plan`; 1: none)")
     ap.add_argument("--summary-of", type=Path, default=None, metavar="JSON",
                     help="print the summary over splits of a run saved with --json, and exit")
     args = ap.parse_args()
@@ -230,7 +230,7 @@ def main() -> None:
                       (parse_bandwidth(args.intra_node_bandwidth, "--intra-node-bandwidth"),
                        parse_bandwidth(args.inter_node_bandwidth, "--inter-node-bandwidth")),
                       parse_rate(args.gpu_flops, "--gpu-flops") if args.gpu_flops else None, args.affinity_weights,
-                      args.sequence_groups)
+                      args.resamples)
             rows += [{**r, "seed": seed} for r in got]
     if args.json:
         args.json.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores (shared)", "rows": rows}, indent=2))

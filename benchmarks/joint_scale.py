@@ -23,7 +23,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from placement.commands.plan import SEQUENCE_GROUPS  # noqa: E402
+from placement.commands.plan import RESAMPLES  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -62,7 +62,7 @@ def evaluate_all(plan, held, cost_std, cost_coh) -> dict:
 
 
 def run_config(fit, held_ev, gpus: int, gpn: int, redundant: int, solvers: list[str], dataflows: list[str],
-               time_limit: float, seed: int, say, sequence_groups: int = 1) -> list[dict]:
+               time_limit: float, seed: int, say, resamples: int = 1) -> list[dict]:
     from placement.evaluate import prepare
     from placement.plan import Plan
     from placement.problem import build_problem
@@ -75,9 +75,9 @@ def run_config(fit, held_ev, gpus: int, gpn: int, redundant: int, solvers: list[
 
     stats = AffinityStats.from_trace(fit, baselines=False)
     problem = build_problem(fit, topo, expert_groups=8, stats=stats)
-    # the joint planner's profiles: groups of the fitted sequences, as `moeplace plan` does by default
-    joint_problem = problem if sequence_groups <= 1 else build_problem(fit, topo, expert_groups=8, stats=stats,
-                                                                       sequence_groups=sequence_groups, seed=seed)
+    # the joint planner's profiles: resamples of the fitted sequences, as `moeplace plan` does by default
+    joint_problem = problem if resamples <= 1 else build_problem(fit, topo, expert_groups=8, stats=stats,
+                                                                       resamples=resamples, seed=seed)
     build_s = time.perf_counter() - t
     say(f"  problem built in {build_s:.1f}s")
     cost_std = CostModel.preset("deepseek-v3")
@@ -201,8 +201,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sequence-groups", type=int, default=SEQUENCE_GROUPS, help="the joint planner's profiles: "
-                    "this many groups of the fitted sequences (default as `moeplace plan`; 1: one sample)")
+    ap.add_argument("--resamples", type=int, default=RESAMPLES, help="the joint planner's profiles: "
+                    "this many bootstrap resamples of the fitted sequences (default as `moeplace plan`; 1: none)")
     args = ap.parse_args()
     say = lambda m: print(m, flush=True)  # noqa: E731
 
@@ -238,7 +238,7 @@ def main() -> None:
                     continue
                 say(f"{gpus} GPUs ({gpus // args.gpus_per_node} nodes), {red} redundant slots")
                 rows += run_config(fit, held_ev, gpus, args.gpus_per_node, red, args.solvers.split(","), args.dataflow,
-                                   args.time_limit, args.seed, say, args.sequence_groups)
+                                   args.time_limit, args.seed, say, args.resamples)
                 if args.json:
                     args.json.write_text(json.dumps(result, indent=2))
     if args.json:

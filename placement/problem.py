@@ -8,19 +8,20 @@ from placement.affinity import AffinityStats
 from placement.plan import Plan, PlanError
 from solvers import Problem, Topology
 from traces import LoadProfile, RoutingTrace
+from traces.format import layer_counts
 
 
 def build_problem(data: RoutingTrace | LoadProfile | list[RoutingTrace | LoadProfile], topology: Topology,
                   expert_groups: int = 1, current: Plan | None = None, budget_slots: int | None = None,
-                  stats: AffinityStats | None = None, with_routes: bool = True, sequence_groups: int = 1,
+                  stats: AffinityStats | None = None, with_routes: bool = True, resamples: int = 1,
                   seed: int = 0) -> Problem:
     """Problem for ``topology`` from one trace/profile or several (kept apart as workload profiles).
 
-    ``sequence_groups`` K > 1 with one token trace: the loads of K random groups of its sequences
-    (:meth:`traces.RoutingTrace.sequence_groups`, ``seed``) become the workload profiles, so that the joint planner
-    (the only solver that reads profiles) minimises the expected time over K samples of the workload rather than
-    the time of the one sample it was given: plans that balance only the fitted sample's noise lose. ``load`` stays
-    the whole trace's.
+    ``resamples`` K > 1 with one token trace: the loads of K bootstrap resamples of its sequences
+    (:meth:`traces.RoutingTrace.bootstrap_weights`, ``seed``) become the workload profiles, so that the joint planner
+    (the only solver that reads profiles) minimises the expected time over K samples of the workload as large as the
+    one it was given, rather than the time of that one sample: plans that balance only the fitted sample's noise
+    lose. ``load`` stays the whole trace's.
 
     Token traces give load, k x k transitions, top-1 transitions (with gate weights), co-activation, routes
     (highest gate first) and home sequence indices; count profiles give load (mean over profiles) and the
@@ -42,10 +43,10 @@ def build_problem(data: RoutingTrace | LoadProfile | list[RoutingTrace | LoadPro
         load = st.load if len(items) == 1 else load
     if prof is not None and prof.shape[0] > 1:
         kwargs["profiles"] = prof
-    elif sequence_groups > 1 and len(traces_) == 1 and len(items) == 1:
+    elif resamples > 1 and len(traces_) == 1 and len(items) == 1:
         trace = traces_[0]
-        kwargs["profiles"] = np.stack([trace.take(mask).load_profile().logical_count[0]
-                                       for mask in trace.sequence_groups(sequence_groups, seed)])
+        kwargs["profiles"] = layer_counts(trace.expert_ids, trace.num_experts,
+                                          trace.bootstrap_weights(resamples, seed))
     cur = None
     if current is not None:
         ct = current.topology

@@ -95,7 +95,7 @@ class Problem:
 
     Attributes:
         load: float ``[L, E]`` expected token-expert assignments per layer (mean over profiles if several given,
-            the whole trace's when the profiles are groups of its sequences).
+            the whole trace's when the profiles are resamples of its sequences).
         topology: the GPUs and slots.
         transitions: float ``[L-1, E, E]`` or None: tokens' expert pairs (k x k product) across adjacent layers.
         transitions_top1: float ``[L-1, E, E]`` or None: the same for each token's highest-gate expert only.

@@ -95,9 +95,9 @@ def _bad_inputs(tmp_path):
         ("plan", "--gpus", 4, "--solver", "eplb", "--affinity-weight", 1),
         ("plan", "--gpus", 4, "--affinity-weight", -1),
         ("plan", "--gpus", 4, "--param", "afinity_weight=1"),
-        ("plan", "--gpus", 4, "--solver", "eplb", "--sequence-groups", 2),
-        ("plan", counts, "--gpus", 4, "--sequence-groups", 2),
-        ("plan", "--gpus", 4, "--sequence-groups", 100000),
+        ("plan", "--gpus", 4, "--solver", "eplb", "--resamples", 2),
+        ("plan", counts, "--gpus", 4, "--resamples", 2),
+        ("plan", "--gpus", 4, "--resamples", 0),
     ]
 
 
@@ -203,17 +203,17 @@ def test_progress_goes_to_stderr_as_lines_when_not_a_terminal(tmp_path, capsys):
     json.loads(r.stdout)  # the JSON on stdout is not mixed with progress
 
 
-def test_joint_plans_on_sequence_groups_by_default(contiguous_plan, tmp_path):
-    """The joint planner fits the expected time over 8 groups of the fitted sequences unless told otherwise; the plan
-    records how many, and other solvers fit the trace as one sample."""
+def test_joint_plans_on_bootstrap_resamples_by_default(contiguous_plan, tmp_path):
+    """The joint planner fits the expected time over 8 bootstrap resamples of the fitted sequences unless told
+    otherwise; the plan records how many, and other solvers fit the trace as one sample."""
     sizes = {}
     for groups in (None, 1):
         out = tmp_path / f"joint-{groups}.json"
-        extra = [] if groups is None else ["--sequence-groups", groups]
+        extra = [] if groups is None else ["--resamples", groups]
         r = run("plan", "deepseek-v2-lite-esft:law", "--gpus", 4, "--time-limit", 2, "--holdout", 0.5, "--out", out,
                 *extra)
         assert r.exit_code == 0, r.output
         plan = json.loads(out.read_text())
-        sizes[groups] = (plan["solver"]["options"]["sequence_groups"], plan["solver"]["stats"]["profiles"])
+        sizes[groups] = (plan["solver"]["options"]["resamples"], plan["solver"]["stats"]["profiles"])
     assert sizes == {None: (8, 8), 1: (1, 1)}
-    assert json.loads(contiguous_plan.read_text())["solver"]["options"]["sequence_groups"] == 1
+    assert json.loads(contiguous_plan.read_text())["solver"]["options"]["resamples"] == 1

@@ -491,28 +491,31 @@ def test_affinity_weight_trades_time_for_locality(real, dataflow):
     assert 0 < tied.bound <= tied.objective
 
 
-def test_sequence_groups_partition_the_sequences_and_become_profiles(real):
-    """Sequence groups split the fitted trace into whole sequences, each token in exactly one group; their loads
-    become the joint planner's profiles and add up to the whole trace's load, which the other solvers keep."""
+def test_bootstrap_resamples_of_sequences_become_profiles(real):
+    """A resample draws as many sequences as the trace has, with replacement: the tokens of one sequence share its
+    multiplicity; the resampled loads (weighted counts, equal to a naive loop) become the joint planner's profiles,
+    while the whole trace's load, which the other solvers use, stays."""
     from placement.problem import build_problem
-    from traces import TraceError
+    from traces.format import layer_counts
 
     fit, _ = real
-    masks = fit.sequence_groups(5, seed=3)
-    assert np.array_equal(np.sum(masks, axis=0), np.ones(fit.num_tokens))
-    seqs = [set(np.unique(fit.seq_id[m])) for m in masks]
-    assert all(not (a & b) for i, a in enumerate(seqs) for b in seqs[i + 1:])
-    sizes = [len(s) for s in seqs]
-    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == fit.num_sequences
-    with pytest.raises(TraceError, match="fewer than"):
-        fit.sequence_groups(fit.num_sequences + 1)
+    w = fit.bootstrap_weights(4, seed=3)
+    _, first, inv = np.unique(fit.seq_id, return_index=True, return_inverse=True)
+    assert w.shape == (4, fit.num_tokens)
+    assert np.array_equal(w, w[:, first][:, inv])  # one weight per sequence
+    assert (w[:, first].sum(axis=1) == fit.num_sequences).all() and (w[:, first] == 0).any()
+    assert np.array_equal(w, fit.bootstrap_weights(4, seed=3)) and not np.array_equal(w, fit.bootstrap_weights(4, 4))
+    ids = fit.expert_ids
+    naive = np.zeros((4, ids.shape[1], 64))
+    for t, l, j in zip(*np.nonzero(ids >= 0)):
+        naive[:, l, ids[t, l, j]] += w[:, t]
+    assert np.allclose(layer_counts(ids, 64, w, block=97), naive)
     topo = Topology.for_experts(64, 8)
-    grouped = build_problem(fit, topo, sequence_groups=5, seed=3)
+    boot = build_problem(fit, topo, resamples=4, seed=3)
     plain = build_problem(fit, topo)
-    assert grouped.profiles.shape == (5,) + plain.load.shape and plain.profiles is None
-    assert np.allclose(grouped.profiles.sum(axis=0), plain.load) and np.array_equal(grouped.load, plain.load)
-    res = solve("joint", grouped, Options(time_limit=2))
-    assert res.stats["profiles"] == 5 and 0 < res.bound <= res.objective
+    assert np.allclose(boot.profiles, naive) and plain.profiles is None and np.array_equal(boot.load, plain.load)
+    res = solve("joint", boot, Options(time_limit=2))
+    assert res.stats["profiles"] == 4 and 0 < res.bound <= res.objective
 
 
 def test_bad_requests_get_one_clear_error(real_problem8):

@@ -178,21 +178,20 @@ class RoutingTrace:
             mask = np.isin(self.seq_id, fit_seqs)
         return self.take(mask), self.take(~mask)
 
-    def sequence_groups(self, groups: int, seed: int = 0) -> list[np.ndarray]:
-        """``groups`` bool token masks ``[T]`` that split the trace into groups of whole sequences of about equal
-        count, chosen at random with ``seed`` (without seq_id: consecutive token chunks). Needs at least ``groups``
-        sequences."""
-        if groups < 1:
-            raise TraceError(f"sequence groups must be >= 1, got {groups}")
+    def bootstrap_weights(self, resamples: int, seed: int = 0) -> np.ndarray:
+        """int ``[resamples, T]`` token weights of bootstrap resamples of the sequences: each resample draws as many
+        sequences as the trace has, with replacement (``seed``), and a token weighs how often its sequence was
+        drawn (Efron's bootstrap over sequences; without seq_id every token is its own sequence)."""
+        if resamples < 1:
+            raise TraceError(f"resamples must be >= 1, got {resamples}")
         if self.seq_id is None:
-            return [np.isin(np.arange(self.num_tokens), part)
-                    for part in np.array_split(np.arange(self.num_tokens), groups)]
-        seqs = np.unique(self.seq_id)
-        if seqs.size < groups:
-            raise TraceError(f"the trace holds {seqs.size} sequences, fewer than the {groups} sequence groups asked "
-                             f"for; ask for at most {seqs.size}")
-        parts = np.array_split(np.random.default_rng(seed).permutation(seqs), groups)
-        return [np.isin(self.seq_id, part) for part in parts]
+            inv, n = np.arange(self.num_tokens), self.num_tokens
+        else:
+            _, inv = np.unique(self.seq_id, return_inverse=True)
+            n = int(inv.max()) + 1 if inv.size else 0
+        rng = np.random.default_rng(seed)
+        draws = np.stack([np.bincount(rng.integers(n, size=n), minlength=n) for _ in range(resamples)])
+        return draws[:, inv.ravel()]
 
     def load_profile(self) -> "LoadProfile":
         """Token-expert assignment counts per layer as a one-profile :class:`LoadProfile`."""
@@ -237,9 +236,22 @@ class RoutingTrace:
         )
 
 
-def layer_counts(expert_ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """``[L, E]`` token-expert assignment counts from ``[T, L, k]`` ids (-1 ignored); one bincount."""
+def layer_counts(expert_ids: np.ndarray, num_experts: int, weights: np.ndarray | None = None,
+                 block: int = 8192) -> np.ndarray:
+    """``[L, E]`` token-expert assignment counts from ``[T, L, k]`` ids (-1 ignored); one bincount. With token
+    ``weights [K, T]``: ``[K, L, E]`` weighted counts, in blocks of ``block`` tokens."""
     T, L, k = expert_ids.shape
+    if weights is not None:
+        out = np.zeros((weights.shape[0], L * num_experts))
+        lay = np.arange(L, dtype=np.int64)[None, :, None] * num_experts
+        for t0 in range(0, T, block):
+            ids = expert_ids[t0:t0 + block].astype(np.int64)
+            ok = ids >= 0
+            flat = (lay + ids)[ok]
+            tok = np.broadcast_to(np.arange(ids.shape[0])[:, None, None], ids.shape)[ok]
+            for i, w in enumerate(weights[:, t0:t0 + block]):
+                out[i] += np.bincount(flat, weights=w[tok], minlength=L * num_experts)
+        return out.reshape(-1, L, num_experts)
     ids = expert_ids.astype(np.int64)
     flat = np.arange(L, dtype=np.int64)[None, :, None] * num_experts + ids
     flat = flat[ids >= 0]

@@ -145,28 +145,28 @@ def with_cost_options(plans: list, *, intra_bw: str | None = None, inter_bw: str
     return plans, cost
 
 
-SEQUENCE_GROUPS = 8
+RESAMPLES = 8
 
 
-def default_sequence_groups(fit, solver: str, asked: int | None) -> int:
-    """How many groups of the fitted sequences the joint planner takes as workload profiles: ``asked``, else
-    ``SEQUENCE_GROUPS`` for the joint planner on one token trace with at least two sequences per group, else 1
-    (docs/concepts.md, "Inputs it uses"). Other solvers do not read profiles, so asking them for groups is an
+def default_resamples(fit, solver: str, asked: int | None) -> int:
+    """How many bootstrap resamples of the fitted sequences the joint planner takes as workload profiles:
+    ``asked``, else ``RESAMPLES`` for the joint planner on one token trace with at least 16 sequences, else 1
+    (docs/concepts.md, "Inputs it uses"). Other solvers do not read profiles, so asking them for resamples is an
     error."""
     from traces import RoutingTrace
 
     if asked is not None:
         if asked < 1:
-            raise UserError(f"--sequence-groups must be >= 1, got {asked}")
+            raise UserError(f"--resamples must be >= 1, got {asked}")
         if asked > 1 and solver != "joint":
-            raise UserError(f"--sequence-groups is a joint-planner option and the solver is {solver}; drop it or use "
+            raise UserError(f"--resamples is a joint-planner option and the solver is {solver}; drop it or use "
                             "--solver joint")
         if asked > 1 and not isinstance(fit, RoutingTrace):
-            raise UserError("--sequence-groups needs a token trace (counts cannot be split by sequence); drop it")
+            raise UserError("--resamples needs a token trace (counts cannot be resampled by sequence); drop it")
         return asked
-    if solver != "joint" or not isinstance(fit, RoutingTrace) or fit.seq_id is None:
+    if solver != "joint" or not isinstance(fit, RoutingTrace) or fit.num_sequences < 16:
         return 1
-    return SEQUENCE_GROUPS if fit.num_sequences >= 2 * SEQUENCE_GROUPS else 1
+    return RESAMPLES
 
 
 def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, redundant: int, solver: str,
@@ -174,13 +174,13 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
               threads: int | None = None, params: dict | None = None, holdout: float = 0.0,
               current=None, cost=None, progress=None, memory_budget: str | None = None,
               expert_bytes: str | None = None, model_config: str | None = None,
-              bandwidths: tuple[float | None, float | None] = (None, None), sequence_groups: int | None = None):
+              bandwidths: tuple[float | None, float | None] = (None, None), resamples: int | None = None):
     """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan.
 
     The solver optimises, and the plan is evaluated with, one cost model: ``cost`` updated by any cost fields or
     ``model`` preset in ``params``; the plan records all its fields in ``solver.options.params`` and the link
-    ``bandwidths`` (intra-, inter-node bytes/s; None keeps the H100 defaults) in its topology. ``sequence_groups``:
-    the joint planner's profiles from groups of the fitted trace's sequences (:func:`default_sequence_groups`)."""
+    ``bandwidths`` (intra-, inter-node bytes/s; None keeps the H100 defaults) in its topology. ``resamples``:
+    the joint planner's profiles from bootstrap resamples of the fitted trace's sequences (:func:`default_resamples`)."""
     from placement.evaluate import evaluate
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
@@ -201,9 +201,9 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
                                                    model_config)
     topo = budget.topology(gpus_per_node) if budget else Topology.for_experts(E, gpus, redundant, gpus_per_node)
     topo = topo.with_bandwidths(*bandwidths)
-    groups = default_sequence_groups(fit, solver, sequence_groups)
+    resamples = default_resamples(fit, solver, resamples)
     problem = build_problem(fit, topo, expert_groups=expert_groups, current=current,
-                            budget_slots=budget.total_slots if budget else None, sequence_groups=groups, seed=seed)
+                            budget_slots=budget.total_slots if budget else None, resamples=resamples, seed=seed)
     from solvers.cost import CostModel
 
     params = dict(params or {})
@@ -220,7 +220,7 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
     plan = Plan.from_result(result, E, topo, fit.moe_layer_index, fit.decoder_layers, fit.model,
                             options={"time_limit": time_limit, "seed": seed, "backend": backend, "params": params or {},
                                      "redundant": redundant, "expert_groups": expert_groups,
-                                     "sequence_groups": groups},
+                                     "resamples": resamples},
                             provenance=prov)
     if budget is not None:
         plan.memory.update(budget.memory_record())
@@ -267,11 +267,10 @@ def register(app: typer.Typer) -> None:
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
                                      "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
                                      "from the GPU of its highest-gate expert, so inter-layer affinity pays)."),
-        sequence_groups: Optional[int] = typer.Option(None, "--sequence-groups", help="Joint planner: minimise the "
-                                                      "expected time over this many random groups of the trace's "
-                                                      "sequences, for plans robust to how load varies (default 8 "
-                                                      "with at least 16 sequences; 1 fits the trace as one "
-                                                      "sample)."),
+        resamples: Optional[int] = typer.Option(None, "--resamples", help="Joint planner: minimise the expected time "
+                                                "over this many bootstrap resamples of the trace's sequences, for "
+                                                "plans robust to how load varies (default 8 with at least 16 "
+                                                "sequences; 1 fits the trace as the one sample)."),
         affinity_weight: Optional[float] = typer.Option(None, "--affinity-weight", help="Joint planner: trade "
                                                         "estimated time for inter-layer locality; one point of "
                                                         "cross-GPU transitions is worth this many percent of the "
@@ -310,7 +309,7 @@ def register(app: typer.Typer) -> None:
                              backend, threads, params, holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths,
-                             sequence_groups=sequence_groups)
+                             resamples=resamples)
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:
