@@ -152,7 +152,8 @@ def over_splits(rows: list[dict]) -> str:
         out.append("| --- |" + " ---: |" * len(head))
         for name in dict.fromkeys(r["solver"] for r in sub):
             rs = [r for r in sub if r["solver"] == name]
-            cells = [fmt(np.mean([r[k] for r in rs]), d) for k, d in
+            mean = lambda vals: None if any(v is None for v in vals) else float(np.mean(vals))  # noqa: E731
+            cells = [fmt(mean([r[k] for r in rs]), d) for k, d in
                      (("load_imbalance", 3), ("cross_ratio", 3), ("std_us_per_token", 4), ("coherent_us_per_token", 4))]
             for k, _ in flows:
                 ratio = [r[k] / best_ref[(r["seed"], k)] for r in rs if best_ref[(r["seed"], k)]]

@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=120.0)
     ap.add_argument("--gpus", type=int, default=64)
     ap.add_argument("--redundant", type=int, default=64)
+    ap.add_argument("--resamples", type=int, default=None, help="passed to `moeplace plan` (default: its default)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
     args = ap.parse_args()
     from benchmarks.joint_scale import v3_trace, v3_trace_path
@@ -41,6 +42,8 @@ def main() -> int:
         cmd = [sys.executable, "-m", "placement.cli", "plan", str(path), "--gpus", str(args.gpus), "--gpus-per-node",
                "8", "--redundant", str(args.redundant), "--model", "deepseek-v3", "--holdout", "0.5",
                "--time-limit", str(args.time_limit), "--out", str(out), "--json"]
+        if args.resamples is not None:
+            cmd += ["--resamples", str(args.resamples)]
         with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
             t = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True)
