@@ -208,16 +208,22 @@ class Params:
         v = self.values.get(key)
         if v is None:
             return default
-        kind = "an integer" if integer else "a number"
-        rng = ("" if lo is None else (f" > {lo:g}" if lo_open else f" >= {lo:g}")) + \
-              ("" if hi is None else f" and <= {hi:g}")
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            raise self._bad(key, kind + rng)
-        if not np.isfinite(v) or (integer and float(v) != int(v)):
-            raise self._bad(key, kind + rng)
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-            raise self._bad(key, kind + rng)
+        if not self._in_range(v, lo, hi, integer, lo_open):
+            raise self._bad(key, ("an integer" if integer else "a number") + self._range(lo, hi, lo_open))
         return int(v) if integer else float(v)
+
+    @staticmethod
+    def _in_range(v, lo, hi, integer: bool = False, lo_open: bool = False) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            return False
+        if integer and float(v) != int(v):
+            return False
+        return not ((lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi))
+
+    @staticmethod
+    def _range(lo, hi, lo_open: bool = False) -> str:
+        return ("" if lo is None else (f" > {lo:g}" if lo_open else f" >= {lo:g}")) + \
+            ("" if hi is None else f" and <= {hi:g}")
 
     def integer(self, key: str, default, *, lo: int | None = None, hi: int | None = None):
         return self.number(key, default, lo=lo, hi=hi, integer=True)
@@ -244,18 +250,9 @@ class Params:
         v = self.values.get(key)
         if v is None:
             return default
-        if not isinstance(v, (list, tuple)) or not v:
-            raise self._bad(key, "a list of numbers, e.g. [1.02,1.05]")
-        sub = Params({key: 0}, self.solver, {key})
-        out = []
-        for x in v:
-            sub.values[key] = x
-            try:
-                out.append(sub.number(key, None, lo=lo, hi=hi))
-            except SolverInputError:
-                raise self._bad(key, "a list of numbers" + ("" if lo is None else f" >= {lo:g}")
-                                + ("" if hi is None else f" and <= {hi:g}")) from None
-        return out
+        if not isinstance(v, (list, tuple)) or not v or not all(self._in_range(x, lo, hi) for x in v):
+            raise self._bad(key, "a JSON list of numbers" + self._range(lo, hi))
+        return [float(x) for x in v]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def problem():
     ("joint", {"distinct_tokens": -1}, "parameter distinct_tokens must be an integer >= 1"),
     ("joint", {"migration_cost": float("inf")}, "parameter migration_cost must be a number >= 0"),
     ("joint", {"token_positions": "yes"}, "parameter token_positions must be true or false"),
-    ("joint", {"caps": "abc", "dataflow": "standard"}, "parameter caps must be a list of numbers"),
+    ("joint", {"caps": "abc", "dataflow": "standard"}, "parameter caps must be a JSON list of numbers"),
     ("joint", {"objective": "best"}, "parameter objective must be one of 'expected', 'worst'"),
     ("joint", {"afinity_weight": 1}, "no parameter 'afinity_weight'; did you mean 'affinity_weight'"),
     ("joint", {"model": "gpt-5"}, "unknown model preset 'gpt-5'"),
@@ -44,7 +44,7 @@ def test_bad_parameters_are_one_clear_error(problem, solver, params, match):
 def test_budget_solver_checks_its_parameters():
     load = np.ones((2, 8))
     problem = Problem(load=load, topology=Topology.for_experts(8, 2), budget_slots=12)
-    for params, match in (({"swap_shares": [0.5, 2]}, "swap_shares must be a list of numbers >= 0 and <= 1"),
+    for params, match in (({"swap_shares": [0.5, 2]}, "swap_shares must be a JSON list of numbers >= 0 and <= 1"),
                           ({"batch": 0}, "parameter batch must be an integer >= 1"),
                           ({"policy": "lazy"}, "parameter policy must be one of 'static', 'dynamic'")):
         with pytest.raises(SolverInputError, match=match):
