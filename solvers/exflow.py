@@ -224,8 +224,6 @@ def exflow(problem: Problem, options: Options) -> Result:
     bipartition = p.flag("bipartition", True)
     batch = p.integer("batch_tokens", 5000, lo=1)
     use_hint = p.flag("hint", True)
-    if options.backend not in mip.BACKENDS:
-        raise SolverInputError(f"unknown backend {options.backend!r}; choose one of: {', '.join(mip.BACKENDS)}")
     if problem.budget_slots is not None:
         raise SolverInputError("ExFlow keeps every expert resident; plan without --memory-budget")
     topo = problem.topology

@@ -292,8 +292,6 @@ def moetuner(problem: Problem, options: Options) -> Result:
         raise SolverInputError("unequal cluster sizes need stage2=joint (the per-GPU total couples all layers)")
     if share1 >= 1.0:
         raise SolverInputError(f"parameter stage1_share must be between 0 and 1, got {share1}")
-    if options.backend not in mip.BACKENDS:
-        raise SolverInputError(f"unknown backend {options.backend!r}; choose one of: {', '.join(mip.BACKENDS)}")
     if problem.budget_slots is not None:
         raise SolverInputError("MoETuner keeps every expert resident; plan without --memory-budget")
     if problem.transitions is None:

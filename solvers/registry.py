@@ -62,6 +62,10 @@ def solve(name: str, problem: Problem, options: Options | None = None) -> Result
     """Run solver ``name``, check its placement, and fill in wall-clock seconds."""
     options = options or Options()
     fn = get(name)
+    from solvers.mip import BACKENDS
+
+    if options.backend not in BACKENDS:  # every solver, also those that build no MIP: a typo is never ignored
+        raise SolverInputError(f"unknown backend {options.backend!r}; choose one of: {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
     result = fn(problem, options)
     seconds = time.perf_counter() - t0

@@ -57,3 +57,9 @@ def test_cost_fields_and_null_values_are_accepted(problem):
     assert res.phy2log.shape == (problem.num_layers, 64)
     res = solve("joint", problem, Options(time_limit=1, params={"balance_weight": None, "exact_limit": 0}))
     assert res.gap is not None
+
+
+@pytest.mark.parametrize("solver", ["joint", "eplb", "contiguous", "exflow"])
+def test_unknown_backend_is_refused_by_every_solver(problem, solver):
+    with pytest.raises(SolverInputError, match="unknown backend 'gurobi'; choose one of: cp-sat, highs, cbc"):
+        solve(solver, problem, Options(time_limit=2, backend="gurobi"))
