@@ -197,8 +197,12 @@ class Plan:
                        d.get("heldout"), d.get("provenance") or {}, d.get("memory"), d.get("extra") or {})
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
-        except SolverInputError as exc:
-            raise PlanError(f"{where}: {exc}") from None
+        except SolverInputError as exc:  # the topology's checks speak of CLI flags; here they are the file's fields
+            msg = str(exc)
+            for flag, field in (("--gpus-per-node", "topology.gpus_per_node"), ("--gpus", "topology.num_gpus"),
+                                ("--redundant", "topology.slots_per_gpu")):
+                msg = msg.replace(flag, field)
+            raise PlanError(f"{where}: {msg}; fix the file or make the plan again with 'moeplace plan'") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{where} has a malformed field ({type(exc).__name__}: {exc})") from None
 

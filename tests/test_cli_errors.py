@@ -221,3 +221,15 @@ def test_topology_bounds_holdout_and_current_plan(small_plan, tmp_path):
     for args, word in cases:
         assert_one_sentence(run(*args), word)
     assert not o.exists() and not (tmp_path / "d").exists()
+
+
+def test_inconsistent_plan_topology_names_the_file_fields(tmp_path):
+    """A plan file whose topology does not hold together is blamed on its fields, not on CLI flags never given."""
+    plan = tmp_path / "p.json"
+    assert run("plan", "--gpus", 8, "--solver", "contiguous", "--gpus-per-node", 8, "--out", plan).exit_code == 0
+    d = json.loads(plan.read_text())
+    d["topology"]["num_gpus"] = 7
+    plan.write_text(json.dumps(d))
+    r = run("evaluate", plan)
+    assert_one_sentence(r, "topology.gpus_per_node", "topology.num_gpus")
+    assert "--gpus" not in r.output
