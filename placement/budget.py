@@ -79,7 +79,7 @@ def _read_config(path: str | Path) -> tuple[Path, dict, int, int, int]:
         inter, mats = cfg["d_ff"], 3 if gated else 2
     else:
         inter = None
-    if not isinstance(hidden, int) or not isinstance(inter, int) or hidden <= 0 or inter <= 0:
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, inter)):  # true is an int
         raise UserError(f"{p} does not give the expert sizes (hidden_size and moe_intermediate_size or "
                         f"intermediate_size); give --expert-bytes instead")
     return p, cfg, hidden, inter, mats

@@ -76,6 +76,8 @@ def _bad_inputs(tmp_path):
     badplan.write_text("{not json")
     counts = tmp_path / "counts.npz"
     np.savez(counts, logical_count=np.ones((3, 16)))
+    bool_config = tmp_path / "config.json"
+    bool_config.write_text(json.dumps({"hidden_size": True, "moe_intermediate_size": 1408}))
     return [
         ("plan", "missing.npz", "--gpus", 4),
         ("plan", notnpz, "--gpus", 4),
@@ -98,6 +100,7 @@ def _bad_inputs(tmp_path):
         ("plan", "--gpus", 4, "--solver", "eplb", "--resamples", 2),
         ("plan", counts, "--gpus", 4, "--resamples", 2),
         ("plan", "--gpus", 4, "--resamples", 0),
+        ("plan", "--gpus", 4, "--model-config", bool_config),
     ]
 
 
