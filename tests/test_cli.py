@@ -101,6 +101,7 @@ def _bad_inputs(tmp_path):
         ("plan", counts, "--gpus", 4, "--resamples", 2),
         ("plan", "--gpus", 4, "--resamples", 0),
         ("plan", "--gpus", 4, "--model-config", bool_config),
+        ("plan", "deepseek-v2-lite-esft:law,law", "--gpus", 4),
     ]
 
 

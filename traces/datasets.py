@@ -55,6 +55,9 @@ def load(name: str = DEFAULT, tasks: list[str] | tuple[str, ...] | str | None = 
     unknown = [t for t in tasks if t not in ESFT_TASKS]
     if unknown:
         raise TraceError(f"unknown task {unknown[0]!r} in {name}; tasks are {', '.join(ESFT_TASKS)}")
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        raise TraceError(f"task {twice[0]!r} is named twice in {name}; name each task once")
     parts = []
     for t in tasks:
         tr = load_trace(path(name) / f"esft_{t}.npz")
