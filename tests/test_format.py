@@ -139,8 +139,12 @@ def test_each_corruption_gives_its_clear_error(tmp_path_factory, trace, kind, se
 def test_not_an_npz_and_truncated(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("this is not a zip file")
-    with pytest.raises(TraceError, match="not a readable .npz"):
+    with pytest.raises(TraceError, match="not a NumPy .npz file .it looks like JSON or text"):
         traces.load(text)
+    plan_json = tmp_path / "plan.json"
+    plan_json.write_text('{"format": "moeplace.plan"}')
+    with pytest.raises(TraceError, match="looks like JSON or text"):  # numpy itself would speak of pickled data
+        traces.load(plan_json)
     good = tmp_path / "good.npz"
     traces.save(datasets_slice(), good)
     blob = good.read_bytes()

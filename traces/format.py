@@ -589,6 +589,12 @@ def _open_npz(path: str | os.PathLike):
     note_input(p)
     if p.is_dir():
         raise TraceError(f"{p} is a folder; give a trace file (.npz) or merge shards first with 'moeplace merge'")
+    with open(p, "rb") as f:
+        head = f.read(6)
+    if head and not head.startswith((b"PK", b"\x93NUMPY")):  # neither a zip archive nor a .npy array
+        kind = "JSON or text" if head.lstrip()[:1] in (b"{", b"[") or head.isascii() else "another format"
+        raise TraceError(f"{p} is not a NumPy .npz file (it looks like {kind}); give a trace from 'moeplace collect' "
+                         f"or 'moeplace import', or a plan where a plan is asked for")
     try:
         return np.load(p, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
