@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, err, out, print_json, progress, user_errors
+from placement.cli_common import MAX_GPUS, UserError, err, out, print_json, progress, user_errors
 
 DEFAULT_BUDGETS = "10%,25%,50%,75%"
 
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
     def budget_cmd(
         trace: Optional[list[str]] = typer.Argument(None, help="Token traces (.npz) or bundled dataset names; default: "
                                                    "the bundled DeepSeek-V2-Lite trace."),
-        gpus: int = typer.Option(..., "--gpus", "-g", help="GPUs (EP size; 1 = a single GPU)."),
+        gpus: int = typer.Option(..., "--gpus", "-g", help=f"GPUs (EP size, at most {MAX_GPUS}; 1 = a single GPU)."),
         budgets: str = typer.Option(DEFAULT_BUDGETS, "--budgets", "-b", help="Comma-separated budgets per GPU: expert "
                                     "slots (416), shares of all experts (25%) or bytes (6GiB)."),
         holdout: float = typer.Option(0.5, "--holdout", help="Share of sequences held out: plans are fitted on the "

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from placement.cli_common import UserError, err, fmt, out, print_json, progress, user_errors
+from placement.cli_common import MAX_GPUS, UserError, err, fmt, out, print_json, progress, user_errors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
@@ -239,7 +239,7 @@ def register(app: typer.Typer) -> None:
     def plan_cmd(
         trace: Optional[list[str]] = typer.Argument(None, help="Trace files (.npz token traces or counts) or bundled "
                                                    "dataset names; default: the bundled DeepSeek-V2-Lite trace."),
-        gpus: int = typer.Option(..., "--gpus", "-g", help="GPUs (EP size)."),
+        gpus: int = typer.Option(..., "--gpus", "-g", help=f"GPUs (EP size, at most {MAX_GPUS})."),
         gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one)."),
         redundant: int = typer.Option(0, "--redundant", "-r", help="Redundant expert slots in total (EP-wide)."),
         solver: Optional[str] = typer.Option(None, "--solver", "-s", help="Solver (default: joint when available). "
