@@ -245,12 +245,22 @@ def test_cli_import_round_trip_and_bad_input(real, tmp_path):
     notpt.write_text("hello")
     empty = tmp_path / "empty"
     empty.mkdir()
+    zero = tmp_path / "zero.pt"
+    zero.write_bytes(b"")
+    import fractions
+
+    import torch
+
+    objects = tmp_path / "objects.pt"  # a class outside torch's safe list needs full unpickling
+    torch.save({"records": fractions.Fraction(1, 3)}, objects)
     cases = [
         (["import", "nope", str(src)], "unknown serving stack"),
         (["import", "vllm", str(garbage)], "base64"),
         (["import", "vllm", str(src), "--num-experts", "8"], "outside [0, 8)"),
         (["import", "vllm", str(src), "--moe-layer-index", "1,x"], "comma-separated"),
         (["import", "sglang", str(notpt)], "not a readable torch.save file"),
+        (["import", "sglang", str(zero)], "it is empty or truncated, copy it again"),
+        (["import", "sglang", str(objects)], "if you trust the file, retry with --allow-pickle"),
         (["import", "trtllm", str(empty)], "meta_info.json"),
         (["import", "vllm", str(tmp_path / "missing.json")], "no such file"),
     ]

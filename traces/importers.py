@@ -80,7 +80,14 @@ def _torch_load(path: Path, allow_pickle: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input
-        hint = ("" if allow_pickle else "; if you trust the file, retry with --allow-pickle")
+        import pickle
+
+        if path.stat().st_size == 0 or isinstance(exc, (EOFError, OSError)):
+            hint = "; it is empty or truncated, copy it again"
+        elif not allow_pickle and (isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc)):
+            hint = "; it holds objects that only a full unpickling reads: if you trust the file, retry with --allow-pickle"
+        else:
+            hint = ""
         raise TraceError(f"{path} is not a readable torch.save file ({type(exc).__name__}){hint}") from None
 
 
