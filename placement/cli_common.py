@@ -173,6 +173,11 @@ def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[Ro
             if not Path(p).exists():
                 raise UserError(f"{p}: no such file (bundled datasets: {', '.join(datasets.available())})")
             items.append(load(p))
+    for p, item in zip(paths, items):  # a valid file that routes nothing would give NaN metrics and empty plans
+        empty = (item.expert_ids < 0).all() if isinstance(item, RoutingTrace) else not (item.logical_count > 0).any()
+        if empty:
+            raise UserError(f"{p} routes no token to any expert (every id is -1 or every count 0); give a trace of "
+                            "a run that used the MoE layers")
     if all(isinstance(i, RoutingTrace) for i in items):
         return (RoutingTrace.concat(items) if len(items) > 1 else items[0]), list(paths)
     return LoadProfile.concat([i.load_profile() for i in items]), list(paths)

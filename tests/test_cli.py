@@ -76,6 +76,12 @@ def _bad_inputs(tmp_path):
     badplan.write_text("{not json")
     counts = tmp_path / "counts.npz"
     np.savez(counts, logical_count=np.ones((3, 16)))
+    zero_counts = tmp_path / "zero.npz"
+    np.savez(zero_counts, logical_count=np.zeros((3, 16)))
+    no_routes = tmp_path / "none.npz"
+    import traces
+
+    traces.save(traces.RoutingTrace(expert_ids=-np.ones((6, 3, 2), dtype=np.int32), num_experts=16), no_routes)
     bool_config = tmp_path / "config.json"
     bool_config.write_text(json.dumps({"hidden_size": True, "moe_intermediate_size": 1408}))
     return [
@@ -102,6 +108,8 @@ def _bad_inputs(tmp_path):
         ("plan", "--gpus", 4, "--resamples", 0),
         ("plan", "--gpus", 4, "--model-config", bool_config),
         ("plan", "deepseek-v2-lite-esft:law,law", "--gpus", 4),
+        ("plan", zero_counts, "--gpus", 4, "--solver", "eplb"),
+        ("plan", no_routes, "--gpus", 4, "--solver", "eplb"),
     ]
 
 
