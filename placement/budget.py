@@ -192,8 +192,9 @@ def resolve_expert_bytes(expert_bytes: str | int | None, model_config: str | Pat
 
 
 def parse_budget(spec: str | int | float, num_layers: int, num_experts: int, num_gpus: int,
-                 expert_bytes: int | None = None) -> Budget:
-    """Resolve ``--memory-budget`` (slots per GPU, a percentage, or bytes per GPU); raises UserError if unusable."""
+                 expert_bytes: int | None = None, flag: str = "--memory-budget") -> Budget:
+    """Resolve a budget (slots per GPU, a percentage, or bytes per GPU) given as ``flag``; raises UserError if
+    unusable."""
     text = str(spec).strip()
     if num_gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {num_gpus}")
@@ -202,23 +203,23 @@ def parse_budget(spec: str | int | float, num_layers: int, num_experts: int, num
         try:
             pct = float(text[:-1])
         except ValueError:
-            raise UserError(f"--memory-budget {text!r} is not a percentage; write e.g. 25%") from None
+            raise UserError(f"{flag} {text!r} is not a percentage; write e.g. 25%") from None
         if not 0 < pct:
-            raise UserError(f"--memory-budget must be positive, got {text!r}")
+            raise UserError(f"{flag} must be positive, got {text!r}")
         slots = int(math.floor(pct / 100 * L * E / G + 1e-9))
     elif re.fullmatch(r"[0-9]+", text):
         slots = int(text)
     elif re.fullmatch(r"[0-9]*\.[0-9]+", text):
-        raise UserError(f"--memory-budget {text!r}: write a share as a percentage (e.g. 25%), slots as a whole number")
+        raise UserError(f"{flag} {text!r}: write a share as a percentage (e.g. 25%), slots as a whole number")
     else:
-        nbytes = parse_size(text, "--memory-budget")
+        nbytes = parse_size(text, flag)
         if expert_bytes is None:
-            raise UserError(f"--memory-budget {text!r} is in bytes, so the size of one expert is needed: give "
+            raise UserError(f"{flag} {text!r} is in bytes, so the size of one expert is needed: give "
                             f"--expert-bytes or --model-config")
         slots = int(nbytes // expert_bytes)
     budget = Budget(text, slots, G, L, E, expert_bytes)
     if slots * G < L:
-        raise UserError(f"--memory-budget {text} gives {slots} expert slot(s) per GPU on {G} GPU(s), fewer than one "
+        raise UserError(f"{flag} {text} gives {slots} expert slot(s) per GPU on {G} GPU(s), fewer than one "
                         f"expert per MoE layer ({L} layers need at least {-(-L // G)} per GPU); raise the budget")
     return budget
 
@@ -270,7 +271,7 @@ def sweep(fit, held, gpus: int, budgets: list[str], expert_bytes: int, pcie_band
     stream = access_stream(held_sorted.expert_ids, E, batch, held_sorted.gate_weights)
     counts = stats.load
     rows = []
-    resolved = [parse_budget(b, L, E, gpus, expert_bytes) for b in budgets]
+    resolved = [parse_budget(b, L, E, gpus, expert_bytes, flag="--budgets") for b in budgets]
     resolved.sort(key=lambda b: b.slots_per_gpu)
     dyn = (DYNAMIC_INTERVAL, DYNAMIC_WINDOW)
     for b in resolved:
