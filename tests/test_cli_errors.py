@@ -233,3 +233,9 @@ def test_inconsistent_plan_topology_names_the_file_fields(tmp_path):
     r = run("evaluate", plan)
     assert_one_sentence(r, "topology.gpus_per_node", "topology.num_gpus")
     assert "--gpus" not in r.output
+
+
+def test_budget_sweep_errors_name_its_own_option():
+    r = run("budget", "--gpus", 8, "--budgets", "abc")
+    assert_one_sentence(r, "--budgets 'abc'")
+    assert "--memory-budget" not in r.output
