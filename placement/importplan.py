@@ -68,11 +68,15 @@ def _read_any(path: Path) -> Any:
     if suffix in (".yaml", ".yml"):
         return _yaml(text, path)
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         if suffix == ".json":
             raise PlacementImportError(f"{path} is not valid JSON ({exc})") from None
         return _yaml(text, path)
+    if isinstance(obj, dict) and obj.get("format") == "moeplace.plan":
+        raise PlacementImportError(f"{path} is already a moeplace plan; give it to evaluate, report or export as it "
+                                   "is (import-plan reads serving stacks' placement files)")
+    return obj
 
 
 def _yaml(text: str, path: Path) -> Any:

@@ -239,3 +239,9 @@ def test_budget_sweep_errors_name_its_own_option():
     r = run("budget", "--gpus", 8, "--budgets", "abc")
     assert_one_sentence(r, "--budgets 'abc'")
     assert "--memory-budget" not in r.output
+
+
+def test_import_plan_refuses_a_moeplace_plan(small_plan, tmp_path):
+    r = run("import-plan", small_plan, "--gpus", 2, "-o", tmp_path / "x.json")
+    assert_one_sentence(r, "already a moeplace plan")
+    assert not (tmp_path / "x.json").exists()
