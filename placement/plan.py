@@ -236,30 +236,23 @@ class Plan:
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "plan-v1.json"
 
 
-# cost-model fields a plan records in solver.options.params (the plan, evaluate and report commands read them back)
-_COST_PARAM_KINDS = {"hidden_size": "int", "expert_intermediate_size": "int", "dtype_bytes": "int",
-                     "gpu_flops": "rate", "dataflow": "str"}
-
-
 def _check_cost_params(d: dict, where: str) -> None:
-    """A PlanError unless the recorded cost-model fields have their types (positive integers, a positive finite
-    rate, a dataflow name): the evaluator computes with them."""
+    """A PlanError unless the cost-model fields recorded in ``solver.options.params`` pass the cost model's own
+    checks (:class:`solvers.cost.CostModel`): the evaluator computes with them."""
+    from dataclasses import fields
+
+    from solvers.cost import CostModel
+
     solver = d.get("solver")
     options = solver.get("options") if isinstance(solver, dict) else None
     params = options.get("params") if isinstance(options, dict) else None
     if not isinstance(params, dict):
         return
-    for key, kind in _COST_PARAM_KINDS.items():
-        if key not in params:
-            continue
-        v = params[key]
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
-              "rate": number and math.isfinite(v) and v > 0, "str": isinstance(v, str)}[kind]
-        if not ok:
-            want = {"int": "a positive integer", "rate": "a positive number", "str": "a dataflow name"}[kind]
-            raise PlanError(f"{where}: solver.options.params.{key} must be {want}, got {v!r}; fix the field or "
-                            f"make the plan again")
+    recorded = {f.name: params[f.name] for f in fields(CostModel) if params.get(f.name) is not None}
+    try:
+        CostModel(**recorded)
+    except SolverInputError as exc:
+        raise PlanError(f"{where}: solver.options.params: {exc}; fix the field or make the plan again") from None
 
 
 def plan_schema() -> dict:
