@@ -187,8 +187,8 @@ class RoutingTrace:
         if self.seq_id is None:
             inv, n = np.arange(self.num_tokens), self.num_tokens
         else:
-            _, inv = np.unique(self.seq_id, return_inverse=True)
-            n = int(inv.max()) + 1 if inv.size else 0
+            seqs, inv = np.unique(self.seq_id, return_inverse=True)
+            n = seqs.size
         rng = np.random.default_rng(seed)
         draws = np.stack([np.bincount(rng.integers(n, size=n), minlength=n) for _ in range(resamples)])
         return draws[:, inv.ravel()]
@@ -484,17 +484,24 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     """``mkdir -p path``; inside :func:`command_files` a failing command removes the folders made here (once
     empty). A part of the path that is a file is an :class:`OutputPathError`."""
     path = Path(path)
-    missing = []
-    for p in (path, *path.parents):
-        if p.is_dir():
-            break
-        if p.exists() or p.is_symlink():
-            raise OutputPathError(f"{path}: {p} is a file, not a folder; choose another output path")
-        missing.append(p)
+    missing = _missing_folders(path, path)
     path.mkdir(parents=True, exist_ok=True)
     if _command is not None:
         _command.created.extend(reversed(missing))
     return path
+
+
+def _missing_folders(folder: Path, shown) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet (innermost first); an :class:`OutputPathError` naming
+    ``shown`` when a part of it is a file."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.is_dir():
+            break
+        if p.exists() or p.is_symlink():
+            raise OutputPathError(f"{shown}: {p} is a file, not a folder; choose another output path")
+        missing.append(p)
+    return missing
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -509,11 +516,7 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if path.exists() and not path.is_file():
         raise OutputPathError(f"{shown} exists and is not a regular file (a device, pipe or socket); write to "
                               f"another path")
-    for parent in path.parents:
-        if parent.exists() or parent.is_symlink():
-            if not parent.is_dir():
-                raise OutputPathError(f"{shown}: {parent} is a file, not a folder; choose another output path")
-            break
+    _missing_folders(path.parent, shown)
     if _command is not None and os.path.realpath(path) in _command.inputs:
         raise OutputPathError(f"{shown} is also an input of this command; write the output to another file")
     return path
