@@ -21,36 +21,9 @@ from typing import Iterable
 import numpy as np
 
 from traces import RoutingTrace, iter_trace_chunks
+from traces.format import pair_counts
 
 _CHUNK = 8192  # tokens per bincount batch: bounds memory at V3 scale (k x k pairs per token and boundary)
-_PAIRS_PER_BLOCK = 1 << 23  # k x k pairs per bincount in _pair_counts (about 64 MB of int64 indices)
-
-
-def _pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int, wa: np.ndarray | None = None,
-                 wb: np.ndarray | None = None, exclude_diagonal: bool = False) -> np.ndarray:
-    """``[P, E, E]`` counts of the k x k pairs (a[t, p, i], b[t, p, j]) over tokens.
-
-    Args:
-        a, b: int ``[T, P, k]`` expert ids (-1 ignored); P = planes (layers or boundaries).
-        wa, wb: optional float ``[T, P, k]`` weights; the pair weight is ``wa * wb``.
-        exclude_diagonal: skip i == j (co-activation within one layer).
-    """
-    T, P, k = a.shape
-    E = num_experts
-    plane = np.arange(P, dtype=np.int64)[None, :, None, None]
-    out = np.zeros(P * E * E)
-    step = max(1, _PAIRS_PER_BLOCK // max(P * k * k, 1))  # tokens per block: k x k pairs are k times the ids
-    for s in range(0, T, step):
-        ai = a[s:s + step].astype(np.int64)[:, :, :, None]
-        bj = b[s:s + step].astype(np.int64)[:, :, None, :]
-        valid = (ai >= 0) & (bj >= 0)
-        if exclude_diagonal:
-            valid = valid & ~np.eye(k, dtype=bool)[None, None]
-        weights = None
-        if wa is not None:
-            weights = (wa[s:s + step, :, :, None].astype(np.float64) * wb[s:s + step, :, None, :])[valid]
-        out += np.bincount(((plane * E + ai) * E + bj)[valid], weights=weights, minlength=P * E * E)
-    return out.reshape(P, E, E)
 
 
 @dataclass(eq=False)
@@ -114,17 +87,17 @@ class AffinityStats:
         load = np.bincount(flat, minlength=L * E).reshape(L, E).astype(np.float64)
         tokens = valid.any(axis=2).sum(axis=0).astype(np.float64)
         a, b = ids[:, :-1], ids[:, 1:]
-        trans = _pair_counts(a, b, E)
-        shuffled = None if perm is None else _pair_counts(a, trace.expert_ids[perm[sl], 1:], E)
-        coact = _pair_counts(ids, ids, E, exclude_diagonal=True)
+        trans = pair_counts(a, b, E)
+        shuffled = None if perm is None else pair_counts(a, trace.expert_ids[perm[sl], 1:], E)
+        coact = pair_counts(ids, ids, E, exclude_diagonal=True)
         load_g = trans_g = trans_1 = None
         if trace.gate_weights is not None:
             g = trace.gate_weights[sl]
             if perm is not None:
                 load_g = np.bincount(flat, weights=g[valid].astype(np.float64), minlength=L * E).reshape(L, E)
-                trans_g = _pair_counts(a, b, E, g[:, :-1], g[:, 1:])
+                trans_g = pair_counts(a, b, E, g[:, :-1], g[:, 1:])
             top1 = trace.take(np.arange(trace.num_tokens)[sl]).top1_ids()[:, :, None]
-            trans_1 = _pair_counts(top1[:, :-1], top1[:, 1:], E)
+            trans_1 = pair_counts(top1[:, :-1], top1[:, 1:], E)
         return cls(E, trace.moe_layer_index, tokens, load, trans, shuffled, coact, load_g, trans_g, trans_1)
 
     def __add__(self, other: "AffinityStats") -> "AffinityStats":

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from placement.affinity import _pair_counts
 from placement.plan import Plan
 from solvers import Topology
 from solvers.cost import CostModel, layer_seconds
 from solvers.objective import balancedness, dispatch_table, gpu_load, imbalance, pair_locality
 from traces import LoadProfile, RoutingTrace, layer_counts
+from traces.format import pair_counts
 
 
 @dataclass(eq=False)
@@ -63,9 +63,9 @@ def prepare(data: RoutingTrace | LoadProfile | EvalData) -> EvalData:
     top1 = None
     if data.gate_weights is not None:
         t1 = data.top1_ids()[:, :, None]
-        top1 = _pair_counts(t1[:, :-1], t1[:, 1:], E)
+        top1 = pair_counts(t1[:, :-1], t1[:, 1:], E)
     return EvalData(E, layer_counts(ids, E), expert_ids=ids, sequence_index=data.sequence_index(),
-                    transitions=_pair_counts(ids[:, :-1], ids[:, 1:], E), transitions_top1=top1, source=data.source)
+                    transitions=pair_counts(ids[:, :-1], ids[:, 1:], E), transitions_top1=top1, source=data.source)
 
 
 _IDS_PER_BLOCK = 1 << 22  # token-expert ids per block in token_traffic (bounds memory on long traces)

@@ -18,9 +18,9 @@ def law():
 def test_counts_equal_naive_loops_on_real_slice(law, blocks, monkeypatch):
     """``blocks``: the k x k pair counts are made a few tokens at a time (as on long traces), same counts."""
     if blocks:
-        import placement.affinity
+        import traces.format
 
-        monkeypatch.setattr(placement.affinity, "_PAIRS_PER_BLOCK", 3 * 26 * 36)  # 3 tokens per block
+        monkeypatch.setattr(traces.format, "_PAIRS_PER_BLOCK", 3 * 26 * 36)  # 3 tokens per block
     part = law.take(np.arange(150))
     st = AffinityStats.from_trace(part)
     E, (T, L, k) = part.num_experts, part.expert_ids.shape

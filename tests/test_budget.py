@@ -149,9 +149,9 @@ def test_prefetch_recovers_a_planted_chain():
     first = rng.integers(0, E, size=T)
     routes = ((first[:, None] + np.arange(L)[None, :]) % E)[:, :, None]
     stream = access_stream(routes, E)
-    from placement.affinity import _pair_counts
+    from traces.format import pair_counts
 
-    trans = _pair_counts(routes[:, :-1], routes[:, 1:], E)
+    trans = pair_counts(routes[:, :-1], routes[:, 1:], E)
     table = prefetch_table(stream, trans, 1)
     assert np.array_equal(table[:, 1:, 0], routes[:, 1:, 0])
     res = np.zeros((L, E), dtype=bool)

@@ -100,11 +100,11 @@ def _plans(L, E, topo, rng):
 def test_metrics_equal_naive_loops_on_real_slices(bundled, gpus, gpn, redundant, blocks, monkeypatch):
     """``blocks``: the per-token arrays are processed a few tokens at a time (as on long traces), same results."""
     if blocks:
-        import placement.affinity
         import placement.evaluate
+        import traces.format
 
         monkeypatch.setattr(placement.evaluate, "_IDS_PER_BLOCK", 7 * 5 * 6)  # 7 tokens of 5 layers x top-6
-        monkeypatch.setattr(placement.affinity, "_PAIRS_PER_BLOCK", 5 * 4 * 36)  # 5 tokens of 4 boundaries
+        monkeypatch.setattr(traces.format, "_PAIRS_PER_BLOCK", 5 * 4 * 36)  # 5 tokens of 4 boundaries
     rng = np.random.default_rng(gpus + redundant)
     fit, held = bundled.split_by_sequence(0.5, seed=1)
     # a small real slice: a few held-out sequences, first layers only, so the loops stay fast

@@ -236,6 +236,36 @@ class RoutingTrace:
         )
 
 
+_PAIRS_PER_BLOCK = 1 << 23  # k x k pairs per bincount in pair_counts (about 64 MB of int64 indices)
+
+
+def pair_counts(a: np.ndarray, b: np.ndarray, num_experts: int, wa: np.ndarray | None = None,
+                 wb: np.ndarray | None = None, exclude_diagonal: bool = False) -> np.ndarray:
+    """``[P, E, E]`` counts of the k x k pairs (a[t, p, i], b[t, p, j]) over tokens.
+
+    Args:
+        a, b: int ``[T, P, k]`` expert ids (-1 ignored); P = planes (layers or boundaries).
+        wa, wb: optional float ``[T, P, k]`` weights; the pair weight is ``wa * wb``.
+        exclude_diagonal: skip i == j (co-activation within one layer).
+    """
+    T, P, k = a.shape
+    E = num_experts
+    plane = np.arange(P, dtype=np.int64)[None, :, None, None]
+    out = np.zeros(P * E * E)
+    step = max(1, _PAIRS_PER_BLOCK // max(P * k * k, 1))  # tokens per block: k x k pairs are k times the ids
+    for s in range(0, T, step):
+        ai = a[s:s + step].astype(np.int64)[:, :, :, None]
+        bj = b[s:s + step].astype(np.int64)[:, :, None, :]
+        valid = (ai >= 0) & (bj >= 0)
+        if exclude_diagonal:
+            valid = valid & ~np.eye(k, dtype=bool)[None, None]
+        weights = None
+        if wa is not None:
+            weights = (wa[s:s + step, :, :, None].astype(np.float64) * wb[s:s + step, :, None, :])[valid]
+        out += np.bincount(((plane * E + ai) * E + bj)[valid], weights=weights, minlength=P * E * E)
+    return out.reshape(P, E, E)
+
+
 def layer_counts(expert_ids: np.ndarray, num_experts: int, weights: np.ndarray | None = None,
                  block: int = 8192) -> np.ndarray:
     """``[L, E]`` token-expert assignment counts from ``[T, L, k]`` ids (-1 ignored); one bincount. With token

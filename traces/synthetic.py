@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from traces.format import RoutingTrace, TraceError
+from traces.format import RoutingTrace, TraceError, pair_counts
 
 __all__ = ["SyntheticSpec", "generate", "routing_stats", "calibrate", "ESFT_CALIBRATED", "deepseek_v3",
            "planted"]
@@ -149,23 +149,6 @@ def generate(spec: SyntheticSpec, num_tokens: int, seq_len: int = 128, seed: int
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pairs(a: np.ndarray, b: np.ndarray, E: int, exclude_diagonal: bool = False) -> np.ndarray:
-    """``[P, E, E]`` counts of the k x k pairs of ``a [T, P, k]`` and ``b [T, P, k]`` (-1 ignored)."""
-    T, P, k = a.shape
-    out = np.zeros((P, E, E))
-    step = max(1, 2_000_000 // max(P * k * k, 1))
-    plane = np.arange(P, dtype=np.int64)[None, :, None, None]
-    for s in range(0, T, step):
-        ai = a[s:s + step].astype(np.int64)[:, :, :, None]
-        bj = b[s:s + step].astype(np.int64)[:, :, None, :]
-        ok = (ai >= 0) & (bj >= 0)
-        if exclude_diagonal:
-            ok = ok & ~np.eye(k, dtype=bool)[None, None]
-        flat = ((plane * E + ai) * E + bj)[ok]
-        out += np.bincount(flat, minlength=P * E * E).reshape(P, E, E)
-    return out
-
-
 def _mi(pairs: np.ndarray) -> np.ndarray:
     tot = pairs.sum(axis=(1, 2), keepdims=True)
     j = pairs / np.maximum(tot, 1e-300)
@@ -199,8 +182,8 @@ def routing_stats(trace: RoutingTrace, seed: int = 0, max_tokens: int = 20000) -
     out = {"load_cv": float((load.std(axis=1) / np.maximum(mean, 1e-300)).mean()),
            "load_max_over_mean": float((load.max(axis=1) / np.maximum(mean, 1e-300)).mean())}
     if L > 1:
-        tr = _pairs(ids[:, :-1], ids[:, 1:], E)
-        sh = _pairs(ids[:, :-1], ids[rng.permutation(T), 1:], E)
+        tr = pair_counts(ids[:, :-1], ids[:, 1:], E)
+        sh = pair_counts(ids[:, :-1], ids[rng.permutation(T), 1:], E)
         mi, mis = _mi(tr), _mi(sh)
         out.update(transition_mi=float(mi.mean()), transition_mi_shuffled=float(mis.mean()),
                    transition_mi_excess=float((mi - mis).mean()))
@@ -222,10 +205,10 @@ def routing_stats(trace: RoutingTrace, seed: int = 0, max_tokens: int = 20000) -
             pairs_x[l] = np.bincount((s_sh * E + e)[okl], minlength=S * E).reshape(S, E)
         out["sequence_mi_excess"] = float((_mi(pairs_s) - _mi(pairs_x)).mean())
     if k > 1:
-        co = _pairs(ids, ids, E, exclude_diagonal=True)
+        co = pair_counts(ids, ids, E, exclude_diagonal=True)
         shifted = np.roll(ids, 1, axis=2)  # another token's experts at the same slot order
         other = shifted[rng.permutation(T)]
-        cs = _pairs(ids, other, E)
+        cs = pair_counts(ids, other, E)
         out["coactivation_mi_excess"] = float((_mi(co) - _mi(cs)).mean())
     return out
 
