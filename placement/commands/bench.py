@@ -92,8 +92,6 @@ def register(app: typer.Typer) -> None:
         intermediate_size = intermediate_size or (1408 if backend == "nccl" else 16)
         if intermediate_size < 1 or (hidden_size is not None and hidden_size < 1):
             raise UserError("--hidden-size and --intermediate-size must be positive")
-        if not 0.0 <= holdout < 1.0:
-            raise UserError(f"--holdout must be in [0, 1), got {holdout}")
         torchrun = under_torchrun()
         rank = int(os.environ.get("RANK", 0)) if torchrun else 0
         plan_objs = load_plans(plans)

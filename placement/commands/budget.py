@@ -88,8 +88,6 @@ def register(app: typer.Typer) -> None:
         from placement.memory_eval import default_expert_bytes
         from traces import RoutingTrace
 
-        if not 0.0 <= holdout < 1.0:
-            raise UserError(f"--holdout must be in [0, 1), got {holdout}")
         if batch < 1 or prefetch < 0 or not 0 <= overlap_us < float("inf") or search_tokens < 1:
             raise UserError("--batch and --search-tokens must be >= 1, --prefetch and --prefetch-overlap-us >= 0")
         data, sources = load_data(trace)

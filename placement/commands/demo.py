@@ -259,8 +259,6 @@ def register(app: typer.Typer) -> None:
 
         from placement.report import comparable_solvers
 
-        if time_limit <= 0:
-            raise UserError(f"--time-limit must be positive, got {time_limit}")
         chosen = list(solver or comparable_solvers())
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as bar:

@@ -289,8 +289,6 @@ def register(app: typer.Typer) -> None:
         from placement.cli_common import load_data
         from placement.plan import Plan
 
-        if not 0.0 <= holdout < 1.0:
-            raise UserError(f"--holdout must be in [0, 1), got {holdout}")
         cost = cost_model(hidden_size, dtype, dataflow, model=model, model_config=model_config,
                           expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops)
         bandwidths = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"),

@@ -52,8 +52,6 @@ def register(app: typer.Typer) -> None:
                                       reference_baseline)
         from traces import RoutingTrace
 
-        if not 0.0 <= holdout < 1.0:
-            raise UserError(f"--holdout must be in [0, 1), got {holdout}")
         plan_objs = load_plans(plans)
         data, sources = load_data(trace)
         whole = data
