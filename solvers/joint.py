@@ -93,8 +93,8 @@ class JointData:
     grouped by expert, tok_start ``[L, E + 1]`` where each expert's group starts); else None. pos_ids int32
     ``[L, T', k]`` and pos_factor ``[L]``: routes (highest gate first) whose replay gives the coherent dataflow's token
     positions (:func:`solvers.cost.replay_positions`), or None (positions from the previous layer's served shares).
-    aff ``[L-1, E, E]`` adjacent-layer k x k expert pairs and aff_cost seconds per pair with no common GPU (the
-    ``affinity_weight`` term), or None.
+    aff ``[L-1, E, E]`` adjacent-layer k x k expert pairs, aff_total their sum and aff_cost seconds per pair with no
+    common GPU (the ``affinity_weight`` term), or None.
     """
 
     topology: Topology
@@ -120,6 +120,7 @@ class JointData:
     pos_factor: np.ndarray | None = None
     aff: np.ndarray | None = None
     aff_cost: float = 0.0
+    aff_total: float = 0.0
 
     @property
     def L(self) -> int:
@@ -175,10 +176,13 @@ def prepare(problem: Problem, options: Options) -> JointData:
     """Validate the request and bring every input to one set of units."""
     p = Params(options.params, "joint", PARAMS)
     params = p.values
-    # the search's settings are read later (and some only for one dataflow): check them all here
-    p.numbers("caps", None, lo=1.0), p.number("chain_cap", None, lo=1.0), p.integer("sweeps", None, lo=1)
-    p.number("balance_weight", None, lo=0.0), p.number("bound_lp", None, lo=0.0), p.number("exact_limit", None, lo=0.0)
-    p.flag("chain_start", None), p.flag("local_search", None), p.flag("iterated", None)
+    # the search's settings are read in _solve (some for one dataflow only): check them all here, before any work
+    p.numbers("caps", None, lo=1.0)
+    for key, lo in (("chain_cap", 1.0), ("balance_weight", 0.0), ("bound_lp", 0.0), ("exact_limit", 0.0)):
+        p.number(key, None, lo=lo)
+    p.integer("sweeps", None, lo=1)
+    for key in ("chain_start", "local_search", "iterated"):
+        p.flag(key, None)
     if problem.budget_slots is not None:
         raise SolverInputError("the joint planner keeps every expert resident; for a memory budget use a budget "
                                "solver (drop --memory-budget to use joint)")
@@ -260,7 +264,7 @@ def with_affinity_weight(data: JointData, problem: Problem, weight: float) -> Jo
     if pairs <= 0:
         return data
     c0 = data.cost.seconds_per_assignment * float(data.load.sum()) / data.topology.num_gpus
-    return replace(data, aff=K, aff_cost=w * c0 / pairs)
+    return replace(data, aff=K, aff_cost=w * c0 / pairs, aff_total=pairs)
 
 
 def _sample_routes(routes: np.ndarray, max_tokens: int, seed: int) -> np.ndarray:
@@ -598,15 +602,15 @@ class State:
 
     def _combine(self, tot: np.ndarray, moved_total: float, local: np.ndarray | None) -> float:
         out = float(tot.max() if self.d.worst else tot.mean()) + self.d.migration_cost * moved_total
-        if local is not None:  # affinity_weight: the pairs with no common GPU
-            out += self.d.aff_cost * (float(self.d.aff.sum()) - float(local.sum()))
-        return out
+        return out + self.affinity_seconds(local)
 
-    def affinity_seconds(self) -> float:
-        """The ``affinity_weight`` term of the objective (0 without it)."""
-        if self.local is None:
+    def affinity_seconds(self, local: np.ndarray | None = None) -> float:
+        """The ``affinity_weight`` term of the objective (0 without it) for the local pair mass ``local [L-1]``
+        (default: the state's): the pairs with no common GPU, priced."""
+        local = self.local if local is None else local
+        if local is None:
             return 0.0
-        return self.d.aff_cost * (float(self.d.aff.sum()) - float(self.local.sum()))
+        return self.d.aff_cost * (self.d.aff_total - float(local.sum()))
 
     def _local_update(self, l: int, idx: np.ndarray, P_new: np.ndarray) -> np.ndarray | None:
         """``[L-1]`` local k x k pair mass after experts ``idx`` of layer l take the shares ``P_new`` (None without
@@ -1536,7 +1540,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     state.resync()
     if data.aff is not None:
         stats["affinity_seconds"] = state.affinity_seconds()
-        stats["fitted_cross_gpu_fraction"] = 1.0 - float(state.local.sum()) / float(data.aff.sum())
+        stats["fitted_cross_gpu_fraction"] = 1.0 - float(state.local.sum()) / data.aff_total
     # the incremental objective equals the from-scratch one (tests/test_joint.py checks it), so no recount here
     return _result(state.X, state.objective(), bound, "feasible", t0, data, stats)
 
