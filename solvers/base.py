@@ -174,8 +174,6 @@ class Params:
     ignored without a word). The cost-model fields (``solvers.cost.CostModel``), ``cost`` and ``model`` are
     known to every solver, since the CLI passes them to all of them."""
 
-    _MISSING = object()
-
     def __init__(self, params: Mapping[str, Any] | None, solver: str, known: set[str] | frozenset[str]):
         import difflib
         from dataclasses import fields as dc_fields
@@ -193,10 +191,6 @@ class Params:
 
     def __contains__(self, key: str) -> bool:
         return key in self.values and self.values[key] is not None
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        v = self.values.get(key)
-        return default if v is None else v
 
     def _bad(self, key: str, want: str) -> SolverInputError:
         return SolverInputError(f"parameter {key} must be {want}, got {self.values[key]!r}")

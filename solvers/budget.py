@@ -167,8 +167,6 @@ def _importance(kind: str, stream, owner, num_gpus: int, swap_slots: int, counts
     tie = counts / max(float(counts.max()), 1.0) * 1e-3
     if kind == "count" or stream is None:
         return counts + tie
-    if kind != "lru-misses":
-        raise SolverInputError(f"importance must be 'lru-misses' or 'count', got {kind!r}")
     none = np.zeros(owner.shape, dtype=bool)
     misses = simulate(stream, none, owner, num_gpus, swap_slots).misses_per_key(stream)
     return misses + tie
