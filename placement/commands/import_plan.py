@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, out, print_json, user_errors
+from placement.importplan import MAX_DECODER_LAYERS
 
 
 def shape_source(like: str):
@@ -48,7 +49,8 @@ def register(app: typer.Typer) -> None:
         like: Optional[str] = typer.Option(None, "--like", help="A trace (file or bundled name) or plan of the same "
                                            "model: gives MoE-layer indices, decoder layers and expert count."),
         moe_layers: Optional[str] = typer.Option(None, "--moe-layers", help="Decoder indices of the MoE layers, e.g. "
-                                                 "1-26 (DeepSeek-V2-Lite); picks the MoE rows of an SGLang file."),
+                                                 "1-26 (DeepSeek-V2-Lite; indices below "
+                                                 f"{MAX_DECODER_LAYERS}); picks the MoE rows of an SGLang file."),
         name: Optional[str] = typer.Option(None, "--name", help="Name shown in evaluations (default: "
                                            "imported-<format>)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from placement.cli_common import MAX_GPUS, UserError, err, fmt, out, print_json, progress, user_errors
+from placement.cli_common import MAX_GPUS, MAX_REDUNDANT, UserError, err, fmt, out, print_json, progress, user_errors
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 
@@ -241,7 +241,8 @@ def register(app: typer.Typer) -> None:
                                                    "dataset names; default: the bundled DeepSeek-V2-Lite trace."),
         gpus: int = typer.Option(..., "--gpus", "-g", help=f"GPUs (EP size, at most {MAX_GPUS})."),
         gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one)."),
-        redundant: int = typer.Option(0, "--redundant", "-r", help="Redundant expert slots in total (EP-wide)."),
+        redundant: int = typer.Option(0, "--redundant", "-r", help="Redundant expert slots in total (EP-wide, at most "
+                                       f"{MAX_REDUNDANT})."),
         solver: Optional[str] = typer.Option(None, "--solver", "-s", help="Solver (default: joint when available). "
                                              "See 'moeplace solvers'."),
         expert_groups: int = typer.Option(1, "--expert-groups", help="Expert groups (DeepSeek-V3: 8), for EPLB's "
