@@ -172,9 +172,9 @@ PARAMS = frozenset({"dataflow", "cost", "model", "objective", "normalize_profile
                     "token_distinct", "distinct_tokens", "affinity_weight"})
 
 
-def prepare(problem: Problem, options: Options) -> JointData:
-    """Validate the request and bring every input to one set of units."""
-    p = Params(options.params, "joint", PARAMS)
+def prepare(problem: Problem, options: Options, p: Params | None = None) -> JointData:
+    """Validate the request and bring every input to one set of units (``p``: ``options.params`` already read)."""
+    p = Params(options.params, "joint", PARAMS) if p is None else p
     params = p.values
     # the search's settings are read in _solve (some for one dataflow only): check them all here, before any work
     p.numbers("caps", None, lo=1.0)
@@ -1440,8 +1440,8 @@ def _solve(problem: Problem, options: Options) -> Result:
     t0 = time.perf_counter()
     limit = options.time_limit
     deadline = t0 + (limit if limit is not None else 1e9) * 0.97
-    data = prepare(problem, options)
     p = Params(options.params, "joint", PARAMS)
+    data = prepare(problem, options, p)
     rng = np.random.default_rng(options.seed)
     topo = data.topology
     G, m = topo.num_gpus, topo.slots_per_gpu
