@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 from placement.commands.plan import RESAMPLES  # noqa: E402
 
 
-def max_dup_grouping(ids: np.ndarray, num_experts: int, size: int, seeds: int = 32) -> tuple[list, float]:
-    """``(groups, duplicates)``: experts grouped ``size`` at a time to maximise the duplicates of ``ids [T, k]``
-    (a token with c of its experts in one group counts ``c - 1``), greedily and with no regard to load: each group
-    grows from the ``seeds`` remaining experts with the most co-activated mass among the remaining ones, adding the
-    expert whose tokens the group covers most; the best of them is kept. Returns the groups and their duplicates."""
+def max_dup_grouping(ids: np.ndarray, num_experts: int, size: int, seeds: int = 32) -> list[list[int]]:
+    """Experts grouped ``size`` at a time for many duplicates of ``ids [T, k]`` (a token with c of its experts in
+    one group counts ``c - 1``), greedily and with no regard to load: each group grows from the ``seeds`` remaining
+    experts with the most co-activated mass among the remaining ones, adding the expert whose tokens the group
+    already covers most; the best of them is kept."""
     T = ids.shape[0]
     inc = np.zeros((num_experts, T), dtype=np.float32)  # [E, T] expert e routes token t
     for j in range(ids.shape[1]):
@@ -46,11 +46,11 @@ def max_dup_grouping(ids: np.ndarray, num_experts: int, size: int, seeds: int = 
     co = inc @ inc.T
     np.fill_diagonal(co, 0.0)
     rem = np.ones(num_experts, dtype=bool)
-    groups, total = [], 0.0
+    groups = []
     while rem.any():
         idx = np.nonzero(rem)[0]
         if len(idx) <= size:
-            g = list(idx)
+            g = [int(a) for a in idx]
         else:
             S = idx[np.argsort(-co[np.ix_(idx, idx)].sum(axis=1))[:seeds]]
             cov = inc[S].copy()  # [seeds, T] tokens each growing group covers
@@ -65,10 +65,9 @@ def max_dup_grouping(ids: np.ndarray, num_experts: int, size: int, seeds: int = 
                     val[i] += gain[i, b[i]]
                 cov = np.maximum(cov, inc[idx[b]])
             g = grp[int(np.argmax(val))]
-        total += float(np.maximum(inc[g].sum(axis=0) - 1.0, 0.0).sum())
         groups.append(g)
         rem[g] = False
-    return groups, total
+    return groups
 
 
 def grouping_placement(groups: list, load: np.ndarray, topo) -> np.ndarray:
@@ -154,7 +153,7 @@ def main() -> None:
     # the ceiling of a mean-GPU bound: the copies of a placement that groups co-activated experts, balance ignored
     t = time.perf_counter()
     ids = data.ids  # [L, T, k] the fitted tokens the objective counts on
-    Xw = np.stack([grouping_placement(max_dup_grouping(ids[l], data.E, m)[0], data.load[l], topo)
+    Xw = np.stack([grouping_placement(max_dup_grouping(ids[l], data.E, m), data.load[l], topo)
                    for l in range(data.L)])
     wst = State(data, Xw)
     routed = np.array([(ids[l] >= 0).sum() for l in range(data.L)])
