@@ -167,6 +167,18 @@ class Problem:
         return self.topology.num_slots - self.num_experts
 
 
+def is_number(v, lo: float | None = None, hi: float | None = None, *, integer: bool = False, lo_open: bool = False,
+              hi_open: bool = False) -> bool:
+    """Whether ``v`` is a finite number (not a bool; a whole one with ``integer``) in ``[lo, hi]``, an end excluded
+    with ``lo_open`` / ``hi_open``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+        return False
+    if integer and float(v) != int(v):
+        return False
+    return not ((lo is not None and (v <= lo if lo_open else v < lo)) or
+                (hi is not None and (v >= hi if hi_open else v > hi)))
+
+
 class Params:
     """A solver's ``Options.params`` read with types: every getter checks the value and raises
     :class:`SolverInputError` with one sentence naming the parameter (a string where a number belongs, a number
@@ -196,28 +208,20 @@ class Params:
         return SolverInputError(f"parameter {key} must be {want}, got {self.values[key]!r}")
 
     def number(self, key: str, default, *, lo: float | None = None, hi: float | None = None, integer: bool = False,
-               lo_open: bool = False):
-        """A finite number (an integer with ``integer``) in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), or
-        ``default`` when absent or None."""
+               lo_open: bool = False, hi_open: bool = False):
+        """A finite number (an integer with ``integer``) in ``[lo, hi]`` (an end excluded with ``lo_open`` /
+        ``hi_open``), or ``default`` when absent or None."""
         v = self.values.get(key)
         if v is None:
             return default
-        if not self._in_range(v, lo, hi, integer, lo_open):
-            raise self._bad(key, ("an integer" if integer else "a number") + self._range(lo, hi, lo_open))
+        if not is_number(v, lo, hi, integer=integer, lo_open=lo_open, hi_open=hi_open):
+            raise self._bad(key, ("an integer" if integer else "a number") + self._range(lo, hi, lo_open, hi_open))
         return int(v) if integer else float(v)
 
     @staticmethod
-    def _in_range(v, lo, hi, integer: bool = False, lo_open: bool = False) -> bool:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
-            return False
-        if integer and float(v) != int(v):
-            return False
-        return not ((lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi))
-
-    @staticmethod
-    def _range(lo, hi, lo_open: bool = False) -> str:
+    def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
         return ("" if lo is None else (f" > {lo:g}" if lo_open else f" >= {lo:g}")) + \
-            ("" if hi is None else f" and <= {hi:g}")
+            ("" if hi is None else (f" and < {hi:g}" if hi_open else f" and <= {hi:g}"))
 
     def integer(self, key: str, default, *, lo: int | None = None, hi: int | None = None):
         return self.number(key, default, lo=lo, hi=hi, integer=True)
@@ -244,7 +248,7 @@ class Params:
         v = self.values.get(key)
         if v is None:
             return default
-        if not isinstance(v, (list, tuple)) or not v or not all(self._in_range(x, lo, hi) for x in v):
+        if not isinstance(v, (list, tuple)) or not v or not all(is_number(x, lo, hi) for x in v):
             raise self._bad(key, "a JSON list of numbers" + self._range(lo, hi))
         return [float(x) for x in v]
 

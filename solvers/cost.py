@@ -59,7 +59,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from solvers.base import SolverInputError, Topology
+from solvers.base import SolverInputError, Topology, is_number
 from solvers.objective import dispatch_table, same_node_mask
 
 DATAFLOWS = ("standard", "coherent")
@@ -100,8 +100,7 @@ class CostModel:
             raise SolverInputError(f"dataflow {self.dataflow!r} is not one of {', '.join(DATAFLOWS)}")
         for name in ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "weight_dtype_bytes"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v) \
-                    or not v > 0:
+            if not is_number(v, 0.0, lo_open=True):
                 raise SolverInputError(f"cost model {name} must be a positive number, got {v!r}")
 
     @property

@@ -286,12 +286,10 @@ def moetuner(problem: Problem, options: Options) -> Result:
     stage2 = p.choice("stage2", "auto", ("auto", "joint", "sequential"))
     # mip_gap=null asks for no relative gap limit
     gap = None if "mip_gap" in p.values and p.values["mip_gap"] is None else p.number("mip_gap", 0.025, lo=0.0)
-    share1 = p.number("stage1_share", 0.4, lo=0.0, lo_open=True, hi=1.0)
+    share1 = p.number("stage1_share", 0.4, lo=0.0, lo_open=True, hi=1.0, hi_open=True)
     joint_max = p.integer("joint_max_terms", 60000, lo=1)
     if sizes_mode == "unequal" and stage2 == "sequential":
         raise SolverInputError("unequal cluster sizes need stage2=joint (the per-GPU total couples all layers)")
-    if share1 >= 1.0:
-        raise SolverInputError(f"parameter stage1_share must be between 0 and 1, got {share1}")
     if problem.budget_slots is not None:
         raise SolverInputError("MoETuner keeps every expert resident; plan without --memory-budget")
     if problem.transitions is None:
