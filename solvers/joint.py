@@ -176,13 +176,6 @@ def prepare(problem: Problem, options: Options, p: Params | None = None) -> Join
     """Validate the request and bring every input to one set of units (``p``: ``options.params`` already read)."""
     p = Params(options.params, "joint", PARAMS) if p is None else p
     params = p.values
-    # the search's settings are read in _solve (some for one dataflow only): check them all here, before any work
-    p.numbers("caps", None, lo=1.0)
-    for key, lo in (("chain_cap", 1.0), ("balance_weight", 0.0), ("bound_lp", 0.0), ("exact_limit", 0.0)):
-        p.number(key, None, lo=lo)
-    p.integer("sweeps", None, lo=1)
-    for key in ("chain_start", "local_search", "iterated"):
-        p.flag(key, None)
     if problem.budget_slots is not None:
         raise SolverInputError("the joint planner keeps every expert resident; for a memory budget use a budget "
                                "solver (drop --memory-budget to use joint)")
@@ -206,7 +199,7 @@ def prepare(problem: Problem, options: Options, p: Params | None = None) -> Join
     mean_tot = np.maximum(load.sum(axis=1), 1e-300)
     scale = loads.sum(axis=2) / mean_tot[None, :]
     k = max(int(problem.top_k), 1)
-    smoothing = p.number("smoothing", 0.0, lo=0.0, hi=1.0)
+    smoothing = _smoothing(p)
     T = C = Q = None
     if problem.coactivation is not None and k > 1:
         C = _smooth(_rescale_pairs(problem.coactivation, load, float(k - 1)), smoothing, symmetric_zero_diag=True)
@@ -246,6 +239,20 @@ def prepare(problem: Problem, options: Options, p: Params | None = None) -> Join
         ids = _sample_routes(problem.routes, cap, options.seed)
         data = replace(data, pos_ids=ids, pos_factor=np.array([routes_factor(data.load[l], ids[l]) for l in range(L)]))
     return data
+
+
+def _smoothing(p: Params) -> float:
+    return p.number("smoothing", 0.0, lo=0.0, hi=1.0)
+
+
+def _search_settings(p: Params) -> dict:
+    """The search's settings (:func:`_solve`), read and checked before any work; ``sweeps`` and ``chain_start``
+    are None when not given (their defaults depend on the dataflow and the slots)."""
+    return {"caps": p.numbers("caps", [1.02, 1.05, 1.1], lo=1.0), "chain_cap": p.number("chain_cap", 1.2, lo=1.0),
+            "balance_weight": p.number("balance_weight", 8.0, lo=0.0), "bound_lp": p.number("bound_lp", 0.0, lo=0.0),
+            "exact_limit": p.number("exact_limit", 4096.0, lo=0.0), "sweeps": p.integer("sweeps", None, lo=1),
+            "chain_start": p.flag("chain_start", None), "local_search": p.flag("local_search", True),
+            "iterated": p.flag("iterated", True)}
 
 
 def with_affinity_weight(data: JointData, problem: Problem, weight: float) -> JointData:
@@ -1441,13 +1448,14 @@ def _solve(problem: Problem, options: Options) -> Result:
     limit = options.time_limit
     deadline = t0 + (limit if limit is not None else 1e9) * 0.97
     p = Params(options.params, "joint", PARAMS)
+    cfg = _search_settings(p)
     data = prepare(problem, options, p)
     rng = np.random.default_rng(options.seed)
     topo = data.topology
     G, m = topo.num_gpus, topo.slots_per_gpu
     say = options.say
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G,
-                      lp_seconds=p.number("bound_lp", 0.0, lo=0.0), counted=data.ids is not None,
+                      lp_seconds=cfg["bound_lp"], counted=data.ids is not None,
                       token_positions=data.pos_ids is not None)
     bound = total_bound(lb, data.worst) + affinity_bound(data)
     stats: dict = {"dataflow": data.cost.dataflow, "objective": "worst" if data.worst else "expected",
@@ -1459,8 +1467,7 @@ def _solve(problem: Problem, options: Options) -> Result:
         stats["token_positions"] = ("previous anchors' served shares" if data.pos_ids is None else
                                     f"replayed on {data.pos_ids.shape[1]} tokens")
 
-    exact_limit = p.number("exact_limit", 4096.0, lo=0.0)
-    if count_placements(data.E, G, m, data.L) <= exact_limit:
+    if count_placements(data.E, G, m, data.L) <= cfg["exact_limit"]:
         found = enumerate_exact(data, deadline)
         if found is not None:
             X, obj = found
@@ -1478,29 +1485,27 @@ def _solve(problem: Problem, options: Options) -> Result:
     # construction gets at most 40% of the time left; the local search the rest
     c_deadline = time.perf_counter() + 0.4 * max(deadline - time.perf_counter(), 0.0)
     if coherent:
-        caps = p.numbers("caps", [1.02, 1.05, 1.1], lo=1.0)
-        sweeps = p.integer("sweeps", 8, lo=1)
-        for cap in caps:
+        sweeps = cfg["sweeps"] or 8
+        for cap in cfg["caps"]:
             if time.perf_counter() > c_deadline:
                 break
             candidates.append((f"chain cap {cap}", construct(data, r, float(cap), sweeps, c_deadline, start=base)))
     else:
         if data.C is not None and time.perf_counter() < c_deadline:
-            lam = p.number("balance_weight", 8.0, lo=0.0)
-            sweeps = p.integer("sweeps", 3, lo=1)
             start = stratified_start(data, r) if data.allowed_node is None else base
-            candidates.append(("columns", construct_columns(data, r, lam, sweeps, c_deadline, start=start)))
-        chain_start = p.flag("chain_start", topo.num_slots == data.E)
+            candidates.append(("columns", construct_columns(data, r, cfg["balance_weight"], cfg["sweeps"] or 3,
+                                                            c_deadline, start=start)))
+        chain_start = topo.num_slots == data.E if cfg["chain_start"] is None else cfg["chain_start"]
         if (problem.routes is not None or problem.transitions is not None) and data.L > 1 and chain_start \
                 and time.perf_counter() < c_deadline:
             # an affinity chain is another good start under the standard dataflow too: its assignments see the
             # anchor pairs (co-activation) with whole-layer exactness. Not by default with redundant slots: there it
             # gave no better plan (8 or 16 GPUs + 16 redundant, docs/benchmarks.md) and the column start gets its
             # construction time
-            T, Q = anchor_stats(problem, data.load, p.number("smoothing", 0.0, lo=0.0, hi=1.0))
+            T, Q = anchor_stats(problem, data.load, _smoothing(p))
             chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
-            cap = p.number("chain_cap", 1.2, lo=1.0)
-            candidates.append((f"chain cap {cap}", construct(chain, r, cap, p.integer("sweeps", 8, lo=1), c_deadline,
+            cap = cfg["chain_cap"]
+            candidates.append((f"chain cap {cap}", construct(chain, r, cap, cfg["sweeps"] or 8, c_deadline,
                                                              start=base)))
     scored, built = [], {}
     for name, X in candidates:
@@ -1516,7 +1521,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     stats["construction"] = {name: v for v, name, _ in scored}
     stats["construction_seconds"] = time.perf_counter() - t0
     state, picked, starts = None, None, {}
-    search = p.flag("local_search", True)
+    search = cfg["local_search"]
     built = {name: built[name] for _, name, _ in (order if search else order[:1])}  # drop states never descended
     first_secs = None
     for _, name, _ in (order if search else order[:1]):
@@ -1535,7 +1540,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     built.clear()
     stats["construction_pick"] = picked
     stats["starts"] = starts
-    if search and p.flag("iterated", True) and time.perf_counter() < deadline:
+    if search and cfg["iterated"] and time.perf_counter() < deadline:
         stats["kicks"], stats["kicks_kept"] = iterated_search(state, deadline, rng, say=say)
     state.resync()
     if data.aff is not None:
