@@ -97,18 +97,22 @@ def check_common_options(values: dict) -> None:
     """Options several commands share, checked once for all of them (by parameter name): ``--seed`` (a numpy
     seed: not negative), ``--threads`` (at least 1), ``--time-limit`` (positive seconds), ``--gpus`` (1 to
     :data:`MAX_GPUS`), ``--redundant`` (at most :data:`MAX_REDUNDANT`) and ``--holdout`` (a share in [0, 1))."""
-    seed = values.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and seed < 0:
+    def given(name: str) -> int | None:  # an integer option's value (typer gives ints; bool is an int too)
+        v = values.get(name)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    seed = given("seed")
+    if seed is not None and seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
-    threads = values.get("threads")
-    if isinstance(threads, int) and not isinstance(threads, bool) and threads < 1:
+    threads = given("threads")
+    if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}; leave it out to use the default")
-    gpus = values.get("gpus")
-    if isinstance(gpus, int) and not isinstance(gpus, bool) and not 1 <= gpus <= MAX_GPUS:
+    gpus = given("gpus")
+    if gpus is not None and not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus must be between 1 and {MAX_GPUS}, got {gpus}"
                         + ("" if gpus < 1 else "; moeplace plans expert-parallel groups of at most that size"))
-    redundant = values.get("redundant")
-    if isinstance(redundant, int) and not isinstance(redundant, bool) and redundant > MAX_REDUNDANT:
+    redundant = given("redundant")
+    if redundant is not None and redundant > MAX_REDUNDANT:
         raise UserError(f"--redundant must be at most {MAX_REDUNDANT} slots in total, got {redundant}")
     holdout = values.get("holdout")
     if isinstance(holdout, float) and not 0.0 <= holdout < 1.0:

@@ -273,9 +273,9 @@ def parse_layers(spec: str) -> np.ndarray:
                 raise PlacementImportError(f"--moe-layers {spec!r} reaches layer {b}; models have fewer than "
                                            f"{MAX_DECODER_LAYERS} decoder layers, give the MoE layers' indices")
             out.extend(range(a, b + 1))
-    except ValueError as exc:
-        if isinstance(exc, PlacementImportError):
-            raise
+    except PlacementImportError:  # a ValueError too: let it through as it is
+        raise
+    except ValueError:
         raise PlacementImportError(f"--moe-layers {spec!r} must look like 1-26 or 1,3,5") from None
     arr = np.asarray(sorted(set(out)), dtype=np.int64)
     if arr.size == 0 or arr.min() < 0:
