@@ -23,7 +23,8 @@ if [ -n "$WHEEL" ]; then "$PIP" install -q "$WHEEL"; else "$PIP" install -q torc
 "$PIP" install -q --no-deps "vllm==$VERSION"
 "$PIP" install -q psutil cbor2 aiohttp openai openai-harmony multidict yarl propcache aiohappyeyeballs aiosignal \
     frozenlist pybase64 cachetools msgspec uvloop prometheus_client xgrammar apache-tvm-ffi fastapi starlette \
-    opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions partial-json-parser llguidance einops
+    opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions partial-json-parser llguidance einops \
+    urllib3 requests cloudpickle py-cpuinfo
 "$ENV_DIR/bin/python" - <<'PY'
 import vllm, torch
 from vllm.distributed.eplb import eplb_state  # noqa: F401

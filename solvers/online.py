@@ -20,8 +20,9 @@ the intra-node link, as the joint planner's ``migration_cost``).
 Method.
 
 1. Profiles: the newest ``history`` windows, cut at the most recent change of workload: walking back from the
-   newest window, an older one is kept while its total-variation distance to the mean of those kept is at most
-   ``change_factor`` x the median distance between consecutive windows (the noise level of the windows given).
+   newest window, an older one is kept while its total-variation distance to those kept is at most
+   ``change_factor`` x what sampling alone would give (:func:`sampling_tv`; counts as recorded, so their size sets
+   the noise).
    After a phase change the placement follows the new phase at the first rebalance that sees a whole window of it.
 2. Fresh plan (:func:`fresh_plan`): replicas by water-filling (each extra slot to the expert with the largest load
    per replica, at most one copy per GPU), copies packed heaviest first onto the least-loaded GPU that has room and
@@ -119,26 +120,36 @@ def _tv(a: np.ndarray, b: np.ndarray) -> float:
     return float(0.5 * np.abs(pa - pb).sum(axis=-1).mean())
 
 
-def select_windows(windows: np.ndarray, history: int = 4, change_factor: float = 2.0) -> tuple[np.ndarray, dict]:
+def sampling_tv(a: np.ndarray, b: np.ndarray) -> float:
+    """Expected total-variation distance between the expert distributions of two windows ``a, b [L, E]`` drawn
+    from one distribution (their pooled one), if each window's assignments were independent draws:
+    ``0.5 sum_e sqrt(2 / pi) sqrt(p_e (1 - p_e) (1 / M_a + 1 / M_b))``, mean over layers (M: a window's total)."""
+    Ma = np.maximum(a.sum(axis=-1, keepdims=True), 1e-300)
+    Mb = np.maximum(b.sum(axis=-1, keepdims=True), 1e-300)
+    p = (a + b) / (Ma + Mb)
+    return float((0.5 * np.sqrt(2.0 / np.pi) * np.sqrt(p * (1.0 - p) * (1.0 / Ma + 1.0 / Mb))).sum(axis=-1).mean())
+
+
+def select_windows(windows: np.ndarray, history: int = 4, change_factor: float = 3.0) -> tuple[np.ndarray, dict]:
     """The profiles the policy plans on: ``[H, L, E]``, newest last, each scaled to the newest window's totals.
 
     Args:
-        windows: ``[N, L, E]`` per-expert counts of consecutive windows, newest last (more than ``history`` may be
-            given: all of them set the noise level).
+        windows: ``[N, L, E]`` per-expert counts of consecutive windows, newest last (counts as recorded: their
+            size sets the sampling noise).
         history: at most this many newest windows are kept.
-        change_factor: an older window is dropped, with every window before it, when its distance to the mean of
-            the newer windows kept exceeds this many times the median distance between consecutive windows.
+        change_factor: walking back from the newest window, an older window is dropped, with every window before
+            it, when its distance to the windows kept so far exceeds this many times the distance sampling alone
+            would give (:func:`sampling_tv`): the workload changed there.
     Returns:
         profiles and ``{"windows": H, "change": bool}`` (change: a window was dropped for its distance).
     """
     W = np.asarray(windows, dtype=np.float64)
     N = W.shape[0]
-    d = [_tv(W[i], W[i + 1]) for i in range(N - 1)]
-    ref = float(np.median(d)) if d else 0.0
     keep = [N - 1]
     change = False
     for i in range(N - 2, max(N - 1 - history, -1), -1):
-        if _tv(W[i], W[keep].mean(axis=0)) > change_factor * ref + 1e-12:
+        kept = W[keep].sum(axis=0)
+        if _tv(W[i], kept) > change_factor * sampling_tv(W[i], kept):
             change = True
             break
         keep.append(i)
@@ -634,7 +645,7 @@ def rebalance(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes:
               old_phy2log: np.ndarray | None = None, *, history: int = 4, max_moves: int | None = None,
               move_cost: float | None = None, horizon: float = 1.0, keep_groups_on_nodes: bool = False,
               cost: CostModel | None = None, intra_node_bandwidth: float = 450e9, inter_node_bandwidth: float = 50e9,
-              change_factor: float = 2.0, max_rounds: int = 400) -> tuple[np.ndarray, dict]:
+              change_factor: float = 3.0, max_rounds: int = 400) -> tuple[np.ndarray, dict]:
     """The next placement (see the module docstring).
 
     Args:
