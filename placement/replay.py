@@ -9,8 +9,8 @@ keeps itself), and its map is judged on ``[t_k, t_k + interval)``, the traffic i
 rebalance. Positions are tokens for a token trace and rows for count windows.
 
 Per rebalance and overall, for every policy: load imbalance (mean over layers and the worst layer, on the judged
-traffic), the estimated MoE time of that traffic (the exact evaluator, :func:`placement.evaluate.token_traffic`
-and :func:`solvers.cost.layer_seconds`, on tokens; the counts model of :func:`solvers.cost.estimate_layer_seconds`
+traffic), the estimated MoE time of that traffic (on tokens the exact evaluator, as ``moeplace evaluate`` computes it
+on the interval's tokens: :func:`placement.evaluate.token_traffic` and :func:`solvers.cost.layer_seconds`; the counts model of :func:`solvers.cost.estimate_layer_seconds`
 on counts), the expert copies moved (an expert landing on a GPU that did not hold it), their bytes at the cost
 model's expert size, the migration time they take on the links (every copy sent from a GPU that held the expert,
 in the receiver's node when one does; all layers' copies share the links:
@@ -171,7 +171,8 @@ class _Stream:
         if self.unit == "tokens":
             from placement.evaluate import token_traffic
 
-            tr = token_traffic(phy2log, self.num_experts, topo, self.ids[a:b], self.seq[a:b])
+            home = np.unique(self.seq[a:b], return_inverse=True)[1]  # as the evaluator numbers a trace's sequences
+            tr = token_traffic(phy2log, self.num_experts, topo, self.ids[a:b], home.astype(np.int64))
             return float(layer_seconds(gpu_load(phy2log, load, topo), tr["dispatch_pairs"] * cost.token_bytes,
                                        topo, cost).sum())
         return float(estimate_layer_seconds(phy2log, load, topo, cost).sum())

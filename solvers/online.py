@@ -81,6 +81,10 @@ class Layout:
                                    f"({G})")
         if grp < 1 or E % grp:
             raise SolverInputError(f"num_groups ({grp}) must divide the {E} experts")
+        if S // G > (E // N if self.keep_groups else E):
+            raise SolverInputError(f"{S // G} slots per GPU cannot hold distinct experts ({E // N if self.keep_groups else E} "
+                                   f"to choose from{' per node' if self.keep_groups else ''}); a GPU holds at most one "
+                                   f"copy of an expert, so use fewer redundant slots")
         if self.keep_groups:
             if grp % N:
                 raise SolverInputError(f"keeping expert groups on nodes needs num_groups ({grp}) to be a multiple "
@@ -509,8 +513,9 @@ class _Search:
                 pa = self.piece[:, ls[:, None], a]
                 pb = self.piece[:, ls[:, None], b]
                 new = np.repeat(glp[:, :, None, :], k, axis=2)  # [N, L, k, G]
-                np.add.at(new, (slice(None), li[:, None], np.arange(k)[None, :], ga), pb - pa)
-                np.add.at(new, (slice(None), li[:, None], np.arange(k)[None, :], gb), pa - pb)
+                kk = np.arange(k)[None, :]
+                new[:, li[:, None], kk, ga] += pb - pa  # ga != gb: one update per (layer, candidate) and GPU
+                new[:, li[:, None], kk, gb] += pa - pb
             else:
                 e, ga = X[li[:, None], a], self.gos[a]
                 re, rf = r[li[:, None], e].astype(float), r[li[:, None], b].astype(float)
