@@ -21,6 +21,16 @@ work. With ``MOEPLACE_PLAN`` unset it does nothing. Otherwise it wraps vLLM's ``
 By default the placement then stays fixed: the EPLB rearrangement interval is pushed out of reach. Set
 ``MOEPLACE_EPLB_REBALANCE=1`` to let vLLM's EPLB keep rebalancing, starting from the plan.
 
+Online rebalancing with moeplace's policy: set ``MOEPLACE_EPLB_POLICY=moeplace`` (with or without a plan) and vLLM's
+online EPLB (``--enable-eplb``) calls :class:`placement.online.OnlinePolicy` instead of its default policy at every
+rearrangement: the plugin registers it in vLLM's policy registry (``vllm.distributed.eplb.policy.EPLB_POLICIES``,
+key ``"moeplace"``) and sets it on the EPLB state right after vLLM has built it (vLLM's ``eplb_config.policy`` accepts
+only built-in names, so an environment variable chooses it). Its options come as JSON in
+``MOEPLACE_EPLB_POLICY_OPTIONS`` (e.g. ``{"max_moves": 512, "model": "deepseek-v3"}``); its horizon defaults to
+vLLM's ``step_interval / window_size``. If the policy fails or returns an unusable map, that rearrangement uses
+vLLM's default policy (one warning). Every EP rank runs the same deterministic policy on the same all-reduced counts,
+so all ranks compute the same map.
+
 A plan that does not fit, a vLLM without these hooks, or any unexpected error while checking logs one warning
 (logger ``vllm.moeplace``) and leaves vLLM's default placement; the server starts either way. The one exception is
 a failure inside vLLM's weight transfer after every rank has agreed: weights may then be half moved, and serving
@@ -38,8 +48,13 @@ import re
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
+
 ENV_PLAN = "MOEPLACE_PLAN"
 ENV_REBALANCE = "MOEPLACE_EPLB_REBALANCE"
+ENV_POLICY = "MOEPLACE_EPLB_POLICY"
+ENV_POLICY_OPTIONS = "MOEPLACE_EPLB_POLICY_OPTIONS"
+POLICY_NAME = "moeplace"
 FROZEN_INTERVAL = 1 << 62  # steps until vLLM's next EPLB rearrangement once the plan is installed
 _HOOK_ATTR = "_moeplace_hook"
 
@@ -69,17 +84,24 @@ def register() -> None:
 
 def _register() -> None:
     path = os.environ.get(ENV_PLAN)
-    if not path:
+    policy = os.environ.get(ENV_POLICY)
+    if not path and not policy:
         return
+    what = f"{ENV_PLAN}={path}" if path else f"{ENV_POLICY}={policy}"
+    if policy and policy != POLICY_NAME:
+        _warn(f"{ENV_POLICY}={policy!r} is not a moeplace policy (the one policy is {POLICY_NAME!r}); vLLM keeps its "
+              f"default EPLB policy")
+        if not path:
+            return
     try:
         from vllm.distributed.eplb import eplb_state as es
     except Exception as exc:  # noqa: BLE001
-        _warn(f"{ENV_PLAN}={path} is set but vLLM's EPLB module cannot be imported ({type(exc).__name__}: {exc}); "
+        _warn(f"{what} is set but vLLM's EPLB module cannot be imported ({type(exc).__name__}: {exc}); "
               f"moeplace needs vLLM >= 0.10 with EPLB; vLLM keeps its default expert placement")
         return
     cls = getattr(es, "EplbState", None)
     if cls is None:
-        _warn(f"this vLLM has no EplbState; {ENV_PLAN} is ignored and vLLM keeps its default expert placement")
+        _warn(f"this vLLM has no EplbState; {what} is ignored and vLLM keeps its default expert placement")
         return
     if callable(getattr(cls, "add_model", None)):
         if not getattr(cls.add_model, _HOOK_ATTR, False):
@@ -88,16 +110,15 @@ def _register() -> None:
         if not getattr(cls.build, _HOOK_ATTR, False):
             cls.build = _wrap_build(cls.build)
     else:
-        _warn(f"this vLLM's EplbState has neither add_model nor build; {ENV_PLAN} is ignored and vLLM keeps its "
+        _warn(f"this vLLM's EplbState has neither add_model nor build; {what} is ignored and vLLM keeps its "
               f"default expert placement")
         return
     if _eplb_enabled_in_caller() is False:
-        _warn(f"{ENV_PLAN}={path} is set but EPLB is off, so vLLM builds no EPLB state and the plan is not "
-              f"installed; add --enable-eplb (and --eplb-config '{{\"num_redundant_experts\": R}}')")
-    elif path not in _announced:
-        _announced.add(path)
-        log.info("moeplace: %s=%s; the plan is installed when vLLM builds its EPLB state (needs --enable-eplb)",
-                 ENV_PLAN, path)
+        _warn(f"{what} is set but EPLB is off, so vLLM builds no EPLB state and moeplace is not used; add "
+              f"--enable-eplb (and --eplb-config '{{\"num_redundant_experts\": R}}')")
+    elif what not in _announced:
+        _announced.add(what)
+        log.info("moeplace: %s; used when vLLM builds its EPLB state (needs --enable-eplb)", what)
 
 
 def _eplb_enabled_in_caller(max_depth: int = 16) -> bool | None:
@@ -142,7 +163,9 @@ def _wrap_add_model(orig):
     def add_model(self, model, model_config, *args, **kwargs):
         before = set(getattr(self, "model_states", None) or {})
         result = orig(self, model, model_config, *args, **kwargs)
-        _guarded(_after_add_model, self, model, model_config, before, args, kwargs)
+        if os.environ.get(ENV_PLAN):
+            _guarded(_after_add_model, self, model, model_config, before, args, kwargs)
+        _guarded(install_policy, self)
         return result
 
     setattr(add_model, _HOOK_ATTR, True)
@@ -156,8 +179,9 @@ def _wrap_build(orig):
     def build(cls, model, device, parallel_config, *args, **kwargs):
         state = func(cls, model, device, parallel_config, *args, **kwargs)
         load = kwargs.get("global_expert_load", args[0] if args else None)
-        if load is None:  # initial build; a non-None load means an elastic rescale: leave it to vLLM
+        if load is None and os.environ.get(ENV_PLAN):  # initial build (a load: an elastic rescale, vLLM's own)
             _guarded(_install, model, state, state)
+        _guarded(install_policy, state)
         return state
 
     setattr(build, _HOOK_ATTR, True)
@@ -390,7 +414,8 @@ def _install(model, model_state, eplb_state, api: SimpleNamespace | None = None)
                                  f"({type(exc).__name__}: {exc}); expert weights may be partly moved, so the server "
                                  f"stops instead of serving wrong results; unset {ENV_PLAN} to start with vLLM's "
                                  f"default placement") from exc
-    rebalance = os.environ.get(ENV_REBALANCE, "").lower() in ("1", "true", "yes")
+    rebalance = os.environ.get(ENV_REBALANCE, "").lower() in ("1", "true", "yes") or \
+        os.environ.get(ENV_POLICY) == POLICY_NAME
     if not rebalance:
         _freeze(eplb_state)
     if int(getattr(coord, "rank_in_group", 0)) == 0:
@@ -398,4 +423,123 @@ def _install(model, model_state, eplb_state, api: SimpleNamespace | None = None)
                  plan.name, plan.num_layers, plan.num_slots, int(getattr(coord, "world_size", 1)),
                  plan.num_redundant, "" if rebalance else f"; EPLB rebalancing is off (set {ENV_REBALANCE}=1 to "
                                                           f"keep it)")
+    return True
+
+
+# online rebalancing policy ------------------------------------------------------------------------------------
+
+def _policy_options() -> dict | None:
+    """The policy's options from ``MOEPLACE_EPLB_POLICY_OPTIONS`` (JSON object), or None (with a warning)."""
+    import json
+
+    text = os.environ.get(ENV_POLICY_OPTIONS, "").strip()
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _warn(f"{ENV_POLICY_OPTIONS} is not JSON ({exc}); vLLM keeps its default EPLB policy")
+        return None
+    if not isinstance(opts, dict):
+        _warn(f"{ENV_POLICY_OPTIONS} must be a JSON object such as {{\"max_moves\": 512}}; vLLM keeps its default "
+              f"EPLB policy")
+        return None
+    return opts
+
+
+def _returns_tuple(default_cls) -> bool:
+    """Whether this vLLM's policies return ``(phy2log, log2phy, logcnt)`` (older) instead of ``phy2log`` alone."""
+    ann = inspect.signature(default_cls.rebalance_experts).return_annotation
+    return "tuple" in str(ann).lower()
+
+
+def _maps(phy2log, num_experts: int):
+    """``(phy2log, log2phy [L, E, R] -1 padded, logcnt [L, E])`` as vLLM's older policies return them."""
+    import torch
+
+    from solvers.objective import replica_counts
+
+    X = phy2log.cpu().numpy()
+    cnt = replica_counts(X, num_experts)
+    R = max(int(cnt.max()), 1)
+    L, S = X.shape
+    l2p = np.full((L, num_experts, R), -1, dtype=np.int64)
+    fill = np.zeros((L, num_experts), dtype=np.int64)
+    for l in range(L):
+        for s in range(S):
+            e = X[l, s]
+            l2p[l, e, fill[l, e]] = s
+            fill[l, e] += 1
+    return phy2log, torch.as_tensor(l2p), torch.as_tensor(cnt)
+
+
+def make_policy_class(base_cls, fallback_cls, options: dict):
+    """A vLLM EPLB policy class (subclass of ``base_cls``) running :class:`placement.online.OnlinePolicy` with
+    ``options``; any failure or unusable map falls back to ``fallback_cls`` for that call, with one warning."""
+    from placement.online import OnlinePolicy, check_map
+
+    online = OnlinePolicy(**options)
+    as_tuple = _returns_tuple(fallback_cls)
+
+    class MoeplaceEplbPolicy(base_cls):
+        moeplace = online
+        fallback = fallback_cls
+
+        @classmethod
+        def rebalance_experts(cls, weight, num_replicas, num_groups, num_nodes, num_ranks,
+                              old_global_expert_indices=None, *args, **kwargs):
+            try:
+                new = cls.moeplace(weight, num_replicas, num_groups, num_nodes, num_ranks, old_global_expert_indices)
+                L, E = weight.shape[-2:]
+                reason = check_map(new.cpu().numpy(), L, E, num_replicas, num_ranks)
+                if reason is not None:
+                    raise ValueError(reason)
+                new = new.cpu()
+                return _maps(new, E) if as_tuple else new
+            except Exception as exc:  # noqa: BLE001 - the stack's default policy stays in charge
+                _warn(f"moeplace's EPLB policy failed ({type(exc).__name__}: {exc}); this rearrangement uses vLLM's "
+                      f"default policy")
+                return cls.fallback.rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_ranks,
+                                                      old_global_expert_indices, *args, **kwargs)
+
+    return MoeplaceEplbPolicy
+
+
+def install_policy(eplb_state) -> bool:
+    """Make ``eplb_state`` rearrange with moeplace's policy when ``MOEPLACE_EPLB_POLICY=moeplace``; True if done.
+    Never raises for a vLLM it does not know: one warning, vLLM's default policy stays."""
+    if os.environ.get(ENV_POLICY) != POLICY_NAME:
+        return False
+    try:
+        from vllm.distributed.eplb import policy as registry
+    except Exception as exc:  # noqa: BLE001
+        _warn(f"this vLLM has no EPLB policy registry (vllm.distributed.eplb.policy: {type(exc).__name__}: {exc}); "
+              f"{ENV_POLICY} is ignored and vLLM keeps its default EPLB policy")
+        return False
+    base = getattr(registry, "AbstractEplbPolicy", None)
+    current = getattr(eplb_state, "policy", None)
+    if base is None or current is None or not callable(getattr(current, "rebalance_experts", None)):
+        _warn(f"this vLLM's EPLB state has no policy to replace; {ENV_POLICY} is ignored and vLLM keeps its default "
+              f"EPLB policy")
+        return False
+    if getattr(current, "moeplace", None) is not None:
+        return True  # already ours
+    options = _policy_options()
+    if options is None:
+        return False
+    if "horizon" not in options:
+        window = getattr(eplb_state, "expert_load_window_size", 0) or 0
+        interval = getattr(eplb_state, "expert_rearrangement_step_interval", 0) or 0
+        if window > 0 and interval > 0:
+            options["horizon"] = interval / window
+    try:
+        cls = make_policy_class(base, current, options)
+    except Exception as exc:  # noqa: BLE001 - bad options: one sentence
+        _warn(f"{ENV_POLICY_OPTIONS} cannot be used ({exc}); vLLM keeps its default EPLB policy")
+        return False
+    registry.EPLB_POLICIES[POLICY_NAME] = cls
+    eplb_state.policy = cls
+    if POLICY_NAME not in _announced:
+        _announced.add(POLICY_NAME)
+        log.info("moeplace: vLLM's EPLB rearrangements use moeplace's online policy (options %s)", options)
     return True

@@ -8,8 +8,13 @@ docs/serving.md): against vLLM's real classes, two EP ranks on CPU (gloo) build 
 must move the expert weights with vLLM's ``rearrange_expert_weights_inplace`` and publish the maps, refuse a
 mismatched plan on every rank, and keep every rank on the default when one rank lacks the plan file.
 Test-environment substitutions there (CPU-only machine): no pinned host memory, the ``torch_nccl`` EPLB
-communicator (which vLLM runs over the CPU process group for CPU tensors), and a stand-in MoE model exposing
-vLLM's ``MixtureOfExperts`` attributes whose expert weights encode their logical expert id.
+communicator (which vLLM runs over the CPU process group for CPU tensors), a stand-in MoE model exposing
+vLLM's ``MixtureOfExperts`` attributes whose expert weights encode their logical expert id, a model-config stand-in
+with ``compute_hash`` and ``compile_factors`` (vLLM >= 0.34 keys model states by the latter) and, for the online
+rearrangement, a ``torch.Event`` that records nothing (rank 0 times a rearrangement with device events).
+
+Set up from a clean machine with ``scripts/tier-vllm.sh 0.34.0`` (or ``0.33.0``), then
+``/work/side-envs/vllm-0.34.0/bin/python -m pytest tests/test_vllm_plugin.py``.
 """
 
 from __future__ import annotations
@@ -355,26 +360,59 @@ def _rank_worker(rank, world, port, scenarios, out_dir):
                 mod.PIN_MEMORY = False  # no pinned host memory without a GPU
         for i, sc in enumerate(scenarios):
             path = sc["plan_on_rank"][rank]
-            os.environ[plugin.ENV_PLAN] = path
+            os.environ.pop(plugin.ENV_POLICY, None)
+            if path is None:
+                os.environ.pop(plugin.ENV_PLAN, None)
+            else:
+                os.environ[plugin.ENV_PLAN] = path
+            if sc.get("policy"):
+                os.environ[plugin.ENV_POLICY] = plugin.POLICY_NAME
             plugin.register()
             plugin.register()  # vLLM may load plugins more than once per process
             initial = es.EplbState.build_initial_global_physical_to_logical_map(64, R)
             model = _MoEStandIn(64, R, 26, world, rank, initial)
             n_before = len(records)
+            # vLLM >= 0.34 keys model states by the config's compile factors, earlier ones by compute_hash()
+            mc = SimpleNamespace(model="deepseek-v2-lite", compute_hash=lambda i=i: f"h{i}",
+                                 compile_factors=lambda i=i: {"scenario": i})
             if hasattr(es.EplbState, "add_model"):  # vLLM >= 0.13
                 state = es.EplbState(pc, torch.device("cpu"))
-                mc = SimpleNamespace(model="deepseek-v2-lite", compute_hash=lambda i=i: f"h{i}")
                 state.add_model(model, mc)
-                ms = state.model_states[f"h{i}"]
+                ms = next(iter(state.model_states.values()))
             else:  # vLLM 0.10-0.12
                 state = ms = es.EplbState.build(model, torch.device("cpu"), pc)
+            extra = {}
+            if sc.get("policy"):  # one real rearrangement with the load window the test gives (rank 0 only)
+                if not hasattr(torch, "_moeplace_cpu_event"):  # rank 0 times the rearrangement with device events,
+                    class _CpuEvent:  # which a CPU build cannot record: a stand-in that measures nothing
+                        def __init__(self, *a, **k):
+                            pass
+
+                        def record(self, *a, **k):
+                            pass
+
+                        def synchronize(self):
+                            pass
+
+                        def elapsed_time(self, other):
+                            return 0.0
+
+                    torch.Event, torch._moeplace_cpu_event = _CpuEvent, True
+                load = torch.tensor(sc["load"], dtype=ms.expert_load_window.dtype)
+                ms.expert_load_window.zero_()
+                if rank == 0:
+                    ms.expert_load_window[0] = load
+                extra = {"policy": getattr(state.policy, "__name__", str(state.policy)),
+                         "horizon": state.expert_rearrangement_step_interval / state.expert_load_window_size,
+                         "p2l_before": ms.physical_to_logical_map.tolist()}
+                state.rearrange()
             results.append({"p2l": ms.physical_to_logical_map.tolist(),
                             "l2p": ms.logical_to_physical_map[:, :, :4].tolist(),
                             "cnt": ms.logical_replica_count.tolist(),
                             "w0": [w[0][:, 0].tolist() for w in model.expert_weights],
                             "w1": [w[1][:, 2].tolist() for w in model.expert_weights],
                             "interval": state.expert_rearrangement_step_interval,
-                            "logs": records[n_before:]})
+                            "logs": records[n_before:], **extra})
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
 
 
@@ -476,3 +514,32 @@ def test_real_engine_args_without_eplb_warn(fit, tmp_path, monkeypatch, records)
         pass
     w = warnings_of(records)
     assert len(w) == 1 and "EPLB is off" in w[0] and "--enable-eplb" in w[0]
+
+
+@needs_vllm
+def test_vllm_online_rearrangement_uses_the_moeplace_policy(tmp_path):
+    """MOEPLACE_EPLB_POLICY=moeplace: a real EplbState.rearrange() on two CPU ranks calls moeplace's policy with the
+    all-reduced load window, moves the expert weights with vLLM's own transfer, and ends with moeplace's map."""
+    from placement.online import rebalance
+    from traces import datasets
+    from traces.format import layer_counts
+
+    if not _transfer_runs_on_cpu():
+        pytest.skip("this vLLM's weight transfer needs a GPU")
+    G, R = 2, 2
+    counts = layer_counts(datasets.load(tasks=["law"]).expert_ids[:2000], 64).astype(float)  # real [26, 64] window
+    load = np.zeros((26, 64 + R))
+    load[:, :64] = counts  # vLLM's initial map puts expert s in slot s for s < 64: logical load = these counts
+    ranks = _run_ranks([{"plan_on_rank": [None] * G, "vllm_redundant": R, "policy": True, "load": load.tolist()}],
+                       tmp_path)
+    spg = (64 + R) // G
+    layer = 1000 * np.arange(26)[:, None]
+    for rank, (res,) in enumerate(ranks):
+        assert res["policy"] == "MoeplaceEplbPolicy"
+        before = np.asarray(res["p2l_before"])
+        expected = rebalance(counts, 64 + R, 1, 1, G, before, horizon=res["horizon"])
+        assert np.array_equal(res["p2l"], expected)
+        assert not np.array_equal(expected, before)
+        local = expected[:, rank * spg:(rank + 1) * spg]
+        assert np.array_equal(res["w0"], local + layer) and np.array_equal(res["w1"], local + layer)
+        assert not [m for lvl, m in res["logs"] if lvl == "WARNING"], res["logs"]
