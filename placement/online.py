@@ -35,7 +35,7 @@ from solvers.base import SolverInputError
 __all__ = ["rebalance", "OnlinePolicy", "RebalanceInputError", "check_map", "OPTIONS"]
 
 OPTIONS = ("history", "max_moves", "move_cost", "horizon", "keep_groups_on_nodes", "model", "cost",
-           "intra_node_bandwidth", "inter_node_bandwidth", "change_factor", "max_rounds")
+           "intra_node_bandwidth", "inter_node_bandwidth", "change_factor", "max_rounds", "resamples")
 
 
 class RebalanceInputError(SolverInputError):
@@ -105,9 +105,12 @@ def _options(options: dict, num_groups: int, num_nodes: int) -> dict:
         mm = out["max_moves"]
         if isinstance(mm, bool) or not isinstance(mm, (int, np.integer)) or mm < 0:
             raise RebalanceInputError(f"max_moves must be a non-negative integer, got {mm!r}")
-    for key, lo in (("history", 1), ("max_rounds", 1)):
+    for key in ("history", "max_rounds"):
         if key in out:
             _check_int(key, out[key])
+    if "resamples" in out and (isinstance(out["resamples"], bool) or not isinstance(out["resamples"], (int, np.integer))
+                               or out["resamples"] < 0):
+        raise RebalanceInputError(f"resamples must be a non-negative integer, got {out['resamples']!r}")
     for key in ("move_cost", "horizon", "change_factor", "intra_node_bandwidth", "inter_node_bandwidth"):
         if key in out:
             v = out[key]

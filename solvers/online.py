@@ -650,7 +650,7 @@ def rebalance(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes:
               old_phy2log: np.ndarray | None = None, *, history: int = 4, max_moves: int | None = None,
               move_cost: float | None = None, horizon: float = 1.0, keep_groups_on_nodes: bool = False,
               cost: CostModel | None = None, intra_node_bandwidth: float = 450e9, inter_node_bandwidth: float = 50e9,
-              change_factor: float = 3.0, max_rounds: int = 400) -> tuple[np.ndarray, dict]:
+              change_factor: float = 3.0, max_rounds: int = 400, resamples: int = 4) -> tuple[np.ndarray, dict]:
     """The next placement (see the module docstring).
 
     Args:
@@ -672,18 +672,21 @@ def rebalance(weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes:
     with blas_threads(1):  # many small products: one thread is fastest (solvers/_blas.py) and the budget is one core
         return _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, old_phy2log, history, max_moves,
                           move_cost, horizon, keep_groups_on_nodes, cost, intra_node_bandwidth, inter_node_bandwidth,
-                          change_factor, max_rounds)
+                          change_factor, max_rounds, resamples)
 
 
 def _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, old_phy2log, history, max_moves, move_cost,
                horizon, keep_groups_on_nodes, cost, intra_node_bandwidth, inter_node_bandwidth, change_factor,
-               max_rounds):
+               max_rounds, resamples):
     W = np.asarray(weight, dtype=np.float64)
     if W.ndim == 2:
         W = W[None]
     _, L, E = W.shape
     layout = Layout(E, int(num_replicas), int(num_gpus), int(num_nodes), int(num_groups), bool(keep_groups_on_nodes))
     P, info = select_windows(W, history, change_factor)
+    if resamples:  # the next window differs by sampling noise: plan against Poisson draws around the pooled counts
+        rng = np.random.default_rng(0)  # fixed: every rank of a stack computes the same map
+        P = np.concatenate([P, rng.poisson(P.mean(axis=0), size=(int(resamples),) + P.shape[1:]).astype(np.float64)])
     w = np.full(P.shape[0], 1.0 / P.shape[0])
     cost = cost or CostModel()
     beta = seconds_per_assignment(cost, layout.num_gpus, layout.gpn, intra_node_bandwidth, inter_node_bandwidth)
