@@ -178,6 +178,23 @@ def seconds_per_assignment(cost: CostModel, num_gpus: int, gpus_per_node: int, i
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _smallest(a: np.ndarray, k: int) -> np.ndarray:
+    """int ``[R, k]`` indices of the k smallest entries of each row of ``a [R, n]``, ascending, ties by index (what a
+    stable argsort's first k columns give, without sorting whole rows)."""
+    n = a.shape[1]
+    if k >= n:
+        return np.argsort(a, axis=1, kind="stable")
+    part = np.sort(np.argpartition(a, k - 1, axis=1)[:, :k], axis=1)
+    # the k-th smallest value may be tied with entries left out: take those of lowest index, as a stable sort does
+    kth = np.take_along_axis(a, part, axis=1).max(axis=1, keepdims=True)
+    below = a < kth
+    if (below.sum(axis=1) + (a == kth).sum(axis=1) > k).any():
+        return np.argsort(a, axis=1, kind="stable")[:, :k]
+    del below
+    vals = np.take_along_axis(a, part, axis=1)
+    return np.take_along_axis(part, np.argsort(vals, axis=1, kind="stable"), axis=1)
+
+
 def _replicas(X: np.ndarray, E: int) -> np.ndarray:
     L = X.shape[0]
     return np.bincount((np.arange(L)[:, None] * E + X).ravel(), minlength=L * E).reshape(L, E)
@@ -426,7 +443,7 @@ class _Search:
 
         # the largest mean-profile load outside two GPUs, from the three largest
         k3 = min(3, G)
-        top = np.argsort(-gm, axis=1)[:, :k3]
+        top = _smallest(-gm, k3)
         topv = np.take_along_axis(gm, top, axis=1)
         if k3 < 3:
             top = np.pad(top, ((0, 0), (0, 3 - k3)), constant_values=-1)
@@ -447,7 +464,7 @@ class _Search:
             elig[li, h] = False
             C = int(min(16, elig.sum(axis=1).min()))
             if C > 0:
-                cool = np.argsort(np.where(elig, gm, np.inf), axis=1, kind="stable")[:, :C]  # [L, C]
+                cool = _smallest(np.where(elig, gm, np.inf), C)  # [L, C]
                 B = (cool[:, :, None] * spg + np.arange(spg)).reshape(L, -1)  # [L, C * spg]
                 A = h[:, None] * spg + np.arange(spg)[None, :]  # [L, spg]
                 ea, eb = X[li[:, None], A], X[li[:, None], B]
@@ -474,10 +491,10 @@ class _Search:
             Pm = self.Pm[ls]
             rs = r[li[:, None], X]  # [L, S]
             drop = np.where(rs >= 2, Pm[li[:, None], X] / np.maximum(rs - 1, 1), np.inf)
-            cand = np.argsort(drop, axis=1, kind="stable")[:, :min(4, S)]
+            cand = _smallest(drop, min(4, S))
             A = np.concatenate([cand, h[:, None] * spg + np.arange(spg)[None, :]], axis=1)  # [L, Ma]
-            hot = np.argsort(-np.where(r < lay.cap, Pm / r, -np.inf), axis=1, kind="stable")[:, :min(6, E)]
-            cold = np.argsort(np.where(r < lay.cap, Pm / (r + 1), np.inf), axis=1, kind="stable")[:, :min(2, E)]
+            hot = _smallest(-np.where(r < lay.cap, Pm / r, -np.inf), min(6, E))
+            cold = _smallest(np.where(r < lay.cap, Pm / (r + 1), np.inf), min(2, E))
             F = np.concatenate([hot, cold], axis=1)  # [L, Kf]
             e, ga = X[li[:, None], A], self.gos[A]
             re, rf = r[li[:, None], e].astype(float), r[li[:, None], F].astype(float)
@@ -505,7 +522,7 @@ class _Search:
         cur_n = glp.max(axis=-1)  # [N, L]
         for kind, val, dm, aa, bb in kinds:
             k = min(keep, val.shape[1])
-            idx = np.argsort(-val, axis=1, kind="stable")[:, :k]  # [L, k]
+            idx = _smallest(-val, k)  # [L, k]
             sv = np.take_along_axis(val, idx, axis=1)
             a, b, d = (np.take_along_axis(x, idx, axis=1) for x in (aa, bb, dm))
             if kind == 0:
@@ -694,12 +711,12 @@ def _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, old_phy2lo
     lam = mc / (beta * max(float(horizon), 1e-300))
     Pm = P.mean(axis=0)
 
-    fresh, _ = improve(fresh_plan(Pm, layout), P, w, layout, max_rounds=max_rounds)
-
     def score(X):
         return float(np.einsum("n,nl->", w, predicted_load(X, P, layout).max(axis=-1)))
 
+    start = fresh_plan(Pm, layout)
     if old_phy2log is None:
+        fresh, _ = improve(start, P, w, layout, max_rounds=max_rounds)
         return fresh, {**info, "moved": 0, "choice": "fresh", "predicted_load": [None, score(fresh)], "lam": lam}
     old = np.asarray(old_phy2log, dtype=np.int64)
     base, repaired = _dedupe(old, Pm, layout)
@@ -708,10 +725,14 @@ def _rebalance(weight, num_replicas, num_groups, num_nodes, num_gpus, old_phy2lo
     if not layout.keep_groups or _group_nodes(base, E, layout) is not None:
         inc, _ = improve(base, P, w, layout, old=old, lam=lam, max_moves=budget, max_rounds=max_rounds)
         candidates.append(("incremental", inc))
-    rel = relabel(fresh, old, E, layout)
-    moves_rel = int(moved_copies(rel, old, E, layout).sum())
-    if budget is None or moves_rel <= budget or not candidates:
-        candidates.append(("fresh", rel))
+    # the fresh plan, relabelled onto the map in service, is a candidate when it fits the move limit; its local
+    # search is skipped when even its start moves more than twice that limit (the search keeps most copies)
+    if budget is None or not candidates or \
+            moved_copies(relabel(start, old, E, layout), old, E, layout).sum() <= 2 * budget:
+        fresh, _ = improve(start, P, w, layout, max_rounds=max_rounds)
+        rel = relabel(fresh, old, E, layout)
+        if budget is None or moved_copies(rel, old, E, layout).sum() <= budget or not candidates:
+            candidates.append(("fresh", rel))
     best = None
     for name, X in candidates:
         m = int(moved_copies(X, old, E, layout).sum())
