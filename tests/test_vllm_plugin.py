@@ -543,3 +543,85 @@ def test_vllm_online_rearrangement_uses_the_moeplace_policy(tmp_path):
         local = expected[:, rank * spg:(rank + 1) * spg]
         assert np.array_equal(res["w0"], local + layer) and np.array_equal(res["w1"], local + layer)
         assert not [m for lvl, m in res["logs"] if lvl == "WARNING"], res["logs"]
+
+
+# the online policy hook, with a stand-in policy registry (no vLLM needed) -----------------------------------------
+
+def fake_registry(monkeypatch):
+    """vLLM's policy registry as 0.33/0.34 have it: an abstract base, the default policy, EPLB_POLICIES."""
+    import torch
+
+    from solvers.eplb import rebalance_experts
+
+    class AbstractEplbPolicy:
+        pass
+
+    class DefaultEplbPolicy(AbstractEplbPolicy):
+        calls = 0
+
+        @classmethod
+        def rebalance_experts(cls, weight, num_replicas, num_groups, num_nodes, num_ranks,
+                              old_global_expert_indices=None) -> torch.Tensor:
+            cls.calls += 1
+            return torch.as_tensor(rebalance_experts(weight.numpy(), num_replicas, num_groups, num_nodes,
+                                                     num_ranks)[0])
+
+    reg = types.ModuleType("vllm.distributed.eplb.policy")
+    reg.AbstractEplbPolicy, reg.DefaultEplbPolicy = AbstractEplbPolicy, DefaultEplbPolicy
+    reg.EPLB_POLICIES = {"default": DefaultEplbPolicy}
+    for name in ("vllm", "vllm.distributed", "vllm.distributed.eplb"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.eplb.policy", reg)
+    sys.modules["vllm.distributed.eplb"].policy = reg
+    return reg
+
+
+def test_policy_hook_installs_and_falls_back(fit, monkeypatch, records):
+    import torch
+
+    reg = fake_registry(monkeypatch)
+    monkeypatch.setenv(vllm_plugin.ENV_POLICY, vllm_plugin.POLICY_NAME)
+    monkeypatch.setenv(vllm_plugin.ENV_POLICY_OPTIONS, '{"max_moves": 50}')
+    state = SimpleNamespace(policy=reg.DefaultEplbPolicy, expert_load_window_size=1000,
+                            expert_rearrangement_step_interval=3000)
+    assert vllm_plugin.install_policy(state)
+    assert reg.EPLB_POLICIES["moeplace"] is state.policy and issubclass(state.policy, reg.AbstractEplbPolicy)
+    assert state.policy.moeplace.options == {"max_moves": 50, "horizon": 3.0}
+    weight = torch.tensor(fit.load_profile().logical_count[0])
+    old = torch.tensor(np.tile(np.arange(68) % 64, (26, 1)))
+    new = state.policy.rebalance_experts(weight, 68, 1, 1, 4, old)
+    assert isinstance(new, torch.Tensor) and reg.DefaultEplbPolicy.calls == 0
+    moved = sum(len(set(new[l, g * 17:(g + 1) * 17].tolist()) - set(old[l, g * 17:(g + 1) * 17].tolist()))
+                for l in range(26) for g in range(4))
+    assert 0 < moved <= 50
+    assert warnings_of(records) == []
+    # an unusable map in service (an expert id out of range): vLLM's default policy decides, one warning
+    bad = old.clone()
+    bad[0, 0] = 99
+    for _ in range(2):
+        out = state.policy.rebalance_experts(weight, 68, 1, 1, 4, bad)
+    assert reg.DefaultEplbPolicy.calls == 2 and tuple(out.shape) == (26, 68)
+    w = warnings_of(records)
+    assert len(w) == 1 and "default policy" in w[0]
+
+
+@pytest.mark.parametrize("case", ["bad-json", "bad-option", "no-registry", "other-name"])
+def test_policy_hook_problems_keep_vllm_default(monkeypatch, records, case):
+    reg = fake_registry(monkeypatch)
+    monkeypatch.setenv(vllm_plugin.ENV_POLICY, vllm_plugin.POLICY_NAME)
+    state = SimpleNamespace(policy=reg.DefaultEplbPolicy)
+    if case == "bad-json":
+        monkeypatch.setenv(vllm_plugin.ENV_POLICY_OPTIONS, "{max_moves: 5")
+    elif case == "bad-option":
+        monkeypatch.setenv(vllm_plugin.ENV_POLICY_OPTIONS, '{"max_movez": 5}')
+    elif case == "no-registry":
+        monkeypatch.setitem(sys.modules, "vllm.distributed.eplb.policy", None)  # a vLLM before the registry
+        monkeypatch.delattr(sys.modules["vllm.distributed.eplb"], "policy")
+    else:
+        monkeypatch.setenv(vllm_plugin.ENV_POLICY, "fancy")
+    assert not vllm_plugin.install_policy(state)
+    if case == "other-name":
+        vllm_plugin.register()  # the name is checked (and warned about) where the plugin is loaded
+    assert state.policy is reg.DefaultEplbPolicy and "moeplace" not in reg.EPLB_POLICIES
+    w = warnings_of(records)
+    assert len(w) == 1 and ("default EPLB policy" in w[0]), w
