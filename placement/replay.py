@@ -41,7 +41,7 @@ from traces import LoadProfile, RoutingTrace
 from traces.format import layer_counts
 
 __all__ = ["POLICIES", "ReplaySetup", "ReplayError", "make_policy", "replay", "migration", "summary_rows",
-           "plot_replay"]
+           "plot_replay", "markdown_table"]
 
 POLICIES = ("eplb", "eplb-global", "eplb-hierarchical", "static", "moeplace")
 
@@ -331,3 +331,14 @@ def plot_replay(result: dict, path=None):
     if path is not None:
         plots.save(fig, path)
     return fig
+
+
+def markdown_table(result: dict) -> str:
+    """The overall numbers of a replay as a Markdown table, one row per policy (for reports; see
+    :func:`plot_replay` for the figure)."""
+    head = "| policy | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [head, "| --- |" + " ---: |" * len(COLUMNS)]
+    for name, o in summary_rows(result):
+        cells = [f"{o[k]:.4g}" if isinstance(o[k], float) else str(o[k]) for k, _ in COLUMNS]
+        lines.append(f"| {name}{' (fixed)' if o['fixed'] else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

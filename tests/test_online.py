@@ -274,6 +274,10 @@ def test_replay_command_json_and_plot(small_trace, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert set(res["policies"]) == {"eplb", "moeplace"} and res["setup"]["rebalances"] == 3
+    from placement.replay import markdown_table
+
+    table = markdown_table(res).splitlines()
+    assert len(table) == 4 and table[2].startswith("| eplb |") and table[3].startswith("| moeplace |")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
