@@ -14,69 +14,24 @@ Metrics (replica-aware):
 5. Estimated MoE time from :mod:`solvers.cost` (slowest GPU per layer, summed over layers).
 
 Counts-only input (:class:`traces.LoadProfile`) gives the load metrics only; the rest are None.
+
+The trace side (:class:`placement.evaldata.EvalData`, :func:`placement.evaldata.prepare`) is shared with the
+coherent evaluator (:mod:`placement.coherent`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from placement.evaldata import EvalData, distinct_sorted, prepare
 from placement.plan import Plan
 from solvers import Topology
 from solvers.cost import CostModel, layer_seconds
 from solvers.objective import balancedness, dispatch_table, gpu_load, imbalance, pair_locality
-from traces import LoadProfile, RoutingTrace, layer_counts
-from traces.format import pair_counts
-
-
-@dataclass(eq=False)
-class EvalData:
-    """What the evaluator needs from a trace, computed once and reused for every plan."""
-
-    num_experts: int
-    load: np.ndarray  # [L, E] (summed over profiles)
-    profiles: np.ndarray | None = None  # [N, L, E] counts-only input
-    expert_ids: np.ndarray | None = None  # [T, L, k], each token's experts highest gate first
-    sequence_index: np.ndarray | None = None  # [T]
-    transitions: np.ndarray | None = None  # [L-1, E, E]
-    transitions_top1: np.ndarray | None = None  # [L-1, E, E]
-    source: str | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return 0 if self.expert_ids is None else int(self.expert_ids.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.load.shape[0])
-
-
-def prepare(data: RoutingTrace | LoadProfile | EvalData) -> EvalData:
-    """Reduce a trace (or profile) to what :func:`evaluate` needs."""
-    if isinstance(data, EvalData):
-        return data
-    if isinstance(data, LoadProfile):
-        return EvalData(data.num_experts, data.total(), profiles=data.logical_count, source=data.source)
-    ids = data.sorted_by_gate().expert_ids  # highest gate first (the coherent dataflow's anchor is column 0)
-    E = data.num_experts
-    top1 = None
-    if data.gate_weights is not None:
-        t1 = data.top1_ids()[:, :, None]
-        top1 = pair_counts(t1[:, :-1], t1[:, 1:], E)
-    return EvalData(E, layer_counts(ids, E), expert_ids=ids, sequence_index=data.sequence_index(),
-                    transitions=pair_counts(ids[:, :-1], ids[:, 1:], E), transitions_top1=top1, source=data.source)
+from traces import LoadProfile, RoutingTrace
 
 
 _IDS_PER_BLOCK = 1 << 22  # token-expert ids per block in token_traffic (bounds memory on long traces)
-
-
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted values ``[..., k]`` and a mask of first occurrences among the non-negative ones."""
-    srt = np.sort(values, axis=-1)
-    first = np.ones_like(srt, dtype=bool)
-    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
-    return srt, first & (srt >= 0)
 
 
 def token_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
@@ -102,9 +57,9 @@ def token_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, exp
         home = (sequence_index[s:s + step] % G)[:, None, None]
         ids = expert_ids[s:s + step].astype(np.int64)
         gpu = np.where(ids >= 0, table[lay, np.maximum(ids, 0), home], -1)  # [t, L, k]
-        srt, first = _distinct(gpu)
+        srt, first = distinct_sorted(gpu)
         gpus[s:s + step] = first.sum(axis=2)
-        nodes[s:s + step] = _distinct(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))[1].sum(axis=2)
+        nodes[s:s + step] = distinct_sorted(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))[1].sum(axis=2)
         remote = first & (srt != home)
         pairs += np.bincount(((lay * G + home) * G + srt)[remote], minlength=L * G * G)
     return {"gpus": gpus, "nodes": nodes, "active": gpus > 0, "dispatch_pairs": pairs.reshape(L, G, G)}

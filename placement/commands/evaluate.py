@@ -6,32 +6,10 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, fmt, out, print_json, user_errors
+from placement.cli_common import UserError, fmt, metrics_table, out, print_json, user_errors
 from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
                                      FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
                                      ModelOption)
-
-
-def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
-    """A rich table: one row per headline metric, one column per plan (plus ratios to one column if asked)."""
-    from rich.table import Table
-
-    from placement.evaluate import HEADLINE
-
-    table = Table(title=title, show_lines=False)
-    table.add_column("metric")
-    for name in columns:
-        table.add_column(name, justify="right")
-    for key, label in HEADLINE:
-        row = [fmt(c.get(key)) if c else "-" for c in columns.values()]
-        if all(r == "-" for r in row):
-            continue
-        if ratios_to and columns.get(ratios_to) and columns[ratios_to].get(key):
-            base = columns[ratios_to][key]
-            row = [f"{fmt(c.get(key))} ({c.get(key) / base:.2f}x)" if c.get(key) is not None and base else fmt(c.get(key))
-                   for c in columns.values()]
-        table.add_row(label, *row)
-    return table
 
 
 def register(app: typer.Typer) -> None:
