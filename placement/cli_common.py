@@ -164,7 +164,8 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[RoutingTrace | LoadProfile, list[str]]:
-    """Load trace arguments: files (.npz token traces or counts) or bundled dataset names.
+    """Load trace arguments: files (.npz token traces or counts), folders or glob patterns of such shards, or
+    bundled dataset names.
 
     Several token traces are concatenated (distinct sequence ids); if any argument is counts-only, every
     argument becomes a count profile and they are stacked as separate profiles.
@@ -176,16 +177,17 @@ def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[Ro
         if not default_bundled:
             raise UserError("give at least one trace file")
         paths = [datasets.DEFAULT]
-    items = []
+    items, names = [], []
     for p in paths:
         name = p.split(":", 1)[0]
         if not Path(p).exists() and name in datasets.available():
             items.append(datasets.load(p) if name == datasets.DEFAULT else _bundled_counts(p))
+            names.append(p)
         else:
-            if not Path(p).exists():
-                raise UserError(f"{p}: no such file (bundled datasets: {', '.join(datasets.available())})")
-            items.append(load(p))
-    for p, item in zip(paths, items):  # a valid file that routes nothing would give NaN metrics and empty plans
+            for f in _shard_files(p):  # a file, or every shard of a folder or glob pattern
+                items.append(load(f))
+                names.append(str(f))
+    for p, item in zip(names, items):  # a valid file that routes nothing would give NaN metrics and empty plans
         empty = (item.expert_ids < 0).all() if isinstance(item, RoutingTrace) else not (item.logical_count > 0).any()
         if empty:
             raise UserError(f"{p} routes no token to any expert (every id is -1 or every count 0); give a trace of "
@@ -193,6 +195,32 @@ def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[Ro
     if all(isinstance(i, RoutingTrace) for i in items):
         return (RoutingTrace.concat(items) if len(items) > 1 else items[0]), list(paths)
     return LoadProfile.concat([i.load_profile() for i in items]), list(paths)
+
+
+def _shard_files(arg: str) -> list[Path]:
+    """The files behind one trace argument: the file, or a folder's / glob pattern's shards
+    (:func:`traces.shards.expand`)."""
+    from traces import datasets
+    from traces.shards import expand
+
+    if not Path(arg).exists() and not set("*?[") & set(arg):
+        raise UserError(f"{arg}: no such file (bundled datasets: {', '.join(datasets.available())})")
+    return expand([arg])
+
+
+def trace_files(paths: list[str] | None) -> list[Path]:
+    """Trace arguments as shard files, for commands that stream them: bundled token traces as their task files,
+    folders and glob patterns as their shards; default: the bundled trace."""
+    from traces import datasets
+
+    out: list[Path] = []
+    for p in paths or [datasets.DEFAULT]:
+        name = p.split(":", 1)[0]
+        if not Path(p).exists() and name in datasets.available():
+            out += datasets.task_files(p) if name == datasets.DEFAULT else _bundled_counts(p)
+        else:
+            out += _shard_files(p)
+    return out
 
 
 def _bundled_counts(name: str):

@@ -313,6 +313,8 @@ def register(app: typer.Typer) -> None:
         cur = Plan.load(current) if current else None
         if work_limit is not None and time_limit is not None:
             raise UserError("give --work-limit (deterministic search) or --time-limit (wall clock), not both")
+        if work_limit is not None and name != "joint":
+            raise UserError(f"--work-limit is a joint-planner option and the solver is {name}; use --time-limit")
         if time_limit is None and work_limit is None:
             time_limit = DEFAULT_TIME_LIMIT
         with executor_for(workers, ray_address) as ex, progress(f"planning with {name} on {gpus} GPUs ...") as status:
