@@ -37,7 +37,8 @@ COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_fl
 # for; the defaults in the help texts are for new plans)
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="Model sizes for the cost model: deepseek-v2-lite (default), deepseek-v2, deepseek-v3, "
-    "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b; --model-config reads them from config.json instead.")]
+    "kimi-k2, qwen3-235b-a22b, qwen3-30b-a3b, glm-4.5, gpt-oss-120b, mixtral-8x7b, olmoe-1b-7b; --model-config "
+    "reads them from config.json instead.")]
 IntermediateOption = Annotated[Optional[int], typer.Option(
     "--expert-intermediate-size", help="Routed experts' FFN width, for FLOPs (default 1408).")]
 FlopsOption = Annotated[Optional[str], typer.Option(
