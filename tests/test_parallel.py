@@ -184,3 +184,20 @@ def test_ray_not_installed_says_which_extra(tmp_path):
         "sys.meta_path.insert(0, _Hide())\n")
     r = _cli("affinity", "--ray-address", "local", env={"PYTHONPATH": f"{hide}{os.pathsep}{ROOT}"})
     assert r.returncode == 2 and 'moeplace[ray]' in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_evaluation_in_blocks_on_two_workers_equals_one(real, monkeypatch):
+    import placement.evaluate
+    from placement.evaluate import evaluate
+    from placement.plan import Plan
+    from placement.problem import build_problem
+
+    fit, held = real.split_by_sequence(0.5, seed=0)
+    topo = Topology.for_experts(64, 8, 8, gpus_per_node=4)
+    res = solve("eplb", build_problem(fit, topo))
+    plan = Plan.from_result(res, 64, topo, fit.moe_layer_index, fit.decoder_layers, fit.model)
+    whole = evaluate(plan, held)
+    monkeypatch.setattr(placement.evaluate, "_IDS_PER_BLOCK", 26 * 6 * 1000)  # blocks of 1,000 tokens
+    with LocalProcesses(2) as ex:
+        parts = evaluate(plan, held, executor=ex)
+    assert parts["overall"] == whole["overall"] and parts["per_layer"] == whole["per_layer"]

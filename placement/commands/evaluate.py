@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, fmt, metrics_table, out, print_json, user_errors
+from placement.cli_common import (RayAddressOption, UserError, WorkersOption, executor_for, fmt, metrics_table, out,
+                                  print_json, user_errors)
 from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
                                      FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
                                      ModelOption)
@@ -33,6 +34,8 @@ def register(app: typer.Typer) -> None:
         inter_bw: InterBandwidthOption = None,
         per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
     ):
         """Evaluate plans on traces: load balance, affinity locality, fan-out, all-to-all bytes, estimated time.
 
@@ -55,10 +58,11 @@ def register(app: typer.Typer) -> None:
                                             expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops,
                                             intra_bw=intra_bw, inter_bw=inter_bw)
         results = {}
-        for path, plan in zip(plans, plan_objs):
-            key = plan.name if plan.name not in results else f"{plan.name} ({path})"
-            results[key] = evaluate(plan, ev, cost)
-            results[key]["plan_file"] = path
+        with executor_for(workers, ray_address) as ex:  # the per-token traffic, block by block
+            for path, plan in zip(plans, plan_objs):
+                key = plan.name if plan.name not in results else f"{plan.name} ({path})"
+                results[key] = evaluate(plan, ev, cost, ex)
+                results[key]["plan_file"] = path
         if as_json:
             print_json(results if len(results) > 1 else next(iter(results.values())))
             return

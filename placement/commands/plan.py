@@ -230,9 +230,9 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
         plan.solver["options"]["memory_budget"] = memory_budget
     if note:
         plan.extra["note"] = note
-    plan.predicted = evaluate(plan, fit, cost)["overall"]
+    plan.predicted = evaluate(plan, fit, cost, executor)["overall"]
     if held is not None:
-        plan.heldout = evaluate(plan, held, cost)["overall"]
+        plan.heldout = evaluate(plan, held, cost, executor)["overall"]
     return plan
 
 
