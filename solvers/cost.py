@@ -72,6 +72,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "mixtral-8x7b": {"hidden_size": 4096, "expert_intermediate_size": 14336},
     "qwen3-30b-a3b": {"hidden_size": 2048, "expert_intermediate_size": 768},
     "olmoe-1b-7b": {"hidden_size": 2048, "expert_intermediate_size": 1024},
+    "kimi-k2": {"hidden_size": 7168, "expert_intermediate_size": 2048},
+    "qwen3-235b-a22b": {"hidden_size": 4096, "expert_intermediate_size": 1536},
+    "glm-4.5": {"hidden_size": 5120, "expert_intermediate_size": 1536},
+    "gpt-oss-120b": {"hidden_size": 2880, "expert_intermediate_size": 2880},
 }
 
 

@@ -8,15 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from placement.cli_common import MAX_GPUS, MAX_REDUNDANT, UserError, err, fmt, out, print_json, progress, user_errors
+from placement.cli_common import (MAX_GPUS, MAX_REDUNDANT, RayAddressOption, UserError, WorkersOption, default_solver,
+                                  err, executor_for, fmt, metrics_table, out, print_json, progress, user_errors)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
-
-
-def default_solver() -> str:
-    from solvers import names
-
-    return "joint" if "joint" in names() else "contiguous"
+DEFAULT_TIME_LIMIT = 60.0
 
 
 def parse_params(items: list[str] | None) -> dict:
@@ -41,7 +37,8 @@ COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_fl
 # for; the defaults in the help texts are for new plans)
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="Model sizes for the cost model: deepseek-v2-lite (default), deepseek-v2, deepseek-v3, "
-    "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b; --model-config reads them from config.json instead.")]
+    "kimi-k2, qwen3-235b-a22b, qwen3-30b-a3b, glm-4.5, gpt-oss-120b, mixtral-8x7b, olmoe-1b-7b; --model-config "
+    "reads them from config.json instead.")]
 IntermediateOption = Annotated[Optional[int], typer.Option(
     "--expert-intermediate-size", help="Routed experts' FFN width, for FLOPs (default 1408).")]
 FlopsOption = Annotated[Optional[str], typer.Option(
@@ -174,13 +171,16 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
               threads: int | None = None, params: dict | None = None, holdout: float = 0.0,
               current=None, cost=None, progress=None, memory_budget: str | None = None,
               expert_bytes: str | None = None, model_config: str | None = None,
-              bandwidths: tuple[float | None, float | None] = (None, None), resamples: int | None = None):
+              bandwidths: tuple[float | None, float | None] = (None, None), resamples: int | None = None,
+              work_limit: int | None = None, executor=None):
     """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan.
 
     The solver optimises, and the plan is evaluated with, one cost model: ``cost`` updated by any cost fields or
     ``model`` preset in ``params``; the plan records all its fields in ``solver.options.params`` and the link
     ``bandwidths`` (intra-, inter-node bytes/s; None keeps the H100 defaults) in its topology. ``resamples``:
-    the joint planner's profiles from bootstrap resamples of the fitted trace's sequences (:func:`default_resamples`)."""
+    the joint planner's profiles from bootstrap resamples of the fitted trace's sequences (:func:`default_resamples`).
+    ``work_limit``: a deterministic amount of search instead of ``time_limit``; ``executor``: where the solver's
+    independent tasks run (:mod:`placement.executor`; None: in this process)."""
     from placement.evaluate import evaluate
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
@@ -211,14 +211,17 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
     cost = CostModel.from_params(params, base=cost or CostModel())
     params.pop("model", None)
     params.update({key: getattr(cost, key) for key in COST_FIELDS})
+    if work_limit is not None and solver != "joint":
+        raise UserError(f"--work-limit is a joint-planner option and the solver is {solver}; use --time-limit")
     options = Options(time_limit=time_limit, seed=seed, backend=backend, threads=threads, params=params,
-                      progress=progress)
+                      progress=progress, work_limit=work_limit, executor=executor)
     result = solve(solver, problem, options)
     n_seq = getattr(fit, "num_sequences", 0)
     prov = provenance_of(sources, getattr(fit, "num_tokens", 0), n_seq,
                          {"holdout": holdout, "split_seed": seed, "expert_groups": expert_groups})
     plan = Plan.from_result(result, E, topo, fit.moe_layer_index, fit.decoder_layers, fit.model,
-                            options={"time_limit": time_limit, "seed": seed, "backend": backend, "params": params or {},
+                            options={"time_limit": None if work_limit is not None else time_limit,
+                                     "work_limit": work_limit, "seed": seed, "backend": backend, "params": params or {},
                                      "redundant": redundant, "expert_groups": expert_groups,
                                      "resamples": resamples},
                             provenance=prov)
@@ -227,9 +230,9 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
         plan.solver["options"]["memory_budget"] = memory_budget
     if note:
         plan.extra["note"] = note
-    plan.predicted = evaluate(plan, fit, cost)["overall"]
+    plan.predicted = evaluate(plan, fit, cost, executor)["overall"]
     if held is not None:
-        plan.heldout = evaluate(plan, held, cost)["overall"]
+        plan.heldout = evaluate(plan, held, cost, executor)["overall"]
     return plan
 
 
@@ -247,9 +250,15 @@ def register(app: typer.Typer) -> None:
                                              "See 'moeplace solvers'."),
         expert_groups: int = typer.Option(1, "--expert-groups", help="Expert groups (DeepSeek-V3: 8), for EPLB's "
                                           "hierarchical policy and node-limited routing."),
-        time_limit: float = typer.Option(60.0, "--time-limit", help="Solver time limit in seconds (reading the "
-                                         "trace, its statistics and evaluating the plan come on top: about 1 min "
-                                         "at 262k V3 tokens)."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Solver time limit in seconds, default "
+                                                   f"{DEFAULT_TIME_LIMIT:g} (reading the trace, its statistics and "
+                                                   "evaluating the plan come on top: about 1 min at 262k V3 tokens)."),
+        work_limit: Optional[int] = typer.Option(None, "--work-limit", help="Joint planner: a deterministic amount "
+                                                 "of search instead of --time-limit, in iterated-search kicks per "
+                                                 "layer (every descent runs to its end); the same plan for the same "
+                                                 "--seed with any --workers or on Ray."),
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
         seed: int = typer.Option(0, "--seed", help="Random seed (solver and hold-out split)."),
         backend: str = typer.Option("cp-sat", "--backend", help="MIP backend: cp-sat, highs or cbc."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Solver threads (default: all cores)."),
@@ -303,12 +312,18 @@ def register(app: typer.Typer) -> None:
                                 "use --solver joint")
             params["affinity_weight"] = affinity_weight
         cur = Plan.load(current) if current else None
-        with progress(f"planning with {name} on {gpus} GPUs ...") as status:
+        if work_limit is not None and time_limit is not None:
+            raise UserError("give --work-limit (deterministic search) or --time-limit (wall clock), not both")
+        if work_limit is not None and name != "joint":
+            raise UserError(f"--work-limit is a joint-planner option and the solver is {name}; use --time-limit")
+        if time_limit is None and work_limit is None:
+            time_limit = DEFAULT_TIME_LIMIT
+        with executor_for(workers, ray_address) as ex, progress(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
                              backend, threads, params, holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths,
-                             resamples=resamples)
+                             resamples=resamples, work_limit=work_limit, executor=ex)
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:
@@ -325,7 +340,6 @@ def register(app: typer.Typer) -> None:
             out.print(describe_plan_memory(plan), markup=False)
         if plan.extra.get("note"):
             err.print(f"note: {plan.extra['note']}", markup=False)
-        from placement.commands.evaluate import metrics_table
 
         cols = {"fitted (in-sample)": plan.predicted}
         if plan.heldout is not None:

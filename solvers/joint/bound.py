@@ -51,6 +51,7 @@ import numpy as np
 
 from solvers.base import Topology
 from solvers.cost import CostModel
+from solvers.joint.data import JointData
 
 
 def water_fill(load: np.ndarray, slots: int, max_replicas: int) -> tuple[np.ndarray, int]:
@@ -440,3 +441,14 @@ def total_bound(layer_lb: np.ndarray, worst_case: bool = False) -> float:
     """Bound on the objective from ``[N, L]`` per-layer bounds: mean (expected) or max (worst case) over profiles."""
     per_profile = layer_lb.sum(axis=1)
     return float(per_profile.max() if worst_case else per_profile.mean())
+
+
+def affinity_bound(data: JointData) -> float:
+    """Lower bound on the ``affinity_weight`` term: without redundant slots an expert of layer l shares its GPU
+    with m experts of layer l+1, so at most its m largest pairs (and each next-layer expert's m largest) are
+    local (:func:`solvers.joint.bound.max_local_mass`); with redundant slots 0."""
+    if data.aff is None or data.topology.num_slots > data.E:
+        return 0.0
+    m = data.topology.slots_per_gpu
+    cross = sum(float(K.sum()) - max_local_mass(K, m) for K in data.aff)
+    return data.aff_cost * max(cross, 0.0)
