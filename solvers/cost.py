@@ -90,6 +90,11 @@ class CostModel:
         gpu_flops: effective GPU throughput for the expert GEMMs, FLOP/s.
         dataflow: "standard" (dispatch + combine) or "coherent" (ExFlow, one all-to-all per layer).
         weight_dtype_bytes: bytes per expert weight (for the migration cost of moving an expert).
+        comm: the all-to-all kernels (:mod:`solvers.comm`): "nccl" (one copy per distinct remote GPU, the
+            default), "deepep-normal" (RDMA once per remote node, then NVLink) or "deepep-ll" (one message per
+            token-expert copy).
+        ll_nvlink: deepep-ll reaches same-node peers over NVLink (DeepEP's ``allow_nvlink_for_low_latency_mode``);
+            False sends them over RDMA.
     """
 
     hidden_size: int = 2048
@@ -98,10 +103,20 @@ class CostModel:
     gpu_flops: float = 400e12
     dataflow: str = "standard"
     weight_dtype_bytes: int = 2
+    comm: str = "nccl"
+    ll_nvlink: bool = True
 
     def __post_init__(self) -> None:
+        from solvers import comm as comm_models
+
         if self.dataflow not in DATAFLOWS:
             raise SolverInputError(f"dataflow {self.dataflow!r} is not one of {', '.join(DATAFLOWS)}")
+        comm_models.get(self.comm)  # a clear error for an unknown name
+        if self.dataflow == "coherent" and self.comm != "nccl":
+            raise SolverInputError(f"the coherent dataflow is modelled with one copy per GPU (nccl), not {self.comm}; "
+                                   f"use the standard dataflow with DeepEP kernels")
+        if not isinstance(self.ll_nvlink, (bool, np.bool_)):
+            raise SolverInputError(f"cost model ll_nvlink must be true or false, got {self.ll_nvlink!r}")
         for name in ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "weight_dtype_bytes"):
             v = getattr(self, name)
             if not is_number(v, 0.0, lo_open=True):
@@ -189,6 +204,67 @@ def layer_seconds(gpu_load: np.ndarray, dispatch_bytes: np.ndarray, topology: To
     compute = gpu_load * cost.flops_per_assignment / cost.gpu_flops
     comm = phase_seconds(dispatch_bytes, topology) + phase_seconds(np.swapaxes(dispatch_bytes, -1, -2), topology)
     return (compute + comm).max(axis=-1)
+
+
+def message_bytes(cost: CostModel, phase: str) -> float:
+    """Bytes of one dispatch or combine message under ``cost.comm`` (:mod:`solvers.comm`)."""
+    from solvers import comm as comm_models
+
+    return comm_models.get(cost.comm).message_bytes(cost.hidden_size, cost.dtype_bytes, phase)
+
+
+def link_layer_seconds(gpu_load: np.ndarray, nvlink: np.ndarray, rdma: np.ndarray, topology: Topology,
+                       cost: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """``([L] layer seconds, [L, G] comm seconds)`` from exact dispatch messages per link class, any ``cost.comm``.
+
+    Args:
+        gpu_load: ``[L, G]`` token-expert assignments per GPU; nvlink, rdma: ``[L, G, G]`` dispatch messages
+            src -> dst (the combine sends the same messages back, at the combine message size).
+    """
+    from solvers import comm as comm_models
+    from solvers.comm.base import matrix_totals, phase_seconds_per_link
+
+    model = comm_models.get(cost.comm)
+    s_nv, r_nv, s_rd, r_rd = matrix_totals(nvlink, rdma)
+    disp = phase_seconds_per_link(s_nv, r_nv, s_rd, r_rd, message_bytes(cost, "dispatch"), topology, model.OVERLAP)
+    comb = phase_seconds_per_link(r_nv, s_nv, r_rd, s_rd, message_bytes(cost, "combine"), topology, model.OVERLAP)
+    comm = disp + comb
+    compute = gpu_load * cost.flops_per_assignment / cost.gpu_flops
+    return (compute + comm).max(axis=-1), comm
+
+
+def comm_seconds(gpu_load: np.ndarray, distinct: np.ndarray | None, node_distinct: np.ndarray | None,
+                 topology: Topology, cost: CostModel) -> np.ndarray:
+    """``[..., G]`` all-to-all seconds per GPU (dispatch + combine), homes spread evenly, under ``cost.comm``.
+
+    Args:
+        gpu_load: ``[..., G]`` token-expert assignments served per GPU; distinct: ``[..., G]`` distinct tokens
+            served per GPU; node_distinct: ``[..., Nn]`` distinct tokens served per node (deepep-normal only).
+    nccl is :func:`standard_comm_seconds` (the formula the planner always used); the DeepEP models count their
+    messages with :func:`solvers.comm` ``counts_messages``.
+    """
+    if cost.comm == "nccl":
+        return standard_comm_seconds(distinct, topology, cost, phases=2)
+    from solvers import comm as comm_models
+    from solvers.comm.base import phase_seconds_per_link
+
+    model = comm_models.get(cost.comm)
+    s_nv, r_nv, s_rd, r_rd = model.counts_messages(gpu_load, distinct, node_distinct, topology,
+                                                   allow_nvlink=cost.ll_nvlink)
+    disp = phase_seconds_per_link(s_nv, r_nv, s_rd, r_rd, message_bytes(cost, "dispatch"), topology, model.OVERLAP)
+    comb = phase_seconds_per_link(r_nv, s_nv, r_rd, s_rd, message_bytes(cost, "combine"), topology, model.OVERLAP)
+    return disp + comb
+
+
+def needs_node_distinct(cost: CostModel) -> bool:
+    """Whether the communication model prices the distinct tokens per node (deepep-normal)."""
+    return cost.comm == "deepep-normal"
+
+
+def node_share(share: np.ndarray, topology: Topology) -> np.ndarray:
+    """``[E, Nn]`` share of each expert's tokens served in each node, from the ``[E, G]`` per-GPU shares."""
+    n = topology.gpus_per_node
+    return share.reshape(share.shape[0], share.shape[1] // n, n).sum(axis=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -469,18 +545,25 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
             served[l] = effective_share(shares[l], table[l], pos[l])
     compute = np.empty((L, G))
     distinct = np.empty((L, G))
+    by_node = needs_node_distinct(cost)
+    node_distinct = np.empty((L, topology.num_nodes)) if by_node else None
     for l in range(L):
         co = None if coactivation is None else coactivation[l]
         tok = None if tokens is None else float(tokens[l])
         if routes is not None:
             compute[l] = load[l] @ served[l]
-            distinct[l] = token_distinct(served[l], routes[:, l]) * routes_factor(load[l], routes[:, l])
+            f = routes_factor(load[l], routes[:, l])
+            distinct[l] = token_distinct(served[l], routes[:, l]) * f
+            if by_node:
+                node_distinct[l] = token_distinct(node_share(served[l], topology), routes[:, l]) * f
         else:
             compute[l], distinct[l] = standard_distinct(served[l], load[l], co, tok)
+            if by_node:
+                node_distinct[l] = standard_distinct(node_share(served[l], topology), load[l], co, tok)[1]
     gl = compute.copy()
     compute *= alpha
     if not coherent:
-        comm = standard_comm_seconds(distinct, topology, cost, phases=2)
+        comm = comm_seconds(gl, distinct, node_distinct, topology, cost)
     else:
         comm = np.zeros((L, G))
         for l in range(L):
