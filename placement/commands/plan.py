@@ -31,7 +31,7 @@ def parse_params(items: list[str] | None) -> dict:
     return params
 
 
-COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow")
+COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow", "comm")
 
 # cost-model options shared by plan, evaluate and report (evaluate and report default to what the plans were made
 # for; the defaults in the help texts are for new plans)
@@ -59,6 +59,10 @@ EvalDataflowOption = Annotated[Optional[str], typer.Option(
     "--dataflow", help="Dataflow of the time estimate: standard or coherent (ExFlow) (default: the plans').")]
 EvalModelConfigOption = Annotated[Optional[Path], typer.Option(
     "--model-config", help="The model's config.json, for the cost model's sizes.")]
+CommOption = Annotated[Optional[str], typer.Option(
+    "--comm", help="All-to-all kernels: nccl (one copy per distinct remote GPU; the default for new plans), "
+    "deepep-normal (prefill: RDMA once per remote node, then NVLink) or deepep-ll (decode: one message per "
+    "token-expert copy); evaluate and report default to the plans'.")]
 
 
 def parse_rate(text, what: str) -> float:
@@ -90,7 +94,7 @@ def recorded_cost(plans) -> tuple[dict, list[str]]:
 
 def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflow: str | None = None, *,
                model: str | None = None, model_config=None, expert_intermediate_size: int | None = None,
-               gpu_flops: str | float | None = None, base: dict | None = None):
+               gpu_flops: str | float | None = None, base: dict | None = None, comm: str | None = None):
     """The cost model from the CLI's options, in this order (later wins): defaults (DeepSeek-V2-Lite sizes, H100),
     ``base`` (fields a plan was made for), the ``model`` preset, the sizes in ``model_config`` (config.json), the
     explicit options."""
@@ -108,7 +112,7 @@ def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflo
 
         fields["hidden_size"], fields["expert_intermediate_size"] = model_sizes_from_config(model_config)
     explicit = {"hidden_size": hidden_size, "expert_intermediate_size": expert_intermediate_size,
-                "dtype_bytes": DTYPE_BYTES[dtype] if dtype is not None else None, "dataflow": dataflow,
+                "dtype_bytes": DTYPE_BYTES[dtype] if dtype is not None else None, "dataflow": dataflow, "comm": comm,
                 "gpu_flops": parse_rate(gpu_flops, "--gpu-flops") if gpu_flops is not None else None}
     fields.update({k: v for k, v in explicit.items() if v is not None})
     return CostModel(**fields)
@@ -274,6 +278,7 @@ def register(app: typer.Typer) -> None:
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
+        comm: CommOption = None,
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
                                      "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
                                      "from the GPU of its highest-gate expert, so inter-layer affinity pays)."),
@@ -300,7 +305,7 @@ def register(app: typer.Typer) -> None:
         from placement.plan import Plan
 
         cost = cost_model(hidden_size, dtype, dataflow, model=model, model_config=model_config,
-                          expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops)
+                          expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops, comm=comm)
         bandwidths = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"),
                       parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
         data, sources = load_data(trace)
