@@ -82,6 +82,32 @@ def _traffic_block(shared, block: tuple[int, int]) -> dict[str, np.ndarray]:
             "nvlink": np.stack([m[0] for m in msgs]), "rdma": np.stack([m[1] for m in msgs])}
 
 
+def weight_reads(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
+                 sequence_index: np.ndarray, tokens_per_gpu: float, seed: int = 0) -> np.ndarray:
+    """``[L, G]`` expert-weight reads summed over forward steps, counted on the tokens: the tokens, in a seeded
+    random order, form steps of ``tokens_per_gpu x G`` tokens; in each step every (expert, serving GPU) that
+    receives at least one token reads that expert's weights once (the roofline of :func:`solvers.cost.roofline_compute`).
+
+    Args:
+        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); sequence_index: ``[T]`` (homes pick replicas).
+    """
+    T, L, k = expert_ids.shape
+    G, E = topology.num_gpus, num_experts
+    batch = max(1, int(round(tokens_per_gpu * G)))
+    step = np.empty(T, dtype=np.int64)
+    step[np.random.default_rng(seed).permutation(T)] = np.arange(T) // batch
+    table = dispatch_table(phy2log, E, topology)
+    home = sequence_index % G
+    out = np.zeros((L, G))
+    for l in range(L):
+        ids = expert_ids[:, l].astype(np.int64)  # [T, k]
+        ok = ids >= 0
+        gpu = table[l, np.maximum(ids, 0), home[:, None]]
+        key = np.unique(((step[:, None] * E + ids) * G + gpu)[ok])
+        out[l] = np.bincount(key % G, minlength=G)
+    return out
+
+
 def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: CostModel | None = None,
              executor=None) -> dict:
     """All metrics of ``plan`` on ``data``: ``{"overall": {...}, "per_layer": [...], "gpu_pair_bytes": [[...]]}``.
@@ -152,10 +178,17 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
         overall[f"{k}_bytes"] = float(m.sum() / ev.num_tokens)
         overall[f"{k}_bytes_total"] = float(m.sum())
         overall[f"{k}_bytes_busiest_{who}"] = float((m.sum(axis=0) + m.sum(axis=1)).max())
+    reads = None
+    if cost.tokens_per_gpu is not None:  # the decode roofline: weight reads of the active experts per step
+        reads = weight_reads(plan.phy2log, plan.num_experts, topo, ev.expert_ids, ev.sequence_index,
+                             cost.tokens_per_gpu)
+        overall["tokens_per_gpu"] = cost.tokens_per_gpu
+        overall["weight_reads_per_step_gpu"] = float(reads.sum() / topo.num_gpus / L / max(
+            np.ceil(ev.num_tokens / (cost.tokens_per_gpu * topo.num_gpus)), 1))
     if cost.comm == "nccl":
-        secs = layer_seconds(loads, tr["dispatch_pairs"] * cost.token_bytes, topo, cost)
+        secs = layer_seconds(loads, tr["dispatch_pairs"] * cost.token_bytes, topo, cost, reads)
     else:
-        secs = link_layer_seconds(loads, tr["nvlink"], tr["rdma"], topo, cost)[0]
+        secs = link_layer_seconds(loads, tr["nvlink"], tr["rdma"], topo, cost, reads)[0]
     overall["est_moe_seconds"] = float(secs.sum())
     overall["est_moe_us_per_token"] = float(secs.sum() / ev.num_tokens * 1e6)
     for l in range(L):
@@ -176,7 +209,8 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
     result["gpu_pair_bytes"] = all_pairs.tolist()
     result["cost_model"] = {"hidden_size": cost.hidden_size, "dtype_bytes": cost.dtype_bytes,
                             "expert_intermediate_size": cost.expert_intermediate_size, "gpu_flops": cost.gpu_flops,
-                            "dataflow": cost.dataflow, "comm": cost.comm}
+                            "dataflow": cost.dataflow, "comm": cost.comm, "tokens_per_gpu": cost.tokens_per_gpu,
+                            "hbm_bandwidth": cost.hbm_bandwidth, "expert_overhead": cost.expert_overhead}
     return result
 
 

@@ -121,3 +121,29 @@ def test_an_unknown_comm_model_and_coherent_deepep_are_refused():
         CostModel(comm="deepep")
     with pytest.raises(SolverInputError, match="coherent"):
         CostModel(comm="deepep-ll", dataflow="coherent")
+
+
+@pytest.mark.parametrize("regime", ["compute", "memory"])
+def test_roofline_time_matches_a_hand_computed_case(regime):
+    """One GPU, two layers of 4 experts, four tokens in one forward step (4 tokens per GPU): layer 0 uses experts
+    {0, 1} (three tokens on 0, one on 1), layer 1 only expert 2. The step reads 2 + 1 expert weights; the time is
+    max(FLOPs time, weight-read time) + overhead per read, in each regime."""
+    from dataclasses import replace
+
+    from traces import RoutingTrace
+
+    ids = np.array([[[0], [2]], [[0], [2]], [[0], [2]], [[1], [2]]])
+    tr = RoutingTrace(expert_ids=ids, num_experts=4)
+    topo = Topology.for_experts(4, 1)
+    plan = Plan.from_result(solve("contiguous", build_problem(tr, topo)), 4, topo, tr.moe_layer_index,
+                            tr.decoder_layers, None)
+    hbm = 1e30 if regime == "compute" else 1e6
+    cost = CostModel(tokens_per_gpu=4, hbm_bandwidth=hbm, expert_overhead=1e-6)
+    o = evaluate(plan, tr, cost)["overall"]
+    alpha, read = cost.seconds_per_assignment, cost.expert_bytes / hbm
+    by_hand = max(alpha * 4, 2 * read) + 2e-6 + max(alpha * 4, 1 * read) + 1e-6
+    assert o["est_moe_seconds"] == pytest.approx(by_hand, rel=1e-12)
+    if regime == "memory":
+        assert 2 * read > alpha * 4  # the weight reads bind
+    linear = evaluate(plan, tr, replace(cost, tokens_per_gpu=None))["overall"]["est_moe_seconds"]
+    assert linear == pytest.approx(alpha * 8, rel=1e-12)
