@@ -197,7 +197,7 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
               current=None, cost=None, progress=None, memory_budget: str | None = None,
               expert_bytes: str | None = None, model_config: str | None = None,
               bandwidths: tuple[float | None, float | None] = (None, None), resamples: int | None = None,
-              work_limit: int | None = None, executor=None):
+              work_limit: int | None = None, executor=None, phase: str | None = None):
     """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan.
 
     The solver optimises, and the plan is evaluated with, one cost model: ``cost`` updated by any cost fields or
@@ -205,13 +205,20 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
     ``bandwidths`` (intra-, inter-node bytes/s; None keeps the H100 defaults) in its topology. ``resamples``:
     the joint planner's profiles from bootstrap resamples of the fitted trace's sequences (:func:`default_resamples`).
     ``work_limit``: a deterministic amount of search instead of ``time_limit``; ``executor``: where the solver's
-    independent tasks run (:mod:`placement.executor`; None: in this process)."""
+    independent tasks run (:mod:`placement.executor`; None: in this process); ``phase``: fit and evaluate on that
+    serving phase's tokens when the trace records them."""
     from placement.evaluate import evaluate
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
     from solvers import Options, Topology, solve
     from traces import RoutingTrace
 
+    if phase is not None and isinstance(data, RoutingTrace):  # plan for one serving phase on its own tokens
+        if data.phase is not None:
+            data = data.of_phase(phase)
+        else:
+            err.print(f"note: the trace does not record each token's phase, so the {phase} plan is fitted on all "
+                      f"tokens (SGLang's per-token recorder records it)", markup=False)
     fit, held = data, None
     if holdout:
         if not isinstance(data, RoutingTrace):
@@ -353,7 +360,7 @@ def register(app: typer.Typer) -> None:
                              backend, threads, params, holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths,
-                             resamples=resamples, work_limit=work_limit, executor=ex)
+                             resamples=resamples, work_limit=work_limit, executor=ex, phase=phase)
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:
