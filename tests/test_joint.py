@@ -85,6 +85,21 @@ def test_bound_never_beats_brute_force_optimum(real, dataflow, shape):
     assert exact.gap == 0.0
 
 
+@pytest.mark.parametrize("comm", ["deepep-normal", "deepep-ll"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 2, 0), (2, 4, 2, 1, 2)])
+def test_deepep_bound_never_beats_brute_force_optimum(real, comm, shape):
+    """Two nodes (4 GPUs in 2 nodes of 2; 2 GPUs in 2 nodes of 1 with 2 redundant slots): under either DeepEP model
+    the bound is never above the optimum found by enumerating every placement, counted or pairwise."""
+    L, E, G, n, R = shape
+    problem = replace(_tiny_problem(real, L, E, G, R, routes=True), topology=Topology.for_experts(E, G, R, n))
+    for counted in (True, False):
+        opts = Options(time_limit=10, params={"comm": comm, "exact_limit": 0, "token_distinct": counted})
+        data = prepare(problem, opts)
+        best = min(objective_of(data, X) for X in _all_placements(E, G, problem.topology.slots_per_gpu, L))
+        res = solve("joint", problem, opts)
+        assert 0 < res.bound <= best * (1 + 1e-9) and res.objective >= best * (1 - 1e-9)
+
+
 def test_replayed_positions_bound_never_beats_brute_force_optimum(real):
     """Coherent dataflow with redundant slots and token routes: positions are replayed token by token, so an
     anchor's tokens can sit on different replicas; the bound (rows of the local-pair b-matching get the replicas'
@@ -233,6 +248,36 @@ def test_incremental_objective_equals_from_scratch(real, dataflow, counted):
         # the served shares follow positions: some replicated expert is not split evenly
         assert np.abs(state.W - state.P).max() > 0.05
         assert np.allclose(state.M, fresh.M, rtol=1e-9, atol=1e-9 * state.M.max())
+
+
+@pytest.mark.parametrize("comm,counted,tpg", [("deepep-normal", True, None), ("deepep-normal", False, None),
+                                               ("deepep-ll", True, None), ("deepep-ll", False, 32),
+                                               ("nccl", True, 32), ("deepep-normal", True, 32)])
+def test_incremental_objective_equals_from_scratch_under_deepep(real, comm, counted, tpg):
+    """Under the DeepEP models (2 nodes of 4 GPUs, 8 redundant slots) and the decode roofline (32 tokens per GPU:
+    expert weight reads of the active experts) moves keep the objective, the per-GPU and the per-node token cover
+    equal to a fresh state's and to the counts model evaluated directly."""
+    from placement.problem import build_problem
+
+    fit, _ = real
+    topo = Topology.for_experts(64, 8, 8, gpus_per_node=4)
+    problem = build_problem(fit, topo, resamples=1 if counted else 3)  # several profiles, or one (direct check)
+    data = prepare(problem, Options(params={"comm": comm, "token_distinct": counted, "tokens_per_gpu": tpg,
+                                            "model": "deepseek-v3"}))
+    state = State(data, solve("contiguous", problem).phy2log)
+    local_search(state, deadline=float("inf"), rng=np.random.default_rng(0), max_passes=1)
+    assert state.objective() == pytest.approx(objective_of(data, state.X), rel=1e-9)
+    if data.N == 1:
+        direct = estimate_layer_seconds(state.X, data.load, topo, data.cost, None, data.C, None, data.tokens,
+                                        routes=problem.routes if counted else None).sum()
+        assert state.objective() == pytest.approx(direct, rel=1e-9)
+    fresh = State(data, state.X)
+    if tpg:
+        assert np.allclose(state.R, fresh.R, rtol=1e-9)
+        assert (state.R * data.cost.expert_bytes / data.cost.hbm_bandwidth > data.cost.seconds_per_assignment
+                * state.Lg).any()  # the weight reads bind somewhere (decode)
+    if counted and comm == "deepep-normal":
+        assert np.array_equal(state.zN, fresh.zN) and np.allclose(state.DtN, fresh.DtN, rtol=1e-9)
 
 
 @pytest.mark.parametrize("dataflow", ["standard", "coherent"])

@@ -8,7 +8,7 @@ import typer
 
 from placement.cli_common import (RayAddressOption, UserError, WorkersOption, executor_for, fmt, metrics_table, out,
                                   print_json, user_errors)
-from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
+from placement.commands.plan import (CommOption, EvalDataflowOption, HbmOption, PhaseOption, TokensPerGpuOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
                                      FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
                                      ModelOption)
 
@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         hidden_size: EvalHiddenOption = None,
         dtype: EvalDtypeOption = None,
         dataflow: EvalDataflowOption = None,
+        comm: CommOption = None,
+        phase: PhaseOption = None,
+        tokens_per_gpu: TokensPerGpuOption = None,
+        hbm_bandwidth: HbmOption = None,
         model: ModelOption = None,
         model_config: EvalModelConfigOption = None,
         expert_intermediate_size: IntermediateOption = None,
@@ -54,7 +58,8 @@ def register(app: typer.Typer) -> None:
             data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
         ev = prepare(data)
         plan_objs, cost = with_cost_options(plan_objs, hidden_size=hidden_size, dtype=dtype,
-                                            dataflow=dataflow, model=model, model_config=model_config,
+                                            dataflow=dataflow, comm=comm, phase=phase, tokens_per_gpu=tokens_per_gpu,
+                                            hbm_bandwidth=hbm_bandwidth, model=model, model_config=model_config,
                                             expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops,
                                             intra_bw=intra_bw, inter_bw=inter_bw)
         results = {}

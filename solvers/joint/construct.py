@@ -351,6 +351,6 @@ def chain_starts(problem: Problem, data: JointData, p: Params, cfg: dict, r: np.
             and time.perf_counter() < c_deadline):
         return []
     T, Q = anchor_stats(problem, data.load, _smoothing(p))
-    chain = replace(data, cost=replace(data.cost, dataflow="coherent"), T=T, Q=Q)
+    chain = replace(data, cost=replace(data.cost, dataflow="coherent", comm="nccl"), T=T, Q=Q)  # a start only
     cap = cfg["chain_cap"]
     return [(f"chain cap {cap}", construct(chain, r, cap, cfg["sweeps"] or 8, c_deadline, start=base))]

@@ -101,7 +101,7 @@ def plan_layer(shared: tuple[JointData, dict, np.ndarray], task: LayerTask) -> d
         kicks, kept = iterated_search(state, deadline, rng, max_kicks=cfg["work_limit"])
     state.resync()
     lb = layer_bounds(d.loads, d.topology, d.cost, None, d.C, None, max_replicas=d.topology.num_gpus,
-                      lp_seconds=cfg["bound_lp"] / data.L, counted=d.ids is not None)
+                      lp_seconds=cfg["bound_lp"] / data.L, counted=d.ids is not None, tokens=d.tokens)
     return {"row": state.X[0].copy(), "objective": state.objective(), "bound": lb[:, 0], "picked": picked,
             "descended": info["descended"],
             "moves": moves, "kicks": kicks, "kicks_kept": kept, "seconds": time.perf_counter() - t0}

@@ -82,7 +82,7 @@ def _solve(problem: Problem, options: Options) -> Result:
     say = options.say
     lb = layer_bounds(data.loads, topo, data.cost, data.T, data.C, data.Q, max_replicas=G,
                       lp_seconds=cfg["bound_lp"], counted=data.ids is not None,
-                      token_positions=data.pos_ids is not None)
+                      token_positions=data.pos_ids is not None, tokens=data.tokens)
     bound = total_bound(lb, data.worst) + affinity_bound(data)
     stats["bound_seconds"] = time.perf_counter() - t0
     if exact:

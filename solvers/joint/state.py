@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.cost import (coherent_comm_seconds, covered, dispatch_matrix, effective_share, position_mass,
-                          replay_positions, standard_comm_seconds, token_cover)
+from solvers.cost import (coherent_comm_seconds, comm_seconds, covered, dispatch_matrix, effective_share,
+                          needs_node_distinct, node_share, position_mass, replay_positions, roofline_compute,
+                          standard_comm_seconds, standard_distinct, token_cover)
 from solvers.joint.data import JointData
 from solvers.objective import dispatch_rows, dispatch_table
 
@@ -81,13 +82,24 @@ class State:
             for l in range(L - 1):
                 self.Vout[l] = d.T[l] @ self.P[l + 1]
         self.Lg = np.empty((L, d.N, G))
+        self.R = self.steps = None  # the roofline's expected weight reads [L, N, G] and forward steps [L, N]
+        if d.cost.tokens_per_gpu is not None:
+            self.R = np.empty((L, d.N, G))
+            self.steps = np.maximum(d.tokens[:, None] * d.scale.T, 1e-300) / (d.cost.tokens_per_gpu * G)
         self.tokd = d.ids is not None
         self.z = self.q = self.Dt = None
         self.stale = np.zeros(L, dtype=bool)
+        self.by_node = needs_node_distinct(d.cost) and not d.coherent  # deepep-normal prices tokens per node
+        self.zN = self.qN = self.DtN = None
         if self.tokd:
             self.z = np.empty((L, G, d.ids.shape[1]), dtype=np.int8)  # GPU-major: a GPU's tokens are contiguous
             self.q = np.empty((L, G, d.ids.shape[1]))
             self.Dt = np.empty((L, G))
+            if self.by_node:
+                Nn = d.topology.num_nodes
+                self.zN = np.empty((L, Nn, d.ids.shape[1]), dtype=np.int8)
+                self.qN = np.empty((L, Nn, d.ids.shape[1]))
+                self.DtN = np.empty((L, Nn))
             self._slot = np.zeros(d.ids.shape[1], dtype=np.int64)  # scratch: a token's place in a list
             self._mark = np.zeros(d.ids.shape[1], dtype=np.int64)  # scratch: which list a token was seen in
             self._stamp = 0
@@ -117,10 +129,21 @@ class State:
             self.H = (self.P > 0).astype(np.float64)
             self.local = np.array([(d.aff[l] * ((self.H[l] @ self.H[l + 1].T) > 0)).sum() for l in range(L - 1)])
 
+    def _reads(self, l: int, idx: np.ndarray, W_rows: np.ndarray) -> np.ndarray:
+        """``[N, G]`` expected weight reads over the trace of experts ``idx`` with served shares ``W_rows [k, G]``
+        (:func:`solvers.cost.expected_weight_reads`, per profile)."""
+        steps = self.steps[l]  # [N]
+        m = self.d.loads[:, l, idx] / steps[:, None]  # [N, k] copies per step
+        return steps[:, None] * (-np.expm1(-m[:, :, None] * W_rows[None])).sum(axis=1)
+
     def _recount(self, l: int) -> None:
         z, q = token_cover(self.W[l], self.d.ids[l])
         self.z[l], self.q[l] = z.T, q.T
         self.Dt[l] = self.d.tok_factor[l] * covered(self.z[l], self.q[l]).sum(axis=1)
+        if self.by_node:
+            z, q = token_cover(node_share(self.W[l], self.d.topology), self.d.ids[l])
+            self.zN[l], self.qN[l] = z.T, q.T
+            self.DtN[l] = self.d.tok_factor[l] * covered(self.zN[l], self.qN[l]).sum(axis=1)
 
     def _positions(self, l: int) -> np.ndarray:
         """``[G, E]`` where layer l's token-expert assignments sit (l >= 1): replayed on the tokens, or the previous
@@ -132,10 +155,12 @@ class State:
 
     def _products(self, l: int) -> None:
         """Layer l's quantities that follow from its served shares W[l]: GPU loads, duplicate-copy terms, anchor
-        products (from scratch; moves update them incrementally)."""
+        products, weight reads (from scratch; moves update them incrementally)."""
         d = self.d
         W = self.W[l]
         self.Lg[l] = d.loads[:, l, :] @ W
+        if self.R is not None:
+            self.R[l] = self._reads(l, np.arange(d.E), W)
         if self.CP is not None:
             self.CP[l] = d.C[l] @ W
             self.dup[l] = 0.5 * (W * self.CP[l]).sum(axis=0)
@@ -182,15 +207,28 @@ class State:
     def _token_delta(self, l: int, idx: np.ndarray, W_row: np.ndarray, dW: np.ndarray):
         """Change ``[G]`` of layer l's distinct tokens when experts ``idx`` take the served-share rows of ``W_row``
         (``dW [k, G]`` the change), and what :meth:`apply` stores: (tokens, GPUs, new z, new q)."""
+        return self._cover_delta(l, idx, self.W[l], W_row, dW, self.z[l], self.q[l])
+
+    def _node_delta(self, l: int, idx: np.ndarray, W_row: np.ndarray, dW: np.ndarray):
+        """The same as :meth:`_token_delta` per node (the tokens reaching each node, deepep-normal)."""
+        n = self.d.topology.gpus_per_node
+        return self._cover_delta(l, idx, node_share(self.W[l], self.d.topology), node_share(W_row, self.d.topology),
+                                 dW.reshape(dW.shape[0], -1, n).sum(axis=2), self.zN[l], self.qN[l])
+
+    def _cover_delta(self, l: int, idx: np.ndarray, W_old: np.ndarray, W_row: np.ndarray, dW: np.ndarray,
+                     z_l: np.ndarray, q_l: np.ndarray):
+        """Change ``[C]`` of the tokens covering each of C columns (GPUs or nodes) when experts ``idx`` go from the
+        share rows ``W_old [E, C]`` to ``W_row [E, C]`` (``dW [k, C]``), with the layer's cover ``z_l, q_l [C, T]``
+        (:func:`solvers.cost.token_cover`); and what :meth:`apply` stores: (tokens, columns, new z, new q)."""
         d = self.d
-        out = np.zeros(self.G)
+        out = np.zeros(dW.shape[1])
         cols = np.nonzero(np.abs(dW).max(axis=0) > 0)[0]
         if not cols.size:
             return out, None
         order, start = d.tok_order[l], d.tok_start[l]
         lists = [order[start[e]:start[e + 1]] for e in idx]
         new_rows = W_row[idx][:, cols]
-        old_rows = self.W[l][np.ix_(idx, cols)]
+        old_rows = W_old[np.ix_(idx, cols)]
         # per moved expert: the change of its count (share 1) and of its factor 1 - share (share < 1)
         dz = (new_rows >= 1.0).astype(np.int64) - (old_rows >= 1.0)
         dlog = np.log(np.where(new_rows < 1.0, 1.0 - new_rows, 1.0)) - np.log(np.where(old_rows < 1.0, 1.0 - old_rows,
@@ -210,8 +248,8 @@ class State:
             if not toks.size:
                 return out, None
             change = np.concatenate([np.broadcast_to(v, (g.size, v.size)) for g, v in groups]).T  # [c, tokens]
-            z_old = np.stack([self.z[l, g].take(toks) for g in cols])  # [c, tokens]
-            q_old = np.stack([self.q[l, g].take(toks) for g in cols])
+            z_old = np.stack([z_l[g].take(toks) for g in cols])  # [c, tokens]
+            q_old = np.stack([q_l[g].take(toks) for g in cols])
             z_new, q_new = (z_old + change).astype(np.int8), q_old
         else:
             pairs = np.concatenate(lists)
@@ -223,8 +261,8 @@ class State:
             mark[pairs] = at
             toks = pairs[mark[pairs] == at]
             mark[toks] = np.arange(toks.size)
-            z_old = np.stack([self.z[l, g].take(toks) for g in cols])  # [c, tokens]
-            q_old = np.stack([self.q[l, g].take(toks) for g in cols])
+            z_old = np.stack([z_l[g].take(toks) for g in cols])  # [c, tokens]
+            q_old = np.stack([q_l[g].take(toks) for g in cols])
             reps = [len(t) for t in lists]
             c, n = cols.size, toks.size
             flat = (np.arange(c)[:, None] * n + mark[pairs][None, :]).ravel()  # (GPU, token place) of every entry
@@ -245,7 +283,7 @@ class State:
         return pieces.reshape(self.d.N, self.G, self.m).max(axis=2)
 
     def layer_gpu_seconds(self, l: int, Lg=None, dup=None, X_row=None, W_row=None, M_in=None,
-                          logp0=None, A=None, Dt=None) -> np.ndarray:
+                          logp0=None, A=None, Dt=None, DtN=None, R=None) -> np.ndarray:
         """``[N, G]`` seconds of each GPU at layer l (optionally with replaced quantities)."""
         d = self.d
         Lg = self.Lg[l] if Lg is None else Lg
@@ -261,10 +299,19 @@ class State:
             D = np.maximum(D, sc * (d.tokens[l] * -np.expm1(np.minimum(logp0, 0.0)))[None, :])
         else:
             D = Lg
-        t = self.alpha * Lg
+        t = self.alpha * Lg if self.R is None else roofline_compute(Lg, self.R[l] if R is None else R, d.cost)
         topo = d.topology
         if not d.coherent:
-            return t + standard_comm_seconds(D, topo, d.cost, phases=2)
+            if d.cost.comm == "nccl":
+                return t + standard_comm_seconds(D, topo, d.cost, phases=2)
+            Dn = None
+            if self.by_node:
+                if self.tokd:
+                    Dn = sc * (self.DtN[l] if DtN is None else DtN)[None, :]
+                else:  # the pairwise estimate on the node shares, from scratch (E x E x nodes)
+                    C = None if d.C is None else d.C[l]
+                    Dn = sc * standard_distinct(node_share(W_row, topo), d.load[l], C, float(d.tokens[l]))[1][None, :]
+            return t + comm_seconds(Lg, D, Dn, topo, d.cost)
         M = None if l == 0 else (self.M[l] if M_in is None else M_in)
         A = self.A[l] if A is None else A
         return t + coherent_comm_seconds(D, Lg, M, A, topo, d.cost, d.scale[:, l])
@@ -332,8 +379,8 @@ class State:
         return X_row, r_row, idx_a, dP, P_new
 
     def _layer_update(self, l: int, idx: np.ndarray, dW: np.ndarray):
-        """New (Lg ``[N, G]``, dup ``[G]``, logp0 ``[G]``, A ``[G, G]`` or None) of layer l when the served shares of
-        experts ``idx`` change by ``dW [k, G]``."""
+        """New (Lg ``[N, G]``, dup ``[G]``, logp0 ``[G]``, A ``[G, G]`` or None, R ``[N, G]`` or None) of layer l
+        when the served shares of experts ``idx`` change by ``dW [k, G]``."""
         d = self.d
         Lg = self.Lg[l] + d.loads[:, l, idx] @ dW
         dup = self.dup[l]
@@ -346,7 +393,11 @@ class State:
         if self.use_T:
             A = self.A[l] + dW.T @ (self.QP[l].take(idx, 0) + _block(d.Q[l], idx) @ dW) \
                 + self.QtP[l].take(idx, 0).T @ dW
-        return Lg, dup, logp0, A
+        R = None
+        if self.R is not None:  # the roofline's weight reads: only the moved experts' terms change
+            W_old = self.W[l].take(idx, 0)
+            R = self.R[l] + self._reads(l, idx, W_old + dW) - self._reads(l, idx, W_old)
+        return Lg, dup, logp0, A, R
 
     def evaluate_move(self, l: int, changes: list[tuple[int, int]]):
         """Exact new objective (and secondary) after a move; None if the move is illegal."""
@@ -377,11 +428,14 @@ class State:
         else:
             W_row = self.P[l].copy()
             W_row[idx] = P_new
-        Lg, dup, logp0, A_l = self._layer_update(l, idx, dW)
-        Dt_l = tok_l = None
+        Lg, dup, logp0, A_l, R_l = self._layer_update(l, idx, dW)
+        Dt_l = tok_l = DtN_l = nod_l = None
         if self.tokd:
             dD, tok_l = self._token_delta(l, idx, W_row, dW)
             Dt_l = self.Dt[l] + dD
+            if self.by_node:
+                dDn, nod_l = self._node_delta(l, idx, W_row, dW)
+                DtN_l = self.DtN[l] + dDn
         M_l = nxt = None
         if self.use_T:
             if l >= 1:
@@ -396,7 +450,8 @@ class State:
                 M_next = self.M[l + 1] + dW.T @ self.Vout[l][idx]
                 R = np.nonzero(self.r[l + 1] >= 2)[0]
                 W2 = dW2 = None
-                upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1])
+                upd = (self.Lg[l + 1], self.dup[l + 1], self.logp0[l + 1], self.A[l + 1],
+                       None if self.R is None else self.R[l + 1])
                 W2_row = Dt2 = None
                 if R.size:
                     dVR = dW.T @ d.T[l].take(idx, 0).take(R, 1)  # [G, |R|]
@@ -411,11 +466,12 @@ class State:
                         ratio = np.divide(self.Dt[l + 1], Lgm, out=np.ones_like(Lgm), where=Lgm > 0)
                         Dt2 = self.Dt[l + 1] + (d.load[l + 1, R] @ dW2) * ratio
                 nxt = (M_next, R, W2, dW2, upd, W2_row, Dt2)
-        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, W_row, M_l, logp0, A_l, Dt_l)
+        tg_l = self.layer_gpu_seconds(l, Lg, dup, X_row, W_row, M_l, logp0, A_l, Dt_l, DtN_l, R_l)
         new_tg = {l: tg_l}
         if nxt is not None:
-            Lg2, dup2, logp02, A2 = nxt[4]
-            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[5], nxt[0], logp02, A2, nxt[6])
+            Lg2, dup2, logp02, A2, R2 = nxt[4]
+            new_tg[l + 1] = self.layer_gpu_seconds(l + 1, Lg2, dup2, None, nxt[5], nxt[0], logp02, A2, nxt[6],
+                                                   R=R2)
         tl = self.tl.copy()
         for ll, t in new_tg.items():
             tl[ll] = t.max(axis=1)
@@ -430,12 +486,14 @@ class State:
         sec_old = sum(float((self.tg[ll] ** 2).sum()) for ll in new_tg)
         sec_new = sum(float((t ** 2).sum()) for t in new_tg.values())
         payload = (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
-                   moved_l, Dt_l, tok_l, local)
+                   moved_l, Dt_l, tok_l, local, DtN_l, nod_l, R_l)
         return obj, sec_new - sec_old, payload
 
-    def _store_layer(self, l: int, idx: np.ndarray, dW: np.ndarray, Lg, dup, logp0, A) -> None:
+    def _store_layer(self, l: int, idx: np.ndarray, dW: np.ndarray, Lg, dup, logp0, A, R=None) -> None:
         d = self.d
         self.Lg[l] = Lg
+        if R is not None:
+            self.R[l] = R
         self.dup[l] = dup
         self.logp0[l] = logp0
         if self.CP is not None:
@@ -448,7 +506,7 @@ class State:
 
     def apply(self, payload) -> None:
         (l, X_row, r_row, idx, dP, P_new, tab_new, W_new, dW, Lg, dup, logp0, M_l, A_l, nxt, new_tg,
-         moved_l, Dt_l, tok_l, local) = payload
+         moved_l, Dt_l, tok_l, local, DtN_l, nod_l, R_l) = payload
         d = self.d
         self.X[l] = X_row
         self.r[l] = r_row
@@ -457,7 +515,7 @@ class State:
         if self.use_T:
             self.tab[l, idx] = tab_new
             self.W[l, idx] = W_new
-        self._store_layer(l, idx, dW, Lg, dup, logp0, A_l)
+        self._store_layer(l, idx, dW, Lg, dup, logp0, A_l, R_l)
         if self.tokd:
             self.Dt[l] = Dt_l
             if tok_l is not None:
@@ -465,6 +523,13 @@ class State:
                 for j, g in enumerate(cols):
                     self.z[l, g, toks] = z_new[j]
                     self.q[l, g, toks] = q_new[j]
+            if self.by_node:
+                self.DtN[l] = DtN_l
+                if nod_l is not None:
+                    toks, cols, z_new, q_new = nod_l
+                    for j, g in enumerate(cols):
+                        self.zN[l, g, toks] = z_new[j]
+                        self.qN[l, g, toks] = q_new[j]
         if self.use_T:
             if nxt is not None:
                 M_next, R, W2, dW2, upd, _, Dt2 = nxt
