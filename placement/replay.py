@@ -215,6 +215,9 @@ def check_setup(data: RoutingTrace | LoadProfile, setup: ReplaySetup) -> None:
         raise ReplayError(f"--scale must be a positive number, got {setup.scale}")
     if setup.cost.dataflow != "standard":
         raise ReplayError("the replay estimates time under the standard dataflow; leave --dataflow out")
+    if getattr(setup.cost, "comm", "nccl") != "nccl" or getattr(setup.cost, "tokens_per_gpu", None) is not None:
+        raise ReplayError("the replay estimates time with the nccl communication model and the GEMM rate; use a cost "
+                          "model without a DeepEP model or a serving phase")
     E, topo = data.num_experts, setup.topology
     if topo.num_slots < E:
         raise ReplayError(f"{topo.num_slots} slots cannot hold the {E} experts; add GPUs or --redundant slots")
