@@ -147,3 +147,42 @@ def test_roofline_time_matches_a_hand_computed_case(regime):
         assert 2 * read > alpha * 4  # the weight reads bind
     linear = evaluate(plan, tr, replace(cost, tokens_per_gpu=None))["overall"]["est_moe_seconds"]
     assert linear == pytest.approx(alpha * 8, rel=1e-12)
+
+
+def test_plan_pd_writes_a_plan_per_phase_on_its_own_tokens(tmp_path):
+    """A trace whose tokens carry phases (every other sequence decode): plan-pd fits the prefill plan on the
+    prefill tokens and the decode plan on the decode tokens, each on its cluster size and under its kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from traces import save
+
+    tr = datasets.load("deepseek-v2-lite-esft:law")
+    phase = (tr.sequence_index() % 2).astype(np.int8)
+    path = tmp_path / "t.npz"
+    save(replace(tr, phase=phase), path)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "placement.cli", "plan-pd", str(path), "--prefill-gpus", "8",
+                        "--decode-gpus", "16", "--gpus-per-node", "8", "--decode-redundant", "16", "--solver", "eplb",
+                        "--baseline", "contiguous", "--workers", "1", "--out", str(tmp_path / "pd"), "--json"],
+                       capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    pre = json.loads((tmp_path / "pd" / "prefill-plan.json").read_text())
+    dec = json.loads((tmp_path / "pd" / "decode-plan.json").read_text())
+    assert pre["topology"]["num_gpus"] == 8 and dec["topology"]["num_gpus"] == 16
+    assert s["prefill"]["comm"] == "deepep-normal" and s["decode"]["comm"] == "deepep-ll"
+    # each plan was fitted on its phase's tokens only (the held-out half of that phase's sequences judged it)
+    phased = replace(tr, phase=phase)
+    for ph, p in (("prefill", pre), ("decode", dec)):
+        fit = phased.of_phase(ph).split_by_sequence(0.5, seed=0)[0]
+        assert p["provenance"]["tokens"] == fit.num_tokens < tr.num_tokens / 2
+    assert (tmp_path / "pd" / "pd-summary.md").read_text().count("| decode |") == 2
+    bad = subprocess.run([sys.executable, "-m", "placement.cli", "plan-pd", "--prefill-gpus", "0", "--decode-gpus",
+                          "8"], capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert bad.returncode == 2 and "--prefill-gpus" in bad.stderr
