@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/comm_models.py v3          # DeepSeek-V3 size: prefill and decode
     PYTHONPATH=. python benchmarks/comm_models.py bundled     # the bundled trace at 8 and 16 GPUs, all three models
     PYTHONPATH=. python benchmarks/comm_models.py v3 --solvers contiguous,eplb-hierarchical,eplb-global,joint
+    PYTHONPATH=. python benchmarks/comm_models.py bundled --joint-work-limit 2   # the joint plan independent of load
 
 Plans are fitted on half the sequences and judged on the other half, every solver refitted per model; the joint
 planner optimises the model of the row (``--comm``, and the decode roofline with ``--tokens-per-gpu``), the
@@ -52,7 +53,7 @@ def counts_estimate(plan, held, cost) -> float:
 
 
 def run(fit, held, topo, groups: int, phase: str, solvers: list[str], time_limit: float, model: str,
-        say) -> list[dict]:
+        say, joint_work: int | None = None) -> list[dict]:
     from placement.evaluate import evaluate, prepare
     from placement.plan import Plan
     from placement.problem import build_problem
@@ -68,8 +69,10 @@ def run(fit, held, topo, groups: int, phase: str, solvers: list[str], time_limit
         params = {"model": model, **{k: v for k, v in PHASES[phase].items() if v is not None}}
         t = time.perf_counter()
         try:
-            res = solve(name, joint_problem if name == "joint" else problem,
-                        Options(time_limit=time_limit, seed=0, threads=1, params=params))
+            joint = name == "joint"
+            res = solve(name, joint_problem if joint else problem,
+                        Options(time_limit=None if joint and joint_work else time_limit, seed=0, threads=1,
+                                params=params, work_limit=joint_work if joint else None))
         except SolverInputError as exc:
             say(f"  {name}: {exc}")
             continue
@@ -116,6 +119,8 @@ def main() -> None:
     ap.add_argument("section", choices=["v3", "bundled"])
     ap.add_argument("--solvers", default=",".join(REFERENCES + ["joint"]))
     ap.add_argument("--time-limit", type=float, default=60.0, help="every solver's limit (the joint planner's too)")
+    ap.add_argument("--joint-work-limit", type=int, default=None, help="the joint planner with this deterministic "
+                    "work (kicks per layer) instead of the time limit: its plan does not depend on the machine's load")
     ap.add_argument("--tokens", type=int, default=60000, help="V3 tokens (half fitted)")
     ap.add_argument("--phases", default="prefill,decode,nccl")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOEPLACE_BENCH_CACHE", "/tmp/moeplace-bench")))
@@ -129,13 +134,14 @@ def main() -> None:
         fit, held = trace.split_by_sequence(0.5, seed=0)
         topo = Topology.for_experts(256, 64, 64, gpus_per_node=8)
         for phase in args.phases.split(","):
-            rows += run(fit, held, topo, 8, phase, solvers, args.time_limit, "deepseek-v3", say)
+            rows += run(fit, held, topo, 8, phase, solvers, args.time_limit, "deepseek-v3", say, args.joint_work_limit)
     else:
         fit, held = datasets.load().split_by_sequence(0.5, seed=0)
         for gpus, gpn, red in ((8, 8, 0), (16, 8, 16)):
             topo = Topology.for_experts(64, gpus, red, gpus_per_node=gpn)
             for phase in args.phases.split(","):
-                rows += run(fit, held, topo, 8, phase, solvers, args.time_limit, "deepseek-v2-lite", say)
+                rows += run(fit, held, topo, 8, phase, solvers, args.time_limit, "deepseek-v2-lite", say,
+                            args.joint_work_limit)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))
