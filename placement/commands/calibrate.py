@@ -70,8 +70,7 @@ def register(app: typer.Typer) -> None:
         """Measure this cluster's all-to-all bandwidth (inside and across nodes, at the model's message size), its
         grouped expert GEMM rate and HBM bandwidth, and write a hardware profile for --hardware.
 
-        Run it as 'torchrun --nnodes N --nproc-per-node 8 ... -m placement.cli calibrate --backend nccl' across
-        nodes, or directly on one machine (local processes). docs/hardware.md."""
+        On one machine it starts a process per GPU; across nodes, run it under torchrun (docs/hardware.md)."""
         import os
         import socket
         from datetime import datetime, timezone

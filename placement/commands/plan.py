@@ -364,9 +364,8 @@ def register(app: typer.Typer) -> None:
     ):
         """Solve for a placement and write a plan file (Plan v1 JSON)."""
         from placement.cli_common import load_data
-        from placement.plan import Plan
-
         from placement.hardware import gpus_per_node as hardware_gpus_per_node
+        from placement.plan import Plan
 
         hw = load_hardware(hardware)
         cost = cost_model(hidden_size, dtype, dataflow, model=model, model_config=model_config,

@@ -66,7 +66,8 @@ def register(app: typer.Typer) -> None:
                                            "([N, L, E] files) or bundled names (esft-drift:phases, esft-drift:mix-0.1, "
                                            "esft-drift:mix-0.3, esft-drift:shuffled, esft-drift:counts)."),
         gpus: int = typer.Option(..., "--gpus", "-g", help="GPUs (EP size)."),
-        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one)."),
+        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one, "
+                                                    "or the --hardware profile's when --gpus fills whole nodes)."),
         redundant: int = typer.Option(0, "--redundant", "-r", help="Redundant expert slots in total (EP-wide)."),
         expert_groups: int = typer.Option(1, "--expert-groups", help="Expert groups (DeepSeek-V3: 8), for EPLB's "
                                           "hierarchical policy and for keeping groups on nodes."),
