@@ -186,6 +186,78 @@ def _ffn(x, w13, w2, offs, grouped: bool):
     return torch.bmm(F.silu(g) * u, w2)
 
 
+def _measure_a2a(rank: int, kind: str, groups: list[list[int]], spec: CalibrationSpec, device, sync) -> dict:
+    """All-to-all among each group's ranks, every group at once, at each size of ``spec.tokens_per_peer``."""
+    import torch
+    import torch.distributed as dist
+
+    mine = None
+    for members in groups:  # every rank creates every group, in the same order
+        g = dist.new_group(members)
+        if rank in members:
+            mine = g
+    wire, dbytes = getattr(torch, DTYPES[spec.dtype][0]), DTYPES[spec.dtype][1]
+    H, size = spec.hidden_size, len(groups[0])
+    rows = []
+    for t in spec.tokens_per_peer:
+        send = torch.randn(size * t, H, device=device).to(wire)
+        recv = torch.empty_like(send)
+        sec = _time_collective(lambda: dist.all_to_all_single(recv, send, group=mine), sync, spec.seconds_per_point,
+                               device)
+        per_gpu = (size - 1) * t * H * dbytes
+        rows.append({"tokens_per_peer": t, "bytes_per_peer": t * H * dbytes, "bytes_per_gpu": per_gpu,
+                     "seconds": sec, "bandwidth": per_gpu / sec})
+        where = "inside each node" if kind == "intra_node" else "between nodes"
+        _say(rank, f"all-to-all {where} ({size} ranks per group), {t} tokens x {H} x {spec.dtype} per peer "
+                   f"({t * H * dbytes / 2**20:.3g} MiB): {per_gpu / sec / 1e9:.4g} GB/s per GPU and direction")
+    return {"group_size": size, "groups": len(groups), "points": rows}
+
+
+def _measure_copy(rank: int, spec: CalibrationSpec, device, sync) -> dict:
+    """HBM bandwidth from a device copy: bytes read plus bytes written over the time."""
+    import torch
+    import torch.distributed as dist
+
+    numel = max(1, spec.copy_bytes // 4)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    dist.barrier()
+    sec = _time_local(lambda: dst.copy_(src), sync, spec.seconds_per_point)
+    out = {"bytes": numel * 4, "seconds": sec, "bandwidth": 2 * numel * 4 / sec}
+    _say(rank, f"device copy of {numel * 4 / 2**20:.4g} MiB: {out['bandwidth'] / 1e12:.4g} TB/s (rank 0)")
+    return out
+
+
+def _measure_gemm(rank: int, spec: CalibrationSpec, device, sync, dtype,
+                  grouped: bool) -> tuple[list[tuple[int, float]], bool]:
+    """``([(tokens per expert, seconds)], grouped)``: the local experts' SwiGLU GEMMs at each size of
+    ``spec.tokens_per_expert``, with ``torch._grouped_mm`` when ``grouped`` and it takes this shape and dtype, else
+    ``torch.bmm`` (the second value says which ran)."""
+    import torch
+    import torch.distributed as dist
+
+    E, H, I = spec.local_experts, spec.hidden_size, spec.intermediate_size
+    w13 = (torch.randn(E, H, 2 * I, device=device) / H ** 0.5).to(dtype)
+    w2 = (torch.randn(E, I, H, device=device) / I ** 0.5).to(dtype)
+    if grouped:  # the grouped GEMM kernels need aligned shapes and 16-bit dtypes: fall back to bmm otherwise
+        x = torch.randn(E, 16, H, device=device).to(dtype)
+        try:
+            _ffn(x, w13, w2, torch.arange(1, E + 1, device=device, dtype=torch.int32) * 16, True)
+        except RuntimeError as exc:
+            _say(rank, f"torch._grouped_mm does not take this shape ({str(exc).splitlines()[0]}); timing torch.bmm")
+            grouped = False
+    out = []
+    for m in spec.tokens_per_expert:
+        x = torch.randn(E, m, H, device=device).to(dtype)
+        offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * m
+        dist.barrier()
+        sec = _time_local(lambda: _ffn(x, w13, w2, offs, grouped), sync, spec.seconds_per_point)
+        out.append((m, sec))
+        _say(rank, f"grouped GEMM, {E} experts of {H} x {I} at {m} tokens per expert: "
+                   f"{flops_per_token(H, I) * m * E / sec / 1e12:.4g} TFLOP/s (rank 0)")
+    return out, grouped
+
+
 def calibrate_rank(rank: int, world: int, spec: CalibrationSpec, device) -> dict | None:
     """Run every measurement on this rank; rank 0 returns the results (:func:`placement.calibrate.build_profile`
     reads them), the others None."""
@@ -196,7 +268,6 @@ def calibrate_rank(rank: int, world: int, spec: CalibrationSpec, device) -> dict
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     wire = getattr(torch, DTYPES[spec.dtype][0])
-    dbytes = DTYPES[spec.dtype][1]
     n = _layout(world, spec.ranks_per_node)
     nodes = world // n
     hosts: list = [None] * world
@@ -208,57 +279,14 @@ def calibrate_rank(rank: int, world: int, spec: CalibrationSpec, device) -> dict
 
     # all-to-all: inside every node at once, then across nodes among the same local index at once
     for kind, groups in group_layout(world, n).items():
-        if len(groups[0]) < 2:
-            continue
-        mine = None
-        for members in groups:  # every rank creates every group, in the same order
-            g = dist.new_group(members)
-            if rank in members:
-                mine = g
-        size = len(groups[0])
-        rows = []
-        for t in spec.tokens_per_peer:
-            send = torch.randn(size * t, H, device=device).to(wire)
-            recv = torch.empty_like(send)
-            sec = _time_collective(lambda: dist.all_to_all_single(recv, send, group=mine), sync,
-                                   spec.seconds_per_point, device)
-            per_gpu = (size - 1) * t * H * dbytes
-            rows.append({"tokens_per_peer": t, "bytes_per_peer": t * H * dbytes, "bytes_per_gpu": per_gpu,
-                         "seconds": sec, "bandwidth": per_gpu / sec})
-            where = "inside each node" if kind == "intra_node" else "between nodes"
-            _say(rank, f"all-to-all {where} ({size} ranks per group), {t} tokens x {H} x {spec.dtype} per peer "
-                       f"({t * H * dbytes / 2**20:.3g} MiB): {per_gpu / sec / 1e9:.4g} GB/s per GPU and direction")
-            del send, recv
-        res["a2a"][kind] = {"group_size": size, "groups": len(groups), "points": rows}
-
-    # HBM: a device copy (read + write)
-    numel = max(1, spec.copy_bytes // 4)
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    dist.barrier()
-    sec = _time_local(lambda: dst.copy_(src), sync, spec.seconds_per_point)
-    mine_hbm = {"bytes": numel * 4, "seconds": sec, "bandwidth": 2 * numel * 4 / sec}
-    del src, dst
-    _say(rank, f"device copy of {numel * 4 / 2**20:.4g} MiB: {mine_hbm['bandwidth'] / 1e12:.4g} TB/s (rank 0)")
-
-    # grouped GEMM of the local experts over tokens per expert
+        if len(groups[0]) >= 2:
+            res["a2a"][kind] = _measure_a2a(rank, kind, groups, spec, device, sync)
+    mine_hbm = _measure_copy(rank, spec, device, sync)
     gemm_dtype = wire if cuda else torch.float32  # bf16 matmuls are emulated (very slow) on most CPUs
     grouped = cuda and hasattr(torch, "_grouped_mm")
+    mine_gemm, grouped = _measure_gemm(rank, spec, device, sync, gemm_dtype, grouped)
     E, I = spec.local_experts, spec.intermediate_size
-    w13 = (torch.randn(E, H, 2 * I, device=device) / H ** 0.5).to(gemm_dtype)
-    w2 = (torch.randn(E, I, H, device=device) / I ** 0.5).to(gemm_dtype)
     fpt = flops_per_token(H, I)
-    mine_gemm = []
-    for m in spec.tokens_per_expert:
-        x = torch.randn(E, m, H, device=device).to(gemm_dtype)
-        offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * m
-        dist.barrier()
-        sec = _time_local(lambda: _ffn(x, w13, w2, offs, grouped), sync, spec.seconds_per_point)
-        mine_gemm.append((m, sec))
-        _say(rank, f"grouped GEMM, {E} experts of {H} x {I} at {m} tokens per expert: "
-                   f"{fpt * m * E / sec / 1e12:.4g} TFLOP/s (rank 0)")
-        del x
-    del w13, w2
 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, {"hbm": mine_hbm, "gemm": mine_gemm})
