@@ -57,7 +57,8 @@ USER_ERRORS = (UserError, TraceError, SolverInputError, PlanError, OutputPathErr
 # input-error classes of modules the CLI imports lazily (module, class name): caught when the module is loaded
 # (an exception of a class whose module was never imported cannot be raised, so nothing is imported here)
 LAZY_USER_ERRORS = (("placement.runtime", "RuntimeInputError"), ("placement.export", "ExportError"),
-                    ("placement.plots", "PlotsUnavailable"), ("placement.executor", "ExecutorError"))
+                    ("placement.plots", "PlotsUnavailable"), ("placement.executor", "ExecutorError"),
+                    ("placement.hardware", "HardwareError"))
 
 
 def _is_lazy_user_error(exc: BaseException) -> bool:

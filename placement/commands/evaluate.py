@@ -9,8 +9,8 @@ import typer
 from placement.cli_common import (RayAddressOption, UserError, WorkersOption, executor_for, fmt, metrics_table, out,
                                   print_json, user_errors)
 from placement.commands.plan import (CommOption, EvalDataflowOption, HbmOption, PhaseOption, TokensPerGpuOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
-                                     FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
-                                     ModelOption)
+                                     FlopsOption, HardwareOption, InterBandwidthOption, IntermediateOption,
+                                     IntraBandwidthOption, ModelOption)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         gpu_flops: FlopsOption = None,
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
+        hardware: HardwareOption = None,
         per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
         workers: WorkersOption = None,
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
                                             dataflow=dataflow, comm=comm, phase=phase, tokens_per_gpu=tokens_per_gpu,
                                             hbm_bandwidth=hbm_bandwidth, model=model, model_config=model_config,
                                             expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops,
-                                            intra_bw=intra_bw, inter_bw=inter_bw)
+                                            intra_bw=intra_bw, inter_bw=inter_bw, hardware=hardware)
         results = {}
         with executor_for(workers, ray_address) as ex:  # the per-token traffic, block by block
             for path, plan in zip(plans, plan_objs):

@@ -74,6 +74,10 @@ TokensPerGpuOption = Annotated[Optional[float], typer.Option(
     "and the weight reads of the active experts (default: none, compute linear in tokens; --phase sets it).")]
 HbmOption = Annotated[Optional[str], typer.Option(
     "--hbm-bandwidth", help="Bytes/s a GPU reads expert weights at, for the roofline (default 3.35TB: H100 SXM).")]
+HardwareOption = Annotated[Optional[str], typer.Option(
+    "--hardware", help="Hardware profile: h100, h200, b200 (published figures) or a JSON file written by 'moeplace "
+    "calibrate'; sets the link bandwidths, GPU FLOP/s, HBM bandwidth and the cost per active expert (explicit "
+    "options win; docs/hardware.md).")]
 CommOption = Annotated[Optional[str], typer.Option(
     "--comm", help="All-to-all kernels: nccl (one copy per distinct remote GPU; the default for new plans), "
     "deepep-normal (prefill: RDMA once per remote node, then NVLink) or deepep-ll (decode: one message per "
@@ -110,9 +114,11 @@ def recorded_cost(plans) -> tuple[dict, list[str]]:
 def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflow: str | None = None, *,
                model: str | None = None, model_config=None, expert_intermediate_size: int | None = None,
                gpu_flops: str | float | None = None, base: dict | None = None, comm: str | None = None,
-               phase: str | None = None, tokens_per_gpu: float | None = None, hbm_bandwidth: str | None = None):
+               phase: str | None = None, tokens_per_gpu: float | None = None, hbm_bandwidth: str | None = None,
+               hardware=None):
     """The cost model from the CLI's options, in this order (later wins): defaults (DeepSeek-V2-Lite sizes, H100),
-    ``base`` (fields a plan was made for), the ``phase`` defaults (:data:`PHASES`), the ``model`` preset, the sizes
+    ``base`` (fields a plan was made for), the ``hardware`` profile's GPU fields (a name, file or
+    :class:`placement.hardware.Hardware`), the ``phase`` defaults (:data:`PHASES`), the ``model`` preset, the sizes
     in ``model_config`` (config.json), the explicit options."""
     from solvers.cost import PRESETS, CostModel
 
@@ -121,6 +127,9 @@ def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflo
     if phase is not None and phase not in PHASES:
         raise UserError(f"--phase {phase!r} is not one of {', '.join(PHASES)}")
     fields = {k: v for k, v in (base or {}).items() if k in COST_FIELDS}
+    hw = load_hardware(hardware)
+    if hw is not None:
+        fields.update(hw.cost_fields())
     fields.update(PHASES.get(phase, {}))
     if model is not None:
         if str(model).lower() not in PRESETS:
@@ -139,6 +148,24 @@ def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflo
     return CostModel(**fields)
 
 
+def load_hardware(spec):
+    """The :class:`placement.hardware.Hardware` for ``--hardware`` (a preset name or a profile file), or None."""
+    if spec is None:
+        return None
+    from placement.hardware import Hardware, load
+
+    return spec if isinstance(spec, Hardware) else load(spec)
+
+
+def link_bandwidths(intra_bw: str | None, inter_bw: str | None, hardware=None) -> tuple[float | None, float | None]:
+    """``(intra, inter)`` bytes/s from ``--intra-node-bandwidth`` / ``--inter-node-bandwidth``, else the hardware
+    profile's, else None (keep the topology's)."""
+    hw = load_hardware(hardware)
+    hw_bw = hw.bandwidths() if hw is not None else (None, None)
+    given = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"), parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
+    return tuple(g if g is not None else h for g, h in zip(given, hw_bw))
+
+
 def parse_bandwidth(text: str | None, flag: str) -> float | None:
     """Bytes per second from ``450GB`` (per GPU and direction), or None."""
     from placement.budget import parse_size
@@ -146,22 +173,24 @@ def parse_bandwidth(text: str | None, flag: str) -> float | None:
     return None if text is None else float(parse_size(text, flag))
 
 
-def with_cost_options(plans: list, *, intra_bw: str | None = None, inter_bw: str | None = None,
+def with_cost_options(plans: list, *, intra_bw: str | None = None, inter_bw: str | None = None, hardware=None,
                       **options) -> tuple[list, object]:
     """Plans to evaluate and the cost model to evaluate them with, from the CLI's cost options (``options`` are
     :func:`cost_model`'s keywords): where an option is not given, the value the plans were made for (when they all
-    agree; else the default, with a note on stderr). Bandwidth options replace the link bandwidths of every plan's
-    topology."""
+    agree; else the default, with a note on stderr). Bandwidth options (else the ``hardware`` profile's links) replace
+    the link bandwidths of every plan's topology."""
     from dataclasses import replace
 
+    hardware = load_hardware(hardware)
     agreed, differ = recorded_cost(plans)
     flag = {"dtype_bytes": "dtype"}
-    unset = [k for k in differ if options.get(flag.get(k, k)) is None]
+    unset = [k for k in differ if options.get(flag.get(k, k)) is None
+             and not (hardware is not None and k in hardware.cost_fields())]
     if unset:
         err.print(f"note: the plans were made for different {', '.join(unset)}; all are evaluated with the default "
                   f"(--{flag.get(unset[0], unset[0]).replace('_', '-')} chooses)", markup=False)
-    cost = cost_model(base=agreed, **options)
-    bw = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"), parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
+    cost = cost_model(base=agreed, hardware=hardware, **options)
+    bw = link_bandwidths(intra_bw, inter_bw, hardware)
     if bw != (None, None):
         plans = [replace(p, topology=p.topology.with_bandwidths(*bw)) for p in plans]
     return plans, cost
@@ -275,7 +304,8 @@ def register(app: typer.Typer) -> None:
         trace: Optional[list[str]] = typer.Argument(None, help="Trace files (.npz token traces or counts) or bundled "
                                                    "dataset names; default: the bundled DeepSeek-V2-Lite trace."),
         gpus: int = typer.Option(..., "--gpus", "-g", help=f"GPUs (EP size, at most {MAX_GPUS})."),
-        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one)."),
+        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one, "
+                                                    "or the --hardware profile's when --gpus fills whole nodes)."),
         redundant: int = typer.Option(0, "--redundant", "-r", help="Redundant expert slots in total (EP-wide, at most "
                                        f"{MAX_REDUNDANT})."),
         solver: Optional[str] = typer.Option(None, "--solver", "-s", help="Solver (default: joint when available). "
@@ -305,6 +335,7 @@ def register(app: typer.Typer) -> None:
         gpu_flops: FlopsOption = None,
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
+        hardware: HardwareOption = None,
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
         comm: CommOption = None,
         phase: PhaseOption = None,
@@ -333,13 +364,15 @@ def register(app: typer.Typer) -> None:
     ):
         """Solve for a placement and write a plan file (Plan v1 JSON)."""
         from placement.cli_common import load_data
+        from placement.hardware import gpus_per_node as hardware_gpus_per_node
         from placement.plan import Plan
 
+        hw = load_hardware(hardware)
         cost = cost_model(hidden_size, dtype, dataflow, model=model, model_config=model_config,
                           expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops, comm=comm,
-                          phase=phase, tokens_per_gpu=tokens_per_gpu, hbm_bandwidth=hbm_bandwidth)
-        bandwidths = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"),
-                      parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
+                          phase=phase, tokens_per_gpu=tokens_per_gpu, hbm_bandwidth=hbm_bandwidth, hardware=hw)
+        bandwidths = link_bandwidths(intra_bw, inter_bw, hw)
+        gpus_per_node = hardware_gpus_per_node(hw, gpus, gpus_per_node)
         data, sources = load_data(trace)
         name = solver or ("budget" if memory_budget else default_solver())
         params = parse_params(param)
@@ -361,6 +394,8 @@ def register(app: typer.Typer) -> None:
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths,
                              resamples=resamples, work_limit=work_limit, executor=ex, phase=phase)
+        if hw is not None:
+            plan.provenance["hardware"] = hw.record()
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, err, fmt, out, print_json, progress, user_errors
-from placement.commands.plan import (FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
-                                     ModelOption)
+from placement.commands.plan import (FlopsOption, HardwareOption, InterBandwidthOption, IntermediateOption,
+                                     IntraBandwidthOption, ModelOption)
 
 
 def load_stream(paths: list[str]):
@@ -66,7 +66,8 @@ def register(app: typer.Typer) -> None:
                                            "([N, L, E] files) or bundled names (esft-drift:phases, esft-drift:mix-0.1, "
                                            "esft-drift:mix-0.3, esft-drift:shuffled, esft-drift:counts)."),
         gpus: int = typer.Option(..., "--gpus", "-g", help="GPUs (EP size)."),
-        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one)."),
+        gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in one, "
+                                                    "or the --hardware profile's when --gpus fills whole nodes)."),
         redundant: int = typer.Option(0, "--redundant", "-r", help="Redundant expert slots in total (EP-wide)."),
         expert_groups: int = typer.Option(1, "--expert-groups", help="Expert groups (DeepSeek-V3: 8), for EPLB's "
                                           "hierarchical policy and for keeping groups on nodes."),
@@ -96,6 +97,7 @@ def register(app: typer.Typer) -> None:
         gpu_flops: FlopsOption = None,
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
+        hardware: HardwareOption = None,
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write the replay over time as a PNG (needs "
                                             "matplotlib: the plot extra)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output: every rebalance of every policy."),
@@ -103,7 +105,8 @@ def register(app: typer.Typer) -> None:
         """Replay online rebalancing as the serving stacks run it: before each rebalance a policy sees only the
         counts of the last window, and its map is judged on the traffic until the next rebalance. Prints load
         imbalance, expert copies moved and their migration time, estimated MoE time and each policy's own time."""
-        from placement.commands.plan import cost_model, parse_bandwidth
+        from placement.commands.plan import cost_model, link_bandwidths, load_hardware
+        from placement.hardware import gpus_per_node as hardware_gpus_per_node
         from placement.plan import Plan
         from placement.replay import POLICIES, ReplaySetup, make_policy, plot_replay, replay
         from solvers import Topology
@@ -125,10 +128,12 @@ def register(app: typer.Typer) -> None:
             if v < 1:
                 raise UserError(f"{flag} must be at least 1, got {v}")
         data, sources = load_stream(traces)
-        cost = cost_model(model=model, expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops)
-        bw = {k: v for k, v in (("intra_node_bandwidth", parse_bandwidth(intra_bw, "--intra-node-bandwidth")),
-                                ("inter_node_bandwidth", parse_bandwidth(inter_bw, "--inter-node-bandwidth")))
-              if v is not None}
+        hw = load_hardware(hardware)
+        cost = cost_model(model=model, expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops,
+                          hardware=hw)
+        bw = {k: v for k, v in zip(("intra_node_bandwidth", "inter_node_bandwidth"),
+                                   link_bandwidths(intra_bw, inter_bw, hw)) if v is not None}
+        gpus_per_node = hardware_gpus_per_node(hw, gpus, gpus_per_node)
         topo = Topology.for_experts(data.num_experts, gpus, redundant, gpus_per_node, **bw)
         def fitting(path) -> Plan:
             pl = Plan.load(path)

@@ -10,8 +10,8 @@ import typer
 
 from placement.cli_common import UserError, err, out, print_json, progress, user_errors
 from placement.commands.plan import (CommOption, EvalDataflowOption, HbmOption, PhaseOption, TokensPerGpuOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
-                                     FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
-                                     ModelOption)
+                                     FlopsOption, HardwareOption, InterBandwidthOption, IntermediateOption,
+                                     IntraBandwidthOption, ModelOption)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         gpu_flops: FlopsOption = None,
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
+        hardware: HardwareOption = None,
         title: str = typer.Option("moeplace report", "--title", help="Report title."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
         as_json: bool = typer.Option(False, "--json", help="Print the written paths and metrics as JSON."),
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
         and cross-GPU transitions per plan."""
         from placement.affinity import AffinityStats
         from placement.cli_common import load_data, load_plans
-        from placement.commands.plan import with_cost_options
+        from placement.commands.plan import load_hardware, with_cost_options
         from placement.report import (build_report, describe_cost, describe_data, describe_topology,
                                       reference_baseline)
         from traces import RoutingTrace
@@ -73,13 +74,14 @@ def register(app: typer.Typer) -> None:
         cost_opts = {"hidden_size": hidden_size, "dtype": dtype, "dataflow": dataflow, "comm": comm, "model": model,
                      "phase": phase, "tokens_per_gpu": tokens_per_gpu, "hbm_bandwidth": hbm_bandwidth,
                      "model_config": model_config, "expert_intermediate_size": expert_intermediate_size,
-                     "gpu_flops": gpu_flops}
+                     "gpu_flops": gpu_flops, "hardware": hardware}
         plan_objs, cost = with_cost_options(plan_objs, intra_bw=intra_bw, inter_bw=inter_bw, **cost_opts)
         setup = [describe_data("evaluation data", data) + f" from {', '.join(sources)}"
                  + (f" (held-out share {holdout:g} of sequences, split seed {seed})" if holdout else ""),
                  *([describe_topology(plan_objs[0])] if len({(p.topology, p.num_redundant) for p in plan_objs}) == 1
                    else [f"{n}: {describe_topology(p)}" for n, p in zip(labels, plan_objs)]),
                  describe_cost(cost),
+                 *([f"hardware {load_hardware(hardware).describe()}"] if hardware else []),
                  "plans: " + ", ".join(f"`{p}`" for p in plans)]
         cmd = "moeplace report " + " ".join(shlex.quote(p) for p in plans)
         cmd += "".join(f" --trace {shlex.quote(t)}" for t in trace or [])
