@@ -9,7 +9,8 @@ import typer
 
 from placement.cli_common import (MAX_GPUS, RayAddressOption, UserError, WorkersOption, default_solver, err,
                                   executor_for, fmt, out, print_json, progress, user_errors)
-from placement.commands.plan import DEFAULT_TIME_LIMIT, PHASES, ModelOption, cost_model
+from placement.commands.plan import (DEFAULT_TIME_LIMIT, PHASES, HardwareOption, ModelOption, cost_model, link_bandwidths,
+                                     load_hardware)
 
 
 def _row(name: str, metrics: dict) -> list[str]:
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Random seed (solver and hold-out split)."),
         model: ModelOption = None,
         model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config.json."),
+        hardware: HardwareOption = None,
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds per plan (default "
                                                    f"{DEFAULT_TIME_LIMIT:g})."),
         work_limit: Optional[int] = typer.Option(None, "--work-limit", help="Joint planner: deterministic work "
@@ -65,6 +67,10 @@ def register(app: typer.Typer) -> None:
         for g, flag in ((prefill_gpus, "--prefill-gpus"), (decode_gpus, "--decode-gpus")):
             if not 1 <= g <= MAX_GPUS:
                 raise UserError(f"{flag} must be between 1 and {MAX_GPUS}, got {g}")
+        hw = load_hardware(hardware)
+        bandwidths = link_bandwidths(None, None, hw)
+        if gpus_per_node is None and hw is not None and hw.gpus_per_node:
+            gpus_per_node = hw.gpus_per_node  # both clusters are whole nodes of the profile's size
         files = {ph: out_dir / f"{ph}-plan.json" for ph in PHASES}
         for f in [*files.values(), out_dir / "pd-summary.md"]:
             check_output_path(f)  # before any long work
@@ -78,7 +84,7 @@ def register(app: typer.Typer) -> None:
         with executor_for(workers, ray_address) as ex:
             for phase, gpus, redundant in (("prefill", prefill_gpus, prefill_redundant),
                                            ("decode", decode_gpus, decode_redundant)):
-                cost = cost_model(phase=phase, model=model, model_config=model_config)
+                cost = cost_model(phase=phase, model=model, model_config=model_config, hardware=hw)
                 solvers = [name] + ([baseline] if baseline and baseline != name else [])
                 plans = {}
                 for s in solvers:
@@ -88,7 +94,9 @@ def register(app: typer.Typer) -> None:
                                              params={}, holdout=holdout, cost=cost,
                                              progress=lambda m, s=s: status.update(f"{phase} {s}: {m}"),
                                              work_limit=work_limit if s == name else None, executor=ex,
-                                             phase=phase if by_phase else None)
+                                             phase=phase if by_phase else None, bandwidths=bandwidths)
+                if hw is not None:
+                    plans[name].provenance["hardware"] = hw.record()
                 plans[name].save(files[phase])
                 held = {s: (p.heldout or p.predicted) for s, p in plans.items()}
                 entry = {"plan": str(files[phase]), "gpus": gpus, "redundant": redundant, "comm": cost.comm,
