@@ -29,6 +29,19 @@ Dataflows (per MoE layer, G ranks, a token with top-k experts):
   (ExFlow's case); with top-k > 1 the combine goes to the anchor instead of home. The prediction for this
   dataflow is :func:`coherent_traffic` (the evaluator's ``a2a_bytes`` is the standard dataflow).
 
+Protocols of the standard dataflow (:class:`Comm` ``protocol``; each reproduces the messages of the
+:mod:`solvers.comm` model of the same name, so measured bytes per link class equal the evaluator's under that
+model; G ranks in nodes of ``gpus_per_node`` consecutive ranks, NVLink inside a node, RDMA across):
+
+- ``nccl``: as above, one ``all_to_all_single`` over all ranks each way.
+- ``deepep-normal`` (DeepEP's normal kernels, ``internode.cu``): over the same-local-index subgroup (one rank per
+  node, :func:`node_groups`) one copy per distinct remote node to its relay (the rank with the home's local index),
+  then over the node subgroup one copy to each distinct serving rank of the home's node and, from each relay, to
+  each distinct serving rank of its node; combine mirrors it (partial sums to the relay, summed there, one copy per
+  node back over RDMA), in bf16.
+- ``deepep-ll`` (DeepEP's low-latency kernels, ``internode_ll.cu``): one message per (token, expert) copy on a
+  remote rank, the hidden state and a 16-byte header in one row; combine returns each expert's output in bf16.
+
 Tokens that did not reach a layer (all ids -1) stay where they are and cost nothing. Routing metadata (expert
 ids, gate weights, token ids, anchors; float64 rows) travels in separate all-to-alls and is reported as
 ``metadata_bytes``, apart from ``a2a_bytes`` (hidden states only, the quantity the evaluator predicts).

@@ -98,8 +98,8 @@ def register(app: typer.Typer) -> None:
                                  "low-latency: one message per token-expert copy, 16-byte header; combine in bf16)."),
         gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="Ranks per node, which decides "
                                                     "NVLink vs RDMA (default: the plans')."),
-        ll_nvlink: bool = typer.Option(True, "--ll-nvlink/--no-ll-nvlink", help="deepep-ll: same-node copies over "
-                                       "NVLink (DeepEP's allow_nvlink_for_low_latency_mode) or counted as RDMA."),
+        no_ll_nvlink: bool = typer.Option(False, "--no-ll-nvlink", help="deepep-ll: count same-node copies as RDMA "
+                                          "(DeepEP's allow_nvlink_for_low_latency_mode=False); default NVLink."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         """Run the plans on torch.distributed: measured all-to-all bytes and layer times vs the prediction."""
@@ -109,6 +109,7 @@ def register(app: typer.Typer) -> None:
         from placement.runtime import DTYPE_BYTES, PROTOCOLS, BenchSpec, run_bench, select_tokens, under_torchrun
         from traces import RoutingTrace
 
+        ll_nvlink = not no_ll_nvlink
         if backend not in ("gloo", "nccl"):
             raise UserError(f"--backend {backend!r} is not one of gloo, nccl")
         if comm not in PROTOCOLS:
