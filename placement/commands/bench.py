@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
         t = Table(title=f"{world_size} {backend} ranks in {nodes}, --comm {comm}, {sub.num_tokens} tokens "
                         f"({sub.num_sequences} sequences) x {sub.num_layers} MoE layers, hidden {H} {dtype}")
         for c in ("plan", "dataflow", "NVLink MB", "RDMA MB", "diff", "ms/layer (min-max)"):
-            t.add_column(c, justify="left" if c in ("plan", "dataflow") else "right",
+            t.add_column(c, justify="left" if c in ("plan", "dataflow") else "right", min_width=10 if c == "plan" else None,
                          overflow="fold" if c == "plan" else "ellipsis", no_wrap=c != "plan")
         for r in rows:
             sp = r["measured"]["seconds_per_layer"]
