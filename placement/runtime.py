@@ -29,6 +29,19 @@ Dataflows (per MoE layer, G ranks, a token with top-k experts):
   (ExFlow's case); with top-k > 1 the combine goes to the anchor instead of home. The prediction for this
   dataflow is :func:`coherent_traffic` (the evaluator's ``a2a_bytes`` is the standard dataflow).
 
+Protocols of the standard dataflow (:class:`Comm` ``protocol``; each reproduces the messages of the
+:mod:`solvers.comm` model of the same name, so measured bytes per link class equal the evaluator's under that
+model; G ranks in nodes of ``gpus_per_node`` consecutive ranks, NVLink inside a node, RDMA across):
+
+- ``nccl``: as above, one ``all_to_all_single`` over all ranks each way.
+- ``deepep-normal`` (DeepEP's normal kernels, ``internode.cu``): over the same-local-index subgroup (one rank per
+  node, :func:`node_groups`) one copy per distinct remote node to its relay (the rank with the home's local index),
+  then over the node subgroup one copy to each distinct serving rank of the home's node and, from each relay, to
+  each distinct serving rank of its node; combine mirrors it (partial sums to the relay, summed there, one copy per
+  node back over RDMA), in bf16.
+- ``deepep-ll`` (DeepEP's low-latency kernels, ``internode_ll.cu``): one message per (token, expert) copy on a
+  remote rank, the hidden state and a 16-byte header in one row; combine returns each expert's output in bf16.
+
 Tokens that did not reach a layer (all ids -1) stay where they are and cost nothing. Routing metadata (expert
 ids, gate weights, token ids, anchors; float64 rows) travels in separate all-to-alls and is reported as
 ``metadata_bytes``, apart from ``a2a_bytes`` (hidden states only, the quantity the evaluator predicts).
@@ -59,6 +72,7 @@ from placement.coherent import anchor_column, coherent_traffic, serving_ranks  #
 from solvers.objective import dispatch_table, replica_counts
 
 DATAFLOWS = ("standard", "coherent")
+PROTOCOLS = ("nccl", "deepep-normal", "deepep-ll")  # the all-to-all protocols, named as solvers.comm's models
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -88,6 +102,15 @@ def rank_experts(phy2log: np.ndarray, num_gpus: int) -> list[list[np.ndarray]]:
     return [[np.unique(row[row >= 0]).astype(np.int64) for row in per[l]] for l in range(L)]
 
 
+def check_protocol(protocol: str, dataflow: str = "standard") -> None:
+    """Raise RuntimeInputError unless the runtime runs ``protocol`` (:data:`PROTOCOLS`) in ``dataflow``."""
+    if protocol not in PROTOCOLS:
+        raise RuntimeInputError(f"communication protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if dataflow == "coherent" and protocol != "nccl":
+        raise RuntimeInputError(f"the coherent dataflow runs with the nccl protocol only, not {protocol}; use the "
+                                f"standard dataflow with DeepEP's protocols")
+
+
 def check_runnable(phy2log: np.ndarray, num_experts: int, where: str = "the plan") -> None:
     """Raise RuntimeInputError unless every expert of every layer has a slot (the runtime needs them resident)."""
     missing = np.argwhere(replica_counts(phy2log, num_experts) == 0)
@@ -98,26 +121,53 @@ def check_runnable(phy2log: np.ndarray, num_experts: int, where: str = "the plan
 
 
 def predict_a2a(plan, trace, token_bytes: int, dataflow: str = "standard") -> dict:
-    """Predicted all-to-all bytes of ``plan`` replaying ``trace`` (hidden states only).
+    """Predicted all-to-all bytes of ``plan`` replaying ``trace`` (hidden states only) with the ``nccl`` protocol:
+    :func:`predict_traffic` with a message of ``token_bytes`` in both phases."""
+    return predict_traffic(plan, trace, token_bytes, 1, dataflow)
 
-    standard: the evaluator's definition (:func:`placement.evaluate.token_traffic`, combine = dispatch
-    transposed); coherent: :func:`coherent_traffic`. Returns totals and ``per_layer`` lists.
+
+def predict_traffic(plan, trace, hidden_size: int, dtype_bytes: int, dataflow: str = "standard", comm: str = "nccl",
+                    ll_nvlink: bool = True) -> dict:
+    """Predicted bytes of ``plan`` replaying ``trace`` (hidden states only) per phase and link class.
+
+    standard: the evaluator's messages (:func:`placement.evaluate.token_traffic` under the communication model
+    ``comm``; combine = dispatch transposed) times :func:`solvers.comm` ``message_bytes`` of each phase; coherent
+    (nccl only): :func:`coherent_traffic`. A message between ranks of one node (``plan.topology``) is NVLink,
+    across nodes RDMA (deepep-ll with ``ll_nvlink`` False: RDMA always).
+
+    Returns:
+        ``a2a_bytes``, ``dispatch_bytes``, ``combine_bytes``, ``nvlink_bytes``, ``rdma_bytes`` and the four
+        ``{nvlink,rdma}_{dispatch,combine}_bytes`` (totals over layers), ``per_layer_a2a_bytes`` ``[L]``.
     """
     from placement.evaluate import token_traffic
+    from solvers import comm as comm_models
 
+    if dataflow not in DATAFLOWS:
+        raise RuntimeInputError(f"dataflow {dataflow!r} is not one of {', '.join(DATAFLOWS)}")
+    check_protocol(comm, dataflow)
+    topo = plan.topology
     seq = trace.sequence_index()
     if dataflow == "standard":
-        disp = token_traffic(plan.phy2log, plan.num_experts, plan.topology, trace.expert_ids, seq)["dispatch_pairs"]
-        comb = np.swapaxes(disp, 1, 2)
-    elif dataflow == "coherent":
-        tr = coherent_traffic(plan.phy2log, plan.num_experts, plan.topology, trace.expert_ids, trace.gate_weights, seq)
-        disp, comb = tr["dispatch_pairs"], tr["combine_pairs"]
+        tr = token_traffic(plan.phy2log, plan.num_experts, topo, trace.expert_ids, seq, comm=comm, ll_nvlink=ll_nvlink)
+        links = {(k, "dispatch"): tr[k] for k in ("nvlink", "rdma")}
+        links.update({(k, "combine"): np.swapaxes(tr[k], 1, 2) for k in ("nvlink", "rdma")})
     else:
-        raise RuntimeInputError(f"dataflow {dataflow!r} is not one of {', '.join(DATAFLOWS)}")
-    d = disp.sum(axis=(1, 2)) * token_bytes
-    c = comb.sum(axis=(1, 2)) * token_bytes
-    return {"a2a_bytes": float(d.sum() + c.sum()), "dispatch_bytes": float(d.sum()), "combine_bytes": float(c.sum()),
-            "per_layer_a2a_bytes": (d + c).tolist()}
+        tr = coherent_traffic(plan.phy2log, plan.num_experts, topo, trace.expert_ids, trace.gate_weights, seq)
+        node = topo.node_of_gpu()
+        same = node[:, None] == node[None, :]
+        links = {(k, ph): np.where(same if k == "nvlink" else ~same, tr[f"{ph}_pairs"], 0.0)
+                 for k in ("nvlink", "rdma") for ph in ("dispatch", "combine")}
+    model = comm_models.get(comm)
+    size = {ph: model.message_bytes(hidden_size, dtype_bytes, ph) for ph in ("dispatch", "combine")}
+    per = {key: m.sum(axis=(1, 2)) * size[key[1]] for key, m in links.items()}  # [L] bytes
+    out = {f"{k}_{ph}_bytes": float(per[(k, ph)].sum()) for k, ph in per}
+    for ph in ("dispatch", "combine"):
+        out[f"{ph}_bytes"] = out[f"nvlink_{ph}_bytes"] + out[f"rdma_{ph}_bytes"]
+    for k in ("nvlink", "rdma"):
+        out[f"{k}_bytes"] = out[f"{k}_dispatch_bytes"] + out[f"{k}_combine_bytes"]
+    out["a2a_bytes"] = out["dispatch_bytes"] + out["combine_bytes"]
+    out["per_layer_a2a_bytes"] = sum(per.values()).tolist()
+    return out
 
 
 @dataclass(frozen=True)
@@ -509,33 +559,125 @@ def experts_forward(layer: LayerExperts, x, ids, weights):
 
 @dataclass
 class CommStats:
-    """Bytes and seconds of the all-to-alls one rank took part in (hidden states apart from metadata)."""
+    """Bytes and seconds of the all-to-alls one rank took part in (hidden states apart from metadata).
+
+    Hidden-state bytes are also split by link class: ``nvlink_*`` to ranks of the sender's node, ``rdma_*`` to other
+    nodes (deepep-ll with ``ll_nvlink`` False: every remote rank is RDMA), as :func:`predict_traffic` counts them.
+    """
 
     dispatch_bytes: int = 0
     combine_bytes: int = 0
     metadata_bytes: int = 0
     seconds: float = 0.0
+    nvlink_dispatch_bytes: int = 0
+    rdma_dispatch_bytes: int = 0
+    nvlink_combine_bytes: int = 0
+    rdma_combine_bytes: int = 0
 
     @property
     def a2a_bytes(self) -> int:
         return self.dispatch_bytes + self.combine_bytes
+
+    @property
+    def nvlink_bytes(self) -> int:
+        return self.nvlink_dispatch_bytes + self.nvlink_combine_bytes
+
+    @property
+    def rdma_bytes(self) -> int:
+        return self.rdma_dispatch_bytes + self.rdma_combine_bytes
+
+
+_NODE_GROUPS: list[tuple] = []  # (default process group, gpus_per_node, intra groups, inter groups), made once
+
+
+def node_groups(gpus_per_node: int) -> tuple[list, list]:
+    """The process subgroups of DeepEP's two-hop exchange (collective: every rank calls it, in the same order).
+
+    With G ranks in ``G / n`` nodes of ``n = gpus_per_node`` (rank r on node ``r // n``, local index ``r % n``):
+    ``intra[N]`` holds node N's ranks ``N n .. N n + n - 1`` (the NVLink exchange), ``inter[i]`` the ranks with
+    local index i, one per node, ``i, n + i, 2n + i, ...`` (the RDMA exchange: DeepEP's same-local-index peers).
+    Made once per process group and n (``torch.distributed.new_group``), then reused.
+    """
+    import torch.distributed as dist
+
+    world_pg = dist.distributed_c10d._get_default_group()
+    for pg, n, intra, inter in _NODE_GROUPS:
+        if pg is world_pg and n == gpus_per_node:
+            return intra, inter
+    G, n = dist.get_world_size(), gpus_per_node
+    if n < 1 or G % n:
+        raise RuntimeInputError(f"gpus per node ({n}) must divide the world size ({G})")
+    intra = [dist.new_group(list(range(N * n, (N + 1) * n))) for N in range(G // n)]
+    inter = [dist.new_group(list(range(i, G, n))) for i in range(n)]
+    _NODE_GROUPS.append((world_pg, n, intra, inter))
+    return intra, inter
 
 
 class Comm:
     """``all_to_all_single`` with variable splits over a process group, counting what it sends.
 
     Bytes are counted from the send split sizes to other ranks (the split to oneself is always 0: local tokens
-    never enter the all-to-all).
+    never enter the all-to-all), per link class: a destination on the sender's node (``gpus_per_node``
+    consecutive ranks form a node) is NVLink, another node RDMA.
+
+    Args:
+        group: the process group (None: the default group; the DeepEP protocols need the default group).
+        device: where the tensors live (times are taken after a CUDA synchronise there).
+        protocol: how :meth:`ExpertParallelMoE.standard` moves tokens (:data:`PROTOCOLS`, named as the
+            :mod:`solvers.comm` models whose bytes it reproduces): ``nccl`` (one copy per distinct remote rank),
+            ``deepep-normal`` (two hops over the :func:`node_groups` subgroups), ``deepep-ll`` (one message per
+            token-expert copy with a 16-byte header).
+        gpus_per_node: ranks per node (None: all in one node); the plan's ``topology.gpus_per_node``.
+        ll_nvlink: deepep-ll only: same-node copies count as NVLink (DeepEP's
+            ``allow_nvlink_for_low_latency_mode``), else as RDMA.
+        combine_dtype: torch dtype of the combine messages (None: bf16 for the DeepEP protocols, as their kernels
+            combine, else the activation dtype).
     """
 
-    def __init__(self, group=None, device=None):
+    def __init__(self, group=None, device=None, protocol: str = "nccl", gpus_per_node: int | None = None,
+                 ll_nvlink: bool = True, combine_dtype=None, _root: "Comm | None" = None):
         import torch.distributed as dist
 
+        check_protocol(protocol)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.device = device
         self.stats = CommStats()
+        self._root = _root or self
+        root = self._root
+        if _root is None:
+            self.protocol, self.ll_nvlink = protocol, bool(ll_nvlink)
+            world = dist.get_world_size()
+            self.gpus_per_node = world if gpus_per_node is None else int(gpus_per_node)
+            if self.gpus_per_node < 1 or world % self.gpus_per_node:
+                raise RuntimeInputError(f"gpus per node ({self.gpus_per_node}) must divide the world size ({world})")
+            if protocol != "nccl" and group is not None:
+                raise RuntimeInputError(f"the {protocol} protocol runs over the default process group; pass group=None")
+            if combine_dtype is None and protocol != "nccl":
+                combine_dtype = _torch().bfloat16
+            self.combine_dtype = combine_dtype
+        ranks = list(range(self.world)) if group is None else dist.get_process_group_ranks(group)
+        self.global_rank = ranks[self.rank]
+        n = root.gpus_per_node
+        nvlink_ok = root.protocol != "deepep-ll" or root.ll_nvlink
+        self.links = ["nvlink" if nvlink_ok and g // n == self.global_rank // n else "rdma" for g in ranks]
+        self._intra = self._inter = None
+
+    @classmethod
+    def for_plan(cls, plan, device=None, protocol: str = "nccl", ll_nvlink: bool = True, combine_dtype=None) -> "Comm":
+        """A Comm over the default group with ``plan``'s nodes (collective for the DeepEP protocols' subgroups)."""
+        return cls(None, device, protocol, plan.topology.gpus_per_node, ll_nvlink, combine_dtype)
+
+    def subgroups(self) -> tuple["Comm", "Comm"]:
+        """``(intra, inter)``: this rank's node exchange and its same-local-index exchange (:func:`node_groups`),
+        counting into this Comm's ``stats``; collective the first time."""
+        if self._intra is None:
+            intra, inter = node_groups(self.gpus_per_node)
+            r, n = self.global_rank, self.gpus_per_node
+            self._intra = Comm(intra[r // n], self.device, _root=self)
+            self._inter = Comm(inter[r % n], self.device, _root=self)
+        return self._intra, self._inter
 
     def _sync(self) -> None:
         torch = _torch()
@@ -544,24 +686,33 @@ class Comm:
 
     def exchange(self, send, send_counts: list[int], recv_counts: list[int], kind: str):
         """One ``all_to_all_single``: ``send`` rows are grouped by destination (``send_counts[d]`` rows for rank d),
-        ``recv_counts[s]`` rows arrive from rank s. Adds the bytes sent to other ranks to ``stats.<kind>_bytes``."""
+        ``recv_counts[s]`` rows arrive from rank s. Adds the bytes sent to other ranks to ``stats.<kind>_bytes``
+        (and, for dispatch and combine, to the link class of each destination)."""
         torch = _torch()
         import torch.distributed as dist
 
+        stats = self._root.stats
         recv = torch.empty((sum(recv_counts),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
         row_bytes = send.element_size() * (int(np.prod(send.shape[1:])) if send.dim() > 1 else 1)
-        nbytes = sum(c for d, c in enumerate(send_counts) if d != self.rank) * row_bytes
-        setattr(self.stats, f"{kind}_bytes", getattr(self.stats, f"{kind}_bytes") + nbytes)
+        sent = [c * row_bytes if d != self.rank else 0 for d, c in enumerate(send_counts)]
+        setattr(stats, f"{kind}_bytes", getattr(stats, f"{kind}_bytes") + sum(sent))
+        if kind in ("dispatch", "combine"):
+            for link, b in zip(self.links, sent):
+                setattr(stats, f"{link}_{kind}_bytes", getattr(stats, f"{link}_{kind}_bytes") + b)
+        if self.world == 1:  # nothing leaves a group of one
+            return recv
         self._sync()
         t0 = time.perf_counter()
         dist.all_to_all_single(recv, send.contiguous(), recv_counts, send_counts, group=self.group)
         self._sync()
-        self.stats.seconds += time.perf_counter() - t0
+        stats.seconds += time.perf_counter() - t0
         return recv
 
     def counts(self, send_counts):
         """Exchange per-destination row counts (metadata); returns the per-source receive counts."""
         torch = _torch()
+        if self.world == 1:
+            return [0]
         send = torch.as_tensor(send_counts, dtype=torch.int64, device=self.device or "cpu")
         recv = self.exchange(send, [1] * self.world, [1] * self.world, "metadata")
         return recv.tolist()
@@ -611,11 +762,21 @@ class ExpertParallelMoE:
         return torch.cat([masked.double(), weights.double()], dim=1)
 
     def standard(self, x, ids, weights):
-        """Standard dataflow: dispatch to serving ranks, experts, combine home. ``x [T, H]`` -> ``y [T, H]``.
+        """Standard dataflow: dispatch to serving ranks, experts, combine home, with the protocol of ``comm``.
+        ``x [T, H]`` -> ``y [T, H]``.
 
         Args:
             x: ``[T, H]`` tokens whose home is this rank; ids: int64 ``[T, k]`` (-1 = none); weights: ``[T, k]``.
         """
+        protocol = self.comm.protocol
+        if protocol == "deepep-normal":
+            return self._standard_deepep_normal(x, ids, weights)
+        if protocol == "deepep-ll":
+            return self._standard_deepep_ll(x, ids, weights)
+        return self._standard_nccl(x, ids, weights)
+
+    def _standard_nccl(self, x, ids, weights):
+        """One copy per distinct remote serving rank over one all-to-all, each way."""
         torch = _torch()
         comm, rank, k = self.comm, self.comm.rank, ids.shape[1]
         dest = self._dest(ids)  # [T, k]
@@ -627,8 +788,91 @@ class ExpertParallelMoE:
         here = dest == rank
         y = experts_forward(self.layer, x, torch.where(here, ids, torch.full_like(ids, -1)), weights)
         r_y = experts_forward(self.layer, r_x, r_meta[:, :k].long(), r_meta[:, k:])
-        back = comm.exchange(r_y.to(x.dtype), recv_counts, send_counts, "combine")
+        back = comm.exchange(r_y.to(comm.combine_dtype or x.dtype), recv_counts, send_counts, "combine")
         y.index_add_(0, rows, back.float())
+        return y.to(x.dtype)
+
+    def _standard_deepep_normal(self, x, ids, weights):
+        """DeepEP's normal kernels (``internode.cu``) over two subgroups (:meth:`Comm.subgroups`).
+
+        Dispatch: (1) RDMA, over the same-local-index exchange: one copy per distinct remote node among the token's
+        serving ranks, to that node's *relay* (its rank with this rank's local index), with the serving ranks of
+        all k experts; (2) NVLink, over the node exchange: one copy to each distinct serving rank of this node
+        (but this rank), and each relay forwards what it received to each distinct serving rank of its node (but
+        itself). Combine mirrors it: partial sums go back over the node exchange (to the home, or to the relay,
+        which adds them to its own), then one sum per remote node goes back to the home over RDMA.
+        """
+        torch = _torch()
+        comm, k = self.comm, ids.shape[1]
+        intra, inter = comm.subgroups()
+        n, me = comm.gpus_per_node, comm.global_rank
+        my_node, my_local = me // n, me % n
+        wire = comm.combine_dtype or x.dtype
+        dest = self._dest(ids)  # [T, k] global serving ranks
+        node = torch.where(dest >= 0, dest // n, torch.full_like(dest, -1))
+        # (1) one copy per distinct remote node, to the relay (inter-group rank = node index)
+        far = torch.where((dest >= 0) & (node != my_node), node, torch.full_like(node, -1))
+        f_rows, _, f_counts = _group_by_dest(far, inter.world, inter.rank)
+        f_recv = inter.counts(f_counts)
+        f_meta = torch.cat([dest[f_rows].double(), ids[f_rows].double(), weights[f_rows].double()], dim=1)
+        r_meta = inter.exchange(f_meta, f_counts, f_recv, "metadata")
+        r_x = inter.exchange(x[f_rows], f_counts, f_recv, "dispatch")
+        r_dest, r_ids, r_w = r_meta[:, :k].long(), r_meta[:, k:2 * k].long(), r_meta[:, 2 * k:]
+        # (2) NVLink: own tokens and relayed tokens to the serving ranks of this node (but this rank)
+        def local(d):  # serving ranks in this node as local indices, others -1
+            return torch.where((d >= 0) & (d // n == my_node), d % n, torch.full_like(d, -1))
+
+        T = x.shape[0]
+        pool_x, pool_dest = torch.cat([x, r_x]), torch.cat([dest, r_dest])  # own tokens, then relayed ones
+        pool_ids, pool_w = torch.cat([ids, r_ids]), torch.cat([weights.double(), r_w])
+        rows, dst, n_counts = _group_by_dest(local(pool_dest), n, my_local)
+        n_recv = intra.counts(n_counts)
+        n_meta = intra.exchange(self._meta(pool_ids[rows], pool_w[rows], pool_dest[rows] == (my_node * n + dst)[:, None]),
+                                n_counts, n_recv, "metadata")
+        n_x = intra.exchange(pool_x[rows], n_counts, n_recv, "dispatch")
+        # experts on what this rank serves: own tokens, relayed tokens (as a target itself), NVLink copies
+        pool_y = experts_forward(self.layer, pool_x, torch.where(pool_dest == me, pool_ids, torch.full_like(pool_ids, -1)),
+                                 pool_w)
+        n_y = experts_forward(self.layer, n_x, n_meta[:, :k].long(), n_meta[:, k:])
+        # combine: NVLink back to the sender (the home, or the relay, which adds it to its sum), then relay -> home
+        pool_y.index_add_(0, rows, intra.exchange(n_y.to(wire), n_recv, n_counts, "combine").float())
+        y = pool_y[:T]
+        y.index_add_(0, f_rows, inter.exchange(pool_y[T:].to(wire), f_recv, f_counts, "combine").float())
+        return y.to(x.dtype)
+
+    def _standard_deepep_ll(self, x, ids, weights):
+        """DeepEP's low-latency kernels (``internode_ll.cu``): one message per (token, expert) copy on a remote
+        rank, no deduplication, over one all-to-all each way.
+
+        A dispatch message is one row: the hidden state followed by a 16-byte header, four int32 stored bit for bit
+        in the row's last ``16 / element size`` elements (the token's row here, the expert id, its top-k column,
+        this rank), so a message is ``16 + hidden x dtype_bytes`` bytes, as DeepEP's ``num_bytes_per_msg``. The
+        serving rank runs the one expert on it and sends the expert's output back unweighted in bf16 (the combine
+        message, ``hidden x 2`` bytes); the home applies the gate weights and sums.
+        """
+        torch = _torch()
+        comm, rank = self.comm, self.comm.rank
+        T, k = ids.shape
+        H = x.shape[1]
+        wire = comm.combine_dtype or x.dtype
+        dest = self._dest(ids)
+        remote = (dest >= 0) & (dest != rank)
+        t_idx, col = remote.nonzero(as_tuple=True)  # token-major
+        order = torch.argsort(dest[t_idx, col], stable=True)
+        t_idx, col = t_idx[order], col[order]
+        send_counts = torch.bincount(dest[t_idx, col], minlength=comm.world).tolist()
+        recv_counts = comm.counts(send_counts)
+        header = torch.stack([t_idx, ids[t_idx, col], col, torch.full_like(t_idx, rank)], dim=1).to(torch.int32)
+        per = 16 // x.element_size()
+        msg = torch.cat([x[t_idx], header.contiguous().view(x.dtype).reshape(-1, per)], dim=1)
+        r_msg = comm.exchange(msg, send_counts, recv_counts, "dispatch")
+        r_head = r_msg[:, H:].contiguous().view(torch.int32).reshape(-1, 4)
+        r_y = experts_forward(self.layer, r_msg[:, :H], r_head[:, 1:2].long(),
+                              torch.ones(r_msg.shape[0], 1, device=x.device))
+        back = comm.exchange(r_y.to(wire), recv_counts, send_counts, "combine").float()
+        here = dest == rank
+        y = experts_forward(self.layer, x, torch.where(here, ids, torch.full_like(ids, -1)), weights)
+        y.index_add_(0, t_idx, back * weights[t_idx, col].float()[:, None])
         return y.to(x.dtype)
 
     def coherent(self, h, token_id, ids, weights, pre: Callable | None = None):
@@ -720,6 +964,8 @@ def run_stack(moes: list[ExpertParallelMoE], h, token_id, router: Router, datafl
         whose last anchor is this rank, sorted by id).
     """
     pre = rms_norm if norm else (lambda z: z)
+    if moes:
+        check_protocol(moes[0].comm.protocol, dataflow)
     for l, moe in enumerate(moes):
         moe.comm._sync()
         t0 = time.perf_counter()
@@ -752,7 +998,12 @@ def reference_stack(layers: list[LayerExperts], h, router: Router, norm: bool = 
 
 
 def build_layers(held: RankExperts, plan, comm: Comm) -> list[ExpertParallelMoE]:
-    """One :class:`ExpertParallelMoE` per MoE layer of ``plan`` for the rank of ``held`` (plan = held's plan)."""
+    """One :class:`ExpertParallelMoE` per MoE layer of ``plan`` for the rank of ``held`` (plan = held's plan).
+    ``comm`` must see the plan's nodes (``Comm(gpus_per_node=plan.topology.gpus_per_node)``, or
+    :meth:`Comm.for_plan`), so that its link classes are the plan's."""
+    if comm.group is None and comm.gpus_per_node != plan.topology.gpus_per_node:
+        raise RuntimeInputError(f"plan {plan.name!r} has {plan.topology.gpus_per_node} GPUs per node but the Comm "
+                                f"{comm.gpus_per_node}; make it with Comm.for_plan(plan, ...)")
     table = dispatch_table(plan.phy2log, plan.num_experts, plan.topology)  # [L, E, G]
     return [ExpertParallelMoE(held.layers[l], table[l, :, held.rank], comm) for l in range(plan.num_layers)]
 
@@ -878,6 +1129,8 @@ class BenchSpec:
     dataflows: tuple
     backend: str
     seed: int = 0
+    comm: str = "nccl"  # the protocol of the standard dataflow (PROTOCOLS)
+    ll_nvlink: bool = True  # deepep-ll: same-node copies are NVLink (else RDMA)
 
 
 def select_tokens(trace, tokens: int | None, seed: int = 0):
@@ -906,6 +1159,9 @@ def _summary(values) -> dict:
             "repeats": int(v.size)}
 
 
+_LINK_FIELDS = ("nvlink_dispatch_bytes", "rdma_dispatch_bytes", "nvlink_combine_bytes", "rdma_combine_bytes")
+
+
 def bench_rank(rank: int, world_size: int, spec: BenchSpec, device=None) -> list[dict] | None:
     """One rank of the benchmark (collective). Returns the measurements on rank 0, None elsewhere."""
     torch = _torch()
@@ -928,7 +1184,7 @@ def bench_rank(rank: int, world_size: int, spec: BenchSpec, device=None) -> list
         held = random_rank_experts(plan, rank, spec.hidden_size, spec.intermediate_size, dtype, device, spec.seed)
         L = plan.num_layers
         for dataflow in spec.dataflows:
-            comm = Comm(device=device)
+            comm = Comm.for_plan(plan, device, spec.comm, spec.ll_nvlink)
             moes = build_layers(held, plan, comm)
             per_pass = []
             times = np.zeros((spec.repeats, L))
@@ -938,7 +1194,7 @@ def bench_rank(rank: int, world_size: int, spec: BenchSpec, device=None) -> list
                 layer_bytes: list[tuple] = []
 
                 def timer(l, s, rep=rep, layer_bytes=layer_bytes):
-                    layer_bytes.append((comm.stats.dispatch_bytes, comm.stats.combine_bytes))
+                    layer_bytes.append(tuple(getattr(comm.stats, f) for f in _LINK_FIELDS))
                     if rep >= spec.warmup:
                         times[rep - spec.warmup, l] = s
 
@@ -946,8 +1202,8 @@ def bench_rank(rank: int, world_size: int, spec: BenchSpec, device=None) -> list
                 run_stack(moes, x0, tok0, router, dataflow, norm=True, timer=timer)
                 if rep >= spec.warmup:
                     comm_s[rep - spec.warmup] = comm.stats.seconds
-                cum = np.array(layer_bytes, dtype=np.float64)  # [L, 2] cumulative
-                per_layer = np.diff(np.vstack([[0.0, 0.0], cum]), axis=0)
+                cum = np.array(layer_bytes, dtype=np.float64)  # [L, 4] cumulative
+                per_layer = np.diff(np.vstack([np.zeros(len(_LINK_FIELDS)), cum]), axis=0)
                 per_pass.append((per_layer, comm.stats.metadata_bytes))
             if any(not np.array_equal(p[0], per_pass[0][0]) for p in per_pass):
                 raise RuntimeError("bytes differed between repetitions of the same routing")
@@ -959,15 +1215,20 @@ def bench_rank(rank: int, world_size: int, spec: BenchSpec, device=None) -> list
             counts, t = counts.cpu(), t.cpu()
             if rank == 0:
                 c = counts.numpy()
-                per_layer = c[:-1].reshape(L, 2)
+                per_layer = c[:-1].reshape(L, len(_LINK_FIELDS))
+                link = dict(zip(_LINK_FIELDS, per_layer.sum(axis=0).tolist()))
                 tt = t.numpy()
                 times_max = tt[:spec.repeats * L].reshape(spec.repeats, L)
                 layer_mean = times_max.mean(axis=1)
                 out.append({
-                    "plan": name, "dataflow": dataflow,
+                    "plan": name, "dataflow": dataflow, "comm": spec.comm,
                     "measured": {
-                        "a2a_bytes": float(per_layer.sum()), "dispatch_bytes": float(per_layer[:, 0].sum()),
-                        "combine_bytes": float(per_layer[:, 1].sum()), "metadata_bytes": float(c[-1]),
+                        "a2a_bytes": float(per_layer.sum()),
+                        "dispatch_bytes": link["nvlink_dispatch_bytes"] + link["rdma_dispatch_bytes"],
+                        "combine_bytes": link["nvlink_combine_bytes"] + link["rdma_combine_bytes"],
+                        "nvlink_bytes": link["nvlink_dispatch_bytes"] + link["nvlink_combine_bytes"],
+                        "rdma_bytes": link["rdma_dispatch_bytes"] + link["rdma_combine_bytes"],
+                        **link, "metadata_bytes": float(c[-1]),
                         "per_layer_a2a_bytes": per_layer.sum(axis=1).tolist(),
                         "seconds_per_layer": _summary(layer_mean),
                         "seconds_per_pass": _summary(times_max.sum(axis=1)),

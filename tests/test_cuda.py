@@ -102,3 +102,24 @@ def test_bench_cli_runs_on_nccl(tmp_path):
         assert row["measured"]["a2a_bytes"] == row["predicted"]["a2a_bytes"]
         t = row["measured"]["seconds_per_layer"]
         assert 0 < t["min"] <= t["median"] <= t["max"]
+
+
+def test_runtime_protocols_on_cuda_bytes_and_outputs(tmp_path):
+    """nccl, deepep-normal and deepep-ll on CUDA tensors, 2 nodes x 2 ranks: measured bytes per link class equal the
+    evaluator's exactly and the outputs (fp32 combine) equal the CPU reference. With 4 GPUs or more each rank has
+    its own GPU and talks NCCL; with fewer, the 4 gloo ranks share the GPUs (gloo's CUDA all-to-all), which still
+    runs every protocol's tensors on the device."""
+    from tests.test_runtime_comm import LINKS, W, _job, inputs, predicted
+
+    backend = "nccl" if torch.cuda.device_count() >= W else "gloo"
+    out = tmp_path / "report.json"
+    sub, plans, args = inputs(str(out), cuda=True, backend=backend)
+    args["runs"] = [("affinity", proto, True, wire) for proto in rt.PROTOCOLS for wire in (None, "fp32")]
+    rt.launch(_job, W, (args,), backend=backend, threads=2)
+    rep = json.loads(out.read_text())
+    for proto in rt.PROTOCOLS:
+        p = predicted(plans["affinity"], sub, proto)
+        wire, exact = rep[f"affinity/{proto}/True/None"], rep[f"affinity/{proto}/True/fp32"]
+        assert wire["devices"] == exact["devices"] == ["cuda"], proto
+        assert wire["bytes"] == {k: p[k] for k in LINKS} and p["rdma"] > 0, proto
+        assert exact["every_token_once"] and exact["max_abs_diff"] <= 1e-4 * max(1.0, exact["scale"]), proto
