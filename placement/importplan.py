@@ -40,10 +40,18 @@ class PlacementImportError(PlanError):
 
 def _read_any(path: Path) -> Any:
     """File content as Python objects / numpy arrays, by suffix (JSON, YAML, .npy, .npz, .pt)."""
+    from traces.filekind import kind, mismatch
     from traces.format import note_input
 
     note_input(path)
     suffix = path.suffix.lower()
+    k = kind(path)
+    expected = {".npy": ("npy",), ".npz": ("npz",), ".pt": ("torch", "pickle"), ".pth": ("torch", "pickle")}.get(
+        suffix, ("json", "text", "sglang-placement", "counts-json", "plan"))
+    if k not in expected and k not in ("missing", "folder"):
+        what = f"a {suffix} placement file" if suffix in (".npy", ".npz", ".pt", ".pth") else \
+            "a placement file (JSON or YAML)"
+        raise PlacementImportError(mismatch(path, what, k))
     try:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -51,7 +59,11 @@ def _read_any(path: Path) -> Any:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         if suffix in (".pt", ".pth"):
-            import torch
+            try:
+                import torch
+            except ImportError:
+                raise PlacementImportError(f"reading {path} needs torch, which this Python cannot import; install "
+                                           f"it with: pip install \"moeplace[torch]\"") from None
 
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return _torch_to_numpy(obj)

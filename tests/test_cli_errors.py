@@ -213,7 +213,7 @@ def test_topology_bounds_holdout_and_current_plan(small_plan, tmp_path):
         (("plan", "--gpus", 4, "--solver", "eplb", "-r", 10 ** 23, "-o", o), "--redundant"),
         (("budget", "--gpus", 1000, "-b", "25%"), "--gpus"),
         (("evaluate", small_plan, "--holdout", 1.5), "got 1.5"),
-        (("demo", "--gpus", 3, "--no-plots", "-o", tmp_path / "d"), "divides 64"),
+        (("demo", "--gpus", 3, "--no-plots", "-o", tmp_path / "d"), "multiple of 3, e.g. --redundant 2"),
         # a plan for 4 GPUs is not the plan in service on 8 (same layers and slots, other GPUs)
         (("plan", "deepseek-v2-lite-esft:law", "--gpus", 8, "--solver", "contiguous", "--current", small_plan,
           "-o", o), "on 4 GPUs"),

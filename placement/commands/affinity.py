@@ -24,9 +24,11 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from placement.affinity import AffinityStats
-        from placement.cli_common import load_data
+        from placement.cli_common import load_data, require
         from traces import RoutingTrace
 
+        if plots is not None:
+            require("matplotlib", "--plots")
         data, sources = load_data(trace)
         if not isinstance(data, RoutingTrace):
             raise UserError("affinity needs token traces (expert_ids); counts-only files have no transitions")
@@ -36,8 +38,6 @@ def register(app: typer.Typer) -> None:
         if plots is not None:
             from placement import plots as P
 
-            if not P.available():
-                raise UserError(P.PLOT_EXTRA_HINT)
             summary["plots"] = [str(p) for p in P.write_affinity_plots(stats, plots)]
         if as_json:
             print_json(summary)
