@@ -243,7 +243,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                  title: str = "moeplace report", setup: Sequence[str] = (), reproduce: str | None = None,
                  cost: CostModel | None = None, baseline: str = BASELINE, memory_curve: dict | None = None,
                  files: Sequence[str] = (), skipped: dict[str, str] | None = None, pick: str | None = None,
-                 plots: bool | None = True, progress: Callable[[str], None] | None = None,
+                 plots: bool | None = None, progress: Callable[[str], None] | None = None,
                  staging: Path | None = None, recommendation: dict | None = None, same: dict[str, str] | None = None,
                  seed: int = 0) -> dict:
     """Evaluate ``plans`` on ``data`` and write the report folder, as a whole (:func:`traces.outputs.output_folder`:

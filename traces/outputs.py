@@ -264,6 +264,7 @@ def check_writable(path: str | os.PathLike, folder: bool = False, whole: bool = 
         _missing_folders(path, shown)
         if whole and path.is_dir():
             _check_not_around_cwd(path, shown)
+            _check_ours(path, shown)
         base = path.parent if whole else path
     else:
         check_output_path(path)
@@ -388,6 +389,21 @@ def output_folder(path: str | os.PathLike, written_by: str = "moeplace") -> Iter
         raise
 
 
+def _check_ours(folder: Path, shown) -> None:
+    """An :class:`OutputPathError` unless ``folder`` is empty (temporaries aside) or was written by
+    :func:`output_folder` (or is a report written before manifests)."""
+    if _previous_files(folder):
+        return
+    try:
+        names = sorted(p.name for p in folder.iterdir() if not _TEMP_NAME.match(p.name))
+    except OSError:
+        return
+    if names:
+        raise OutputPathError(f"{shown} is not empty and was not written by moeplace ({', '.join(names[:3])}"
+                              f"{', ...' if len(names) > 3 else ''}); a report replaces its folder as a whole, so "
+                              f"give a new or empty folder")
+
+
 def _previous_files(folder: Path) -> set[str]:
     """The files a previous :func:`output_folder` wrote in ``folder`` (relative paths)."""
     try:
@@ -417,10 +433,7 @@ def _carry_over(old: Path, stage: Path, shown) -> None:
         if not kept and not dirs and rel_root != Path("."):
             empty_dirs.append(rel_root)
     if not ours and files:
-        shown_names = ", ".join(sorted(p.as_posix() for p in files)[:3])
-        raise OutputPathError(f"{shown} is not empty and was not written by moeplace ({shown_names}"
-                              f"{', ...' if len(files) > 3 else ''}); a report replaces its folder as a whole, so "
-                              f"give a new or empty folder")
+        _check_ours(old, shown)
     for rel in empty_dirs:
         (stage / rel).mkdir(parents=True, exist_ok=True)
     for rel in files:
