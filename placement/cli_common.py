@@ -7,9 +7,7 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +20,7 @@ from placement.plan import Plan, PlanError
 from solvers import SolverInputError
 from traces import LoadProfile, RoutingTrace, TraceError
 from traces.format import OutputPathError, command_files
+from placement.stopping import Terminated, stoppable
 from traces.outputs import check_writable
 
 
@@ -159,7 +158,7 @@ def check_outputs(values: dict) -> None:
 
 
 # optional dependencies: module -> the extra that installs it (pyproject.toml)
-EXTRAS = {"torch": "torch", "transformers": "hf", "safetensors": "hf", "matplotlib": "plot", "ray": "ray"}
+EXTRAS = {"torch": "torch", "transformers": "hf", "safetensors": "hf", "matplotlib": "plot"}
 
 
 def require(module: str, what: str) -> None:
@@ -172,81 +171,6 @@ def require(module: str, what: str) -> None:
         extra = EXTRAS.get(module, module)
         raise UserError(f"{what} needs {module}, which this Python cannot import ({exc}); install it with: "
                         f"pip install \"moeplace[{extra}]\"") from None
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated
-
-
-@contextlib.contextmanager
-def _stoppable():
-    """For one command: SIGTERM stops it like Ctrl-C (an exception at the next Python instruction, so files are
-    rolled back), and on either, the processes it started (solver back ends, bench ranks) are killed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = set(_descendants())
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        yield
-    except KeyboardInterrupt:
-        _kill(pid for pid in _descendants() if pid not in before)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _descendants(root: int | None = None) -> list[int]:
-    """Process ids of every descendant of ``root`` (default: this process), from /proc or ``ps``."""
-    import subprocess
-
-    root = os.getpid() if root is None else root
-    parent: dict[int, int] = {}
-    if os.path.isdir("/proc"):
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    with open(f"/proc/{name}/stat", "rb") as f:
-                        parent[int(name)] = int(f.read().rsplit(b")", 1)[1].split()[1])
-    else:
-        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
-            ps = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, timeout=5)
-            for line in ps.stdout.splitlines():
-                pid, ppid = (int(x) for x in line.split())
-                parent[pid] = ppid
-    found, frontier = [], [root]
-    while frontier:
-        kids = [pid for pid, ppid in parent.items() if ppid in frontier and pid not in found]
-        found += kids
-        frontier = kids
-    return found
-
-
-def _kill(pids, grace: float = 2.0) -> None:
-    """SIGTERM ``pids``, then SIGKILL those still running after ``grace`` seconds."""
-    pids = list(pids)
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
-    end = time.monotonic() + grace
-    while pids and time.monotonic() < end:
-        for pid in list(pids):
-            with contextlib.suppress(ChildProcessError, OSError):
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    pids.remove(pid)
-                    continue
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                pids.remove(pid)
-        time.sleep(0.05)
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _stdout_closed() -> bool:
@@ -285,7 +209,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             check_common_options(kwargs)
             check_outputs(kwargs)
-            with command_files(), _stoppable():  # no output replaces an input; a failing command leaves no new file
+            with command_files(), stoppable():  # no output replaces an input; a failing command leaves no new file
                 try:
                     return fn(*args, **kwargs)
                 except BrokenPipeError:

@@ -279,33 +279,32 @@ def _interruptible_solve(solver, model) -> int:
     a ``KeyboardInterrupt`` stops the search (``stop_search``) and propagates at once; outside the main thread,
     where no signal arrives, a plain solve.
 
-    The main thread waits on an Event, not ``Thread.join(timeout)``: an interrupt inside ``join`` can mark a thread
-    that still runs as finished (CPython's ``_wait_for_tstate_lock``), and the process would then exit while CP-SAT
-    runs, which aborts it."""
+    The main thread waits by sleeping and reading a flag, holding no lock: an interrupt raised inside a lock
+    operation (``Thread.join``, ``Event.wait``) can leave that lock held or a running thread marked finished, which
+    deadlocks the worker or lets the process exit under CP-SAT (which aborts it)."""
     solver.parameters.catch_sigint_signal = False
     if threading.current_thread() is not threading.main_thread():
         return solver.solve(model)
     box: dict = {}
-    done = threading.Event()
 
     def run() -> None:
         try:
             box["code"] = solver.solve(model)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             box["error"] = exc
-        finally:
-            done.set()
+        box["done"] = True
 
     threading.Thread(target=run, name="cp-sat", daemon=True).start()
+    pause = 0.001
     try:
-        while not done.wait(0.1):
-            pass
+        while "done" not in box:
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
     except BaseException:
-        while True:  # the search must end before the interrupt goes on (a process exiting under CP-SAT aborts)
+        while "done" not in box:  # the search must end before the interrupt goes on (exiting under CP-SAT aborts)
             solver.stop_search()
             try:
-                if done.wait(0.1):
-                    break
+                time.sleep(0.01)
             except KeyboardInterrupt:
                 continue
         raise
