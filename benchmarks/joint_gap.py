@@ -6,7 +6,7 @@
     PYTHONPATH=. python benchmarks/joint_gap.py --resamples 1    # plan on the fitted sample alone
 
 Plans the calibrated V3-size synthetic trace of ``benchmarks/joint_scale.py`` (fitted half) with the joint planner
-and splits its counts objective against the bound (:mod:`solvers.joint_bound`) into the terms that make the gap:
+and splits its counts objective against the bound (:mod:`solvers.joint.bound`) into the terms that make the gap:
 the slowest vs the mean GPU, summed over layers (the bound can only use the mean); distinct GPUs per token-layer
 (counted on the fitted tokens as the planner does, the pairwise estimate, the provable pair floor, and the floor the
 bound assumes); co-activated expert pairs per token-layer that share a GPU (the plan vs the b-matching bound).
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "moeplace-bench")
     ap.add_argument("--bound-lp", type=float, default=0.0, help="after the solve, spend this many seconds on the "
-                    "triangle-cut pair bound (solvers.joint_bound.max_colocated_pairs_lp) and report its gap")
+                    "triangle-cut pair bound (solvers.joint.bound.max_colocated_pairs_lp) and report its gap")
     ap.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap resamples of the fitted sequences as "
                     f"workload profiles, as `moeplace plan` does (default {RESAMPLES})")
     args = ap.parse_args()
@@ -104,7 +104,7 @@ def main() -> None:
     from placement.problem import build_problem
     from solvers import Options, Topology, solve
     from solvers.joint import State, prepare
-    from solvers.joint_bound import (dawson_sankoff, layer_bounds, min_max_piece, pair_allowance, standard_mean_comm,
+    from solvers.joint.bound import (dawson_sankoff, layer_bounds, min_max_piece, pair_allowance, standard_mean_comm,
                                      total_bound)
 
     fit, _ = v3_trace(args.tokens, args.cache).split_by_sequence(0.5, seed=0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement.cli_common import UserError
+from placement.cli_common import UserError, default_solver
 
 BUDGET_SOLVERS = ("budget",)
 
@@ -344,8 +344,6 @@ def resolve_plan_budget(spec: str, fit, gpus: int, redundant: int, solver: str, 
     eb = resolve_expert_bytes(expert_bytes, model_config, fit.num_experts)
     budget = parse_budget(spec, fit.num_layers, fit.num_experts, gpus, eb)
     if budget.holds_model:
-        from placement.commands.plan import default_solver
-
         return None, budget_note(budget), (default_solver() if solver in BUDGET_SOLVERS else solver)
     if solver not in BUDGET_SOLVERS:
         raise UserError(f"solver {solver!r} places every expert on a GPU; with --memory-budget use "

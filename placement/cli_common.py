@@ -1,4 +1,5 @@
-"""Helpers every CLI command shares: one-sentence errors with exit code 2, consoles, loading trace arguments."""
+"""Helpers every CLI command shares: one-sentence errors with exit code 2, consoles, loading trace arguments, the
+default solver and the metrics table."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -75,7 +76,7 @@ USER_ERRORS = (UserError, TraceError, SolverInputError, PlanError, OutputPathErr
 # input-error classes of modules the CLI imports lazily (module, class name): caught when the module is loaded
 # (an exception of a class whose module was never imported cannot be raised, so nothing is imported here)
 LAZY_USER_ERRORS = (("placement.runtime", "RuntimeInputError"), ("placement.export", "ExportError"),
-                    ("placement.plots", "PlotsUnavailable"))
+                    ("placement.plots", "PlotsUnavailable"), ("placement.executor", "ExecutorError"))
 
 
 def _is_lazy_user_error(exc: BaseException) -> bool:
@@ -115,7 +116,8 @@ MAX_REDUNDANT = 65536
 def check_common_options(values: dict) -> None:
     """Options several commands share, checked once for all of them (by parameter name): ``--seed`` (a numpy
     seed: not negative), ``--threads`` (at least 1), ``--time-limit`` (positive seconds), ``--gpus`` (1 to
-    :data:`MAX_GPUS`), ``--redundant`` (at most :data:`MAX_REDUNDANT`) and ``--holdout`` (a share in [0, 1))."""
+    :data:`MAX_GPUS`), ``--redundant`` (at most :data:`MAX_REDUNDANT`), ``--holdout`` (a share in [0, 1)),
+    ``--workers`` and ``--work-limit`` (at least 1)."""
     def given(name: str) -> int | None:  # an integer option's value (typer gives ints; bool is an int too)
         v = values.get(name)
         return v if isinstance(v, int) and not isinstance(v, bool) else None
@@ -123,6 +125,12 @@ def check_common_options(values: dict) -> None:
     seed = given("seed")
     if seed is not None and seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    workers = given("workers")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}; leave it out to use every core")
+    work = given("work_limit")
+    if work is not None and work < 1:
+        raise UserError(f"--work-limit must be at least 1 (iterated-search kicks per layer), got {work}")
     threads = given("threads")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}; leave it out to use the default")
@@ -243,7 +251,8 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[RoutingTrace | LoadProfile, list[str]]:
-    """Load trace arguments: files (.npz token traces or counts) or bundled dataset names.
+    """Load trace arguments: files (.npz token traces or counts), folders or glob patterns of such shards, or
+    bundled dataset names.
 
     Several token traces are concatenated (distinct sequence ids); if any argument is counts-only, every
     argument becomes a count profile and they are stacked as separate profiles.
@@ -255,16 +264,17 @@ def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[Ro
         if not default_bundled:
             raise UserError("give at least one trace file")
         paths = [datasets.DEFAULT]
-    items = []
+    items, names = [], []
     for p in paths:
         name = p.split(":", 1)[0]
         if not Path(p).exists() and name in datasets.available():
             items.append(datasets.load(p) if name == datasets.DEFAULT else _bundled_counts(p))
+            names.append(p)
         else:
-            if not Path(p).exists():
-                raise UserError(f"{p}: no such file (bundled datasets: {', '.join(datasets.available())})")
-            items.append(load(p))
-    for p, item in zip(paths, items):  # a valid file that routes nothing would give NaN metrics and empty plans
+            for f in _shard_files(p):  # a file, or every shard of a folder or glob pattern
+                items.append(load(f))
+                names.append(str(f))
+    for p, item in zip(names, items):  # a valid file that routes nothing would give NaN metrics and empty plans
         empty = (item.expert_ids < 0).all() if isinstance(item, RoutingTrace) else not (item.logical_count > 0).any()
         if empty:
             raise UserError(f"{p} routes no token to any expert (every id is -1 or every count 0); give a trace of "
@@ -272,6 +282,32 @@ def load_data(paths: list[str] | None, default_bundled: bool = True) -> tuple[Ro
     if all(isinstance(i, RoutingTrace) for i in items):
         return (RoutingTrace.concat(items) if len(items) > 1 else items[0]), list(paths)
     return LoadProfile.concat([i.load_profile() for i in items]), list(paths)
+
+
+def _shard_files(arg: str) -> list[Path]:
+    """The files behind one trace argument: the file, or a folder's / glob pattern's shards
+    (:func:`traces.shards.expand`)."""
+    from traces import datasets
+    from traces.shards import expand
+
+    if not Path(arg).exists() and not set("*?[") & set(arg):
+        raise UserError(f"{arg}: no such file (bundled datasets: {', '.join(datasets.available())})")
+    return expand([arg])
+
+
+def trace_files(paths: list[str] | None) -> list[Path]:
+    """Trace arguments as shard files, for commands that stream them: bundled token traces as their task files,
+    folders and glob patterns as their shards; default: the bundled trace."""
+    from traces import datasets
+
+    out: list[Path] = []
+    for p in paths or [datasets.DEFAULT]:
+        name = p.split(":", 1)[0]
+        if not Path(p).exists() and name in datasets.available():
+            out += datasets.task_files(p) if name == datasets.DEFAULT else _bundled_counts(p)
+        else:
+            out += _shard_files(p)
+    return out
 
 
 def _bundled_counts(name: str):
@@ -301,3 +337,50 @@ def fmt(value, digits: int = 4) -> str:
             return f"{value:.4g}"
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def default_solver() -> str:
+    from solvers import names
+
+    return "joint" if "joint" in names() else "contiguous"
+
+
+def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
+    """A rich table: one row per headline metric, one column per plan (plus ratios to one column if asked)."""
+    from rich.table import Table
+
+    from placement.evaluate import HEADLINE
+
+    table = Table(title=title, show_lines=False)
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for key, label in HEADLINE:
+        row = [fmt(c.get(key)) if c else "-" for c in columns.values()]
+        if all(r == "-" for r in row):
+            continue
+        if ratios_to and columns.get(ratios_to) and columns[ratios_to].get(key):
+            base = columns[ratios_to][key]
+            row = [f"{fmt(c.get(key))} ({c.get(key) / base:.2f}x)" if c.get(key) is not None and base else fmt(c.get(key))
+                   for c in columns.values()]
+        table.add_row(label, *row)
+    return table
+
+
+# parallel work (placement/executor.py): the same options on every command that has independent tasks
+WorkersOption = Annotated[Optional[int], typer.Option(
+    "--workers", help="Worker processes for the parallel work (default: this machine's cores; 1 runs everything in "
+    "this process).")]
+RayAddressOption = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Run the parallel work on a Ray cluster: auto (RAY_ADDRESS), local (a private one on this "
+    "machine), HOST:PORT or ray://HOST:PORT; needs moeplace[ray].")]
+
+
+@contextlib.contextmanager
+def executor_for(workers: int | None, ray_address: str | None):
+    """The executor for ``--workers`` / ``--ray-address`` (:func:`placement.executor.make_executor`), closed on
+    exit (its worker processes stopped, a private Ray cluster shut down)."""
+    from placement.executor import make_executor
+
+    with make_executor(workers, ray_address) as ex:  # an error or Ctrl-C stops the workers at once
+        yield ex

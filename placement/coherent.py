@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from placement.evaluate import _distinct, prepare
+from placement.evaldata import distinct_sorted, prepare
 from placement.plan import Plan
 from solvers import Topology
 from solvers.cost import CostModel, phase_seconds
@@ -89,7 +89,7 @@ def coherent_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, 
         col = anchor_column(ids, None if gate_weights is None else gate_weights[:, l])
         active = col >= 0
         anchor = np.where(active, dest[rows, np.maximum(col, 0)], pos)
-        uniq, first = _distinct(dest)  # each serving rank once per token
+        uniq, first = distinct_sorted(dest)  # each serving rank once per token
         src = np.broadcast_to(pos[:, None], uniq.shape)
         d_mask = first & (uniq != src)
         dispatch[l] = np.bincount((src[d_mask] * G + uniq[d_mask]), minlength=G * G).reshape(G, G)

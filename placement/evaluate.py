@@ -14,104 +14,104 @@ Metrics (replica-aware):
 5. Estimated MoE time from :mod:`solvers.cost` (slowest GPU per layer, summed over layers).
 
 Counts-only input (:class:`traces.LoadProfile`) gives the load metrics only; the rest are None.
+
+The trace side (:class:`placement.evaldata.EvalData`, :func:`placement.evaldata.prepare`) is shared with the
+coherent evaluator (:mod:`placement.coherent`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from placement.evaldata import EvalData, distinct_sorted, prepare
 from placement.plan import Plan
 from solvers import Topology
-from solvers.cost import CostModel, layer_seconds
+from solvers.cost import CostModel, layer_seconds, link_layer_seconds, message_bytes
 from solvers.objective import balancedness, dispatch_table, gpu_load, imbalance, pair_locality
-from traces import LoadProfile, RoutingTrace, layer_counts
-from traces.format import pair_counts
-
-
-@dataclass(eq=False)
-class EvalData:
-    """What the evaluator needs from a trace, computed once and reused for every plan."""
-
-    num_experts: int
-    load: np.ndarray  # [L, E] (summed over profiles)
-    profiles: np.ndarray | None = None  # [N, L, E] counts-only input
-    expert_ids: np.ndarray | None = None  # [T, L, k], each token's experts highest gate first
-    sequence_index: np.ndarray | None = None  # [T]
-    transitions: np.ndarray | None = None  # [L-1, E, E]
-    transitions_top1: np.ndarray | None = None  # [L-1, E, E]
-    source: str | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return 0 if self.expert_ids is None else int(self.expert_ids.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.load.shape[0])
-
-
-def prepare(data: RoutingTrace | LoadProfile | EvalData) -> EvalData:
-    """Reduce a trace (or profile) to what :func:`evaluate` needs."""
-    if isinstance(data, EvalData):
-        return data
-    if isinstance(data, LoadProfile):
-        return EvalData(data.num_experts, data.total(), profiles=data.logical_count, source=data.source)
-    ids = data.sorted_by_gate().expert_ids  # highest gate first (the coherent dataflow's anchor is column 0)
-    E = data.num_experts
-    top1 = None
-    if data.gate_weights is not None:
-        t1 = data.top1_ids()[:, :, None]
-        top1 = pair_counts(t1[:, :-1], t1[:, 1:], E)
-    return EvalData(E, layer_counts(ids, E), expert_ids=ids, sequence_index=data.sequence_index(),
-                    transitions=pair_counts(ids[:, :-1], ids[:, 1:], E), transitions_top1=top1, source=data.source)
+from traces import LoadProfile, RoutingTrace
 
 
 _IDS_PER_BLOCK = 1 << 22  # token-expert ids per block in token_traffic (bounds memory on long traces)
 
 
-def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted values ``[..., k]`` and a mask of first occurrences among the non-negative ones."""
-    srt = np.sort(values, axis=-1)
-    first = np.ones_like(srt, dtype=bool)
-    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
-    return srt, first & (srt >= 0)
-
-
 def token_traffic(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
-                  sequence_index: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token dispatch under the static rule.
+                  sequence_index: np.ndarray, executor=None, comm: str = "nccl",
+                  ll_nvlink: bool = True) -> dict[str, np.ndarray]:
+    """Dispatch under the static rule, summed over tokens (in blocks of tokens, on ``executor`` when given: the
+    sums are integers, so the result is the same however the blocks are spread).
 
     Args:
-        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); sequence_index: ``[T]``.
+        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); sequence_index: ``[T]``; comm: the
+            communication model (:mod:`solvers.comm`) whose messages are counted.
     Returns:
-        ``gpus [T, L]`` distinct GPUs per token-layer, ``nodes [T, L]`` distinct nodes, ``active [T, L]`` token
-        reached the layer, ``dispatch_pairs [L, G, G]`` token copies sent home -> expert GPU (remote only).
+        ``gpus [L]`` distinct GPUs summed over the token-layers, ``nodes [L]`` distinct nodes, ``active [L]``
+        token-layers that reached the layer, ``nvlink [L, G, G]`` and ``rdma [L, G, G]`` dispatch messages
+        src -> dst under ``comm``, and ``dispatch_pairs [L, G, G]`` their sum (for nccl: one copy per distinct
+        remote GPU, home -> serving GPU).
     """
     T, L, k = expert_ids.shape
-    G = topology.num_gpus
     table = dispatch_table(phy2log, num_experts, topology)  # [L, E, G]
+    step = max(1, _IDS_PER_BLOCK // max(L * k, 1))  # tokens per block: bounds the [tokens, L, k] temporaries
+    blocks = [(s, min(s + step, T)) for s in range(0, T, step)]
+    shared = (table, topology, expert_ids, sequence_index, comm, ll_nvlink)
+    parts = [_traffic_block(shared, b) for b in blocks] if executor is None or len(blocks) < 2 else \
+        executor.map(_traffic_block, blocks, shared=shared)
+    out = {key: sum(p[key] for p in parts) for key in ("gpus", "nodes", "active", "nvlink", "rdma")}
+    out["dispatch_pairs"] = out["nvlink"] + out["rdma"]
+    return out
+
+
+def _traffic_block(shared, block: tuple[int, int]) -> dict[str, np.ndarray]:
+    """:func:`token_traffic`'s sums over tokens ``block = (start, stop)`` (runs in any worker)."""
+    from solvers import comm as comm_models
+
+    table, topology, expert_ids, sequence_index, comm, ll_nvlink = shared
+    model = comm_models.get(comm)
+    s, e = block
+    L = table.shape[0]
     node_of = topology.node_of_gpu()
     lay = np.arange(L)[None, :, None]
-    gpus = np.zeros((T, L), dtype=np.int64)
-    nodes = np.zeros((T, L), dtype=np.int64)
-    pairs = np.zeros(L * G * G)
-    step = max(1, _IDS_PER_BLOCK // max(L * k, 1))  # tokens per block: bounds the [tokens, L, k] temporaries
-    for s in range(0, T, step):
-        home = (sequence_index[s:s + step] % G)[:, None, None]
-        ids = expert_ids[s:s + step].astype(np.int64)
-        gpu = np.where(ids >= 0, table[lay, np.maximum(ids, 0), home], -1)  # [t, L, k]
-        srt, first = _distinct(gpu)
-        gpus[s:s + step] = first.sum(axis=2)
-        nodes[s:s + step] = _distinct(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))[1].sum(axis=2)
-        remote = first & (srt != home)
-        pairs += np.bincount(((lay * G + home) * G + srt)[remote], minlength=L * G * G)
-    return {"gpus": gpus, "nodes": nodes, "active": gpus > 0, "dispatch_pairs": pairs.reshape(L, G, G)}
+    home = sequence_index[s:e] % topology.num_gpus
+    ids = expert_ids[s:e].astype(np.int64)
+    gpu = np.where(ids >= 0, table[lay, np.maximum(ids, 0), home[:, None, None]], -1)  # [t, L, k]
+    first = distinct_sorted(gpu)[1]
+    gpus = first.sum(axis=2)  # [t, L]
+    nodes = distinct_sorted(np.where(gpu >= 0, node_of[np.maximum(gpu, 0)], -1))[1].sum(axis=2)
+    msgs = [model.token_messages(gpu[:, l], home, topology, allow_nvlink=ll_nvlink) for l in range(L)]
+    return {"gpus": gpus.sum(axis=0), "nodes": nodes.sum(axis=0), "active": (gpus > 0).sum(axis=0),
+            "nvlink": np.stack([m[0] for m in msgs]), "rdma": np.stack([m[1] for m in msgs])}
 
 
-def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: CostModel | None = None) -> dict:
-    """All metrics of ``plan`` on ``data``: ``{"overall": {...}, "per_layer": [...], "gpu_pair_bytes": [[...]]}``."""
+def weight_reads(phy2log: np.ndarray, num_experts: int, topology: Topology, expert_ids: np.ndarray,
+                 sequence_index: np.ndarray, tokens_per_gpu: float, seed: int = 0) -> np.ndarray:
+    """``[L, G]`` expert-weight reads summed over forward steps, counted on the tokens: the tokens, in a seeded
+    random order, form steps of ``tokens_per_gpu x G`` tokens; in each step every (expert, serving GPU) that
+    receives at least one token reads that expert's weights once (the roofline of :func:`solvers.cost.roofline_compute`).
+
+    Args:
+        phy2log: ``[L, S]``; expert_ids: ``[T, L, k]`` (-1 = none); sequence_index: ``[T]`` (homes pick replicas).
+    """
+    T, L, k = expert_ids.shape
+    G, E = topology.num_gpus, num_experts
+    batch = max(1, int(round(tokens_per_gpu * G)))
+    step = np.empty(T, dtype=np.int64)
+    step[np.random.default_rng(seed).permutation(T)] = np.arange(T) // batch
+    table = dispatch_table(phy2log, E, topology)
+    home = sequence_index % G
+    out = np.zeros((L, G))
+    for l in range(L):
+        ids = expert_ids[:, l].astype(np.int64)  # [T, k]
+        ok = ids >= 0
+        gpu = table[l, np.maximum(ids, 0), home[:, None]]
+        key = np.unique(((step[:, None] * E + ids) * G + gpu)[ok])
+        out[l] = np.bincount(key % G, minlength=G)
+    return out
+
+
+def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: CostModel | None = None,
+             executor=None) -> dict:
+    """All metrics of ``plan`` on ``data``: ``{"overall": {...}, "per_layer": [...], "gpu_pair_bytes": [[...]]}``.
+    ``executor`` (:mod:`placement.executor`): where the per-token traffic is counted, block by block."""
     ev = prepare(data)
     plan.check_fits(ev.num_layers, ev.num_experts, source=ev.source or "the trace")
     cost = cost or CostModel()
@@ -140,7 +140,7 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
         for key in ("affinity_locality", "cross_gpu_fraction", "intra_node_cross_fraction", "inter_node_fraction",
                     "affinity_locality_top1", "dispatch_gpus", "dispatch_nodes", "a2a_bytes", "a2a_bytes_intra_node",
                     "a2a_bytes_inter_node", "a2a_bytes_busiest_gpu", "a2a_bytes_per_token", "est_moe_seconds",
-                    "est_moe_us_per_token"):
+                    "est_moe_us_per_token", "nvlink_bytes", "rdma_bytes"):
             overall[key] = None
         return result
 
@@ -155,26 +155,44 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
         loc1 = pair_locality(plan.phy2log, ev.transitions_top1, topo)
         overall["affinity_locality_top1"] = float(loc1["same_gpu"].sum() / max(loc1["pairs"].sum(), 1e-300))
 
-    tr = token_traffic(plan.phy2log, plan.num_experts, topo, ev.expert_ids, ev.sequence_index)
+    tr = token_traffic(plan.phy2log, plan.num_experts, topo, ev.expert_ids, ev.sequence_index, executor, cost.comm,
+                       cost.ll_nvlink)
     active = tr["active"]
-    overall["dispatch_gpus"] = float(tr["gpus"][active].mean())
-    overall["dispatch_nodes"] = float(tr["nodes"][active].mean())
-    dispatch_bytes = tr["dispatch_pairs"] * cost.token_bytes  # [L, G, G]
-    pair_bytes = dispatch_bytes + np.swapaxes(dispatch_bytes, 1, 2)  # dispatch + combine
+    overall["dispatch_gpus"] = float(tr["gpus"].sum() / max(active.sum(), 1))
+    overall["dispatch_nodes"] = float(tr["nodes"].sum() / max(active.sum(), 1))
+    db, cb = message_bytes(cost, "dispatch"), message_bytes(cost, "combine")
+    link_bytes = {k: tr[k] * db + np.swapaxes(tr[k], 1, 2) * cb for k in ("nvlink", "rdma")}  # dispatch + combine
+    pair_bytes = link_bytes["nvlink"] + link_bytes["rdma"]  # [L, G, G]
     node = topo.node_of_gpu()
     inter = node[:, None] != node[None, :]
     total = pair_bytes.sum()
+    overall["comm"] = cost.comm
     overall["a2a_bytes"] = float(total)
     overall["a2a_bytes_inter_node"] = float(pair_bytes[:, inter].sum())
     overall["a2a_bytes_intra_node"] = float(total - overall["a2a_bytes_inter_node"])
     all_pairs = pair_bytes.sum(axis=0)  # [G, G]
     overall["a2a_bytes_busiest_gpu"] = float((all_pairs.sum(axis=0) + all_pairs.sum(axis=1)).max())
     overall["a2a_bytes_per_token"] = float(total / ev.num_tokens)
-    secs = layer_seconds(loads, dispatch_bytes, topo, cost)
+    for k, who in (("nvlink", "gpu"), ("rdma", "nic")):  # per link class: per token, in all, busiest GPU / NIC
+        m = link_bytes[k].sum(axis=0)
+        overall[f"{k}_bytes"] = float(m.sum() / ev.num_tokens)
+        overall[f"{k}_bytes_total"] = float(m.sum())
+        overall[f"{k}_bytes_busiest_{who}"] = float((m.sum(axis=0) + m.sum(axis=1)).max())
+    reads = None
+    if cost.tokens_per_gpu is not None:  # the decode roofline: weight reads of the active experts per step
+        reads = weight_reads(plan.phy2log, plan.num_experts, topo, ev.expert_ids, ev.sequence_index,
+                             cost.tokens_per_gpu)
+        overall["tokens_per_gpu"] = cost.tokens_per_gpu
+        overall["weight_reads_per_step_gpu"] = float(reads.sum() / topo.num_gpus / L / max(
+            np.ceil(ev.num_tokens / (cost.tokens_per_gpu * topo.num_gpus)), 1))
+    if cost.comm == "nccl":
+        secs = layer_seconds(loads, tr["dispatch_pairs"] * cost.token_bytes, topo, cost, reads)
+    else:
+        secs = link_layer_seconds(loads, tr["nvlink"], tr["rdma"], topo, cost, reads)[0]
     overall["est_moe_seconds"] = float(secs.sum())
     overall["est_moe_us_per_token"] = float(secs.sum() / ev.num_tokens * 1e6)
     for l in range(L):
-        per_layer[l]["dispatch_gpus"] = float(tr["gpus"][:, l][active[:, l]].mean()) if active[:, l].any() else None
+        per_layer[l]["dispatch_gpus"] = float(tr["gpus"][l] / active[l]) if active[l] else None
         per_layer[l]["a2a_bytes"] = float(pair_bytes[l].sum())
         per_layer[l]["est_moe_seconds"] = float(secs[l])
         if l < L - 1:
@@ -191,7 +209,8 @@ def evaluate(plan: Plan, data: RoutingTrace | LoadProfile | EvalData, cost: Cost
     result["gpu_pair_bytes"] = all_pairs.tolist()
     result["cost_model"] = {"hidden_size": cost.hidden_size, "dtype_bytes": cost.dtype_bytes,
                             "expert_intermediate_size": cost.expert_intermediate_size, "gpu_flops": cost.gpu_flops,
-                            "dataflow": cost.dataflow}
+                            "dataflow": cost.dataflow, "comm": cost.comm, "tokens_per_gpu": cost.tokens_per_gpu,
+                            "hbm_bandwidth": cost.hbm_bandwidth, "expert_overhead": cost.expert_overhead}
     return result
 
 

@@ -8,8 +8,9 @@ spread when the recommended plan is also the faster of the two in at least :data
 
 The estimate is additive over sequences (expert loads and dispatched token copies are sums over tokens), so each
 sequence's contribution is computed once per plan with the evaluator's own functions and a resample is a weighted
-sum: hundreds of resamples cost less than one evaluation. Counts-only data is ranked by load imbalance, without a
-spread; the coherent dataflow and memory-budget plans get no spread either (their estimate is not additive here).
+sum: hundreds of resamples cost less than one evaluation, under any communication model (:mod:`solvers.comm`).
+Counts-only data is ranked by load imbalance, without a spread; the coherent dataflow, the decode roofline
+(``tokens_per_gpu``) and memory-budget plans get no spread either (their estimate is not additive here).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import numpy as np
 
 from placement.evaluate import EvalData, prepare, token_traffic
 from placement.plan import Plan
-from solvers.cost import CostModel, layer_seconds
+from solvers.cost import CostModel, layer_seconds, link_layer_seconds
 from solvers.objective import gpu_load
 from traces import layer_counts
 
 RESAMPLES = 200
 CONFIDENCE = 0.95
-_MAX_UNIT_FLOATS = 2e7  # bounds the per-unit parts [units, L, G, G] (about 160 MB)
+_MAX_UNIT_FLOATS = 1e7  # bounds each of the per-unit parts [units, L, G, G] (two of them: about 160 MB)
 
 
 def sequence_units(ev: EvalData, num_layers: int, num_gpus: int) -> list[np.ndarray]:
@@ -43,31 +44,39 @@ def sequence_units(ev: EvalData, num_layers: int, num_gpus: int) -> list[np.ndar
     return [np.concatenate([per_seq[i] for i in g]) for g in groups]
 
 
-def unit_parts(plan: Plan, ev: EvalData, units: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit: GPU loads ``[U, L, G]`` and dispatched token copies ``[U, L, G, G]`` (home -> expert GPU), as
-    :func:`placement.evaluate.evaluate` computes them for the whole trace (their sums over units are its values)."""
+def unit_parts(plan: Plan, ev: EvalData, units: list[np.ndarray], cost: CostModel) -> tuple[np.ndarray, ...]:
+    """Per unit: GPU loads ``[U, L, G]`` and dispatch messages over NVLink and RDMA ``[U, L, G, G]`` (home ->
+    expert GPU, under ``cost.comm``), as :func:`placement.evaluate.evaluate` computes them for the whole trace (their
+    sums over units are its values)."""
     topo = plan.topology
-    loads, pairs = [], []
+    loads, nvlink, rdma = [], [], []
     for idx in units:
         ids = ev.expert_ids[idx]
         loads.append(gpu_load(plan.phy2log, layer_counts(ids, ev.num_experts), topo))
-        pairs.append(token_traffic(plan.phy2log, plan.num_experts, topo, ids, ev.sequence_index[idx])
-                     ["dispatch_pairs"])
-    return np.stack(loads), np.stack(pairs)
+        tr = token_traffic(plan.phy2log, plan.num_experts, topo, ids, ev.sequence_index[idx], comm=cost.comm,
+                           ll_nvlink=cost.ll_nvlink)
+        nvlink.append(tr["nvlink"])
+        rdma.append(tr["rdma"])
+    return np.stack(loads), np.stack(nvlink), np.stack(rdma)
 
 
 def resampled_times(plan: Plan, ev: EvalData, cost: CostModel, weights: np.ndarray,
                     units: list[np.ndarray]) -> np.ndarray:
     """Estimated MoE time (microseconds per token) of ``plan`` on each resample: ``weights [R, U]`` counts how often
     each unit is drawn (a row of ones is the evaluation data itself)."""
-    loads, pairs = unit_parts(plan, ev, units)
+    loads, nvlink, rdma = unit_parts(plan, ev, units, cost)
     tokens = np.array([len(u) for u in units], dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
-    L, G = loads.shape[1:]
-    load_r = (w @ loads.reshape(len(units), -1)).reshape(-1, L, G)
-    bytes_r = (w @ pairs.reshape(len(units), -1)).reshape(-1, L, G, G) * cost.token_bytes
-    secs = layer_seconds(load_r, bytes_r, plan.topology, cost).sum(axis=-1)
-    return secs / (w @ tokens) * 1e6
+    U, L, G = loads.shape
+
+    def drawn(a: np.ndarray) -> np.ndarray:
+        return (w @ a.reshape(U, -1)).reshape((-1,) + a.shape[1:])
+
+    if cost.comm == "nccl":
+        secs = layer_seconds(drawn(loads), drawn(nvlink + rdma) * cost.token_bytes, plan.topology, cost)
+    else:
+        secs = link_layer_seconds(drawn(loads), drawn(nvlink), drawn(rdma), plan.topology, cost)[0]
+    return secs.sum(axis=-1) / (w @ tokens) * 1e6
 
 
 def recommend(plans: Mapping[str, Plan], data, overall: Mapping[str, dict], cost: CostModel | None = None,
@@ -98,7 +107,7 @@ def recommend(plans: Mapping[str, Plan], data, overall: Mapping[str, dict], cost
     ev = prepare(data)
     cost = cost or CostModel()
     resamplable = (metric == "est_moe_us_per_token" and ev.expert_ids is not None and cost.dataflow == "standard"
-                   and plans[best].memory is None and plans[second].memory is None)
+                   and cost.tokens_per_gpu is None and plans[best].memory is None and plans[second].memory is None)
     if resamplable:
         units = sequence_units(ev, plans[best].num_layers, max(plans[best].topology.num_gpus,
                                                                 plans[second].topology.num_gpus))

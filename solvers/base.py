@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-__all__ = ["SolverInputError", "Topology", "Problem", "Options", "Result", "gap_of"]
+__all__ = ["SolverInputError", "Topology", "Problem", "Options", "Result", "gap_of", "is_number"]
 
 
 class SolverInputError(ValueError):
@@ -179,85 +179,16 @@ def is_number(v, lo: float | None = None, hi: float | None = None, *, integer: b
                 (hi is not None and (v >= hi if hi_open else v > hi)))
 
 
-class Params:
-    """A solver's ``Options.params`` read with types: every getter checks the value and raises
-    :class:`SolverInputError` with one sentence naming the parameter (a string where a number belongs, a number
-    out of range); unknown names are refused, with the nearest known one (a misspelt name would otherwise be
-    ignored without a word). The cost-model fields (``solvers.cost.CostModel``), ``cost`` and ``model`` are
-    known to every solver, since the CLI passes them to all of them."""
-
-    def __init__(self, params: Mapping[str, Any] | None, solver: str, known: set[str] | frozenset[str]):
-        import difflib
-        from dataclasses import fields as dc_fields
-
-        from solvers.cost import CostModel
-
-        self.solver = solver
-        self.values = dict(params or {})
-        allowed = set(known) | {f.name for f in dc_fields(CostModel)} | {"cost", "model"}
-        for key in self.values:
-            if key not in allowed:
-                near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-                hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(known)) or 'none'}"
-                raise SolverInputError(f"the {solver} solver has no parameter {key!r}; {hint}")
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.values and self.values[key] is not None
-
-    def _bad(self, key: str, want: str) -> SolverInputError:
-        return SolverInputError(f"parameter {key} must be {want}, got {self.values[key]!r}")
-
-    def number(self, key: str, default, *, lo: float | None = None, hi: float | None = None, integer: bool = False,
-               lo_open: bool = False, hi_open: bool = False):
-        """A finite number (an integer with ``integer``) in ``[lo, hi]`` (an end excluded with ``lo_open`` /
-        ``hi_open``), or ``default`` when absent or None."""
-        v = self.values.get(key)
-        if v is None:
-            return default
-        if not is_number(v, lo, hi, integer=integer, lo_open=lo_open, hi_open=hi_open):
-            raise self._bad(key, ("an integer" if integer else "a number") + self._range(lo, hi, lo_open, hi_open))
-        return int(v) if integer else float(v)
-
-    @staticmethod
-    def _range(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
-        return ("" if lo is None else (f" > {lo:g}" if lo_open else f" >= {lo:g}")) + \
-            ("" if hi is None else (f" and < {hi:g}" if hi_open else f" and <= {hi:g}"))
-
-    def integer(self, key: str, default, *, lo: int | None = None, hi: int | None = None):
-        return self.number(key, default, lo=lo, hi=hi, integer=True)
-
-    def flag(self, key: str, default):
-        """A boolean (JSON true / false), or ``default`` when absent or None."""
-        v = self.values.get(key)
-        if v is None:
-            return default
-        if isinstance(v, (bool, np.bool_)):
-            return bool(v)
-        raise self._bad(key, "true or false")
-
-    def choice(self, key: str, default: str, options: tuple[str, ...]) -> str:
-        v = self.values.get(key)
-        if v is None:
-            return default
-        if v not in options:
-            raise self._bad(key, "one of " + ", ".join(repr(o) for o in options))
-        return str(v)
-
-    def numbers(self, key: str, default, *, lo: float | None = None, hi: float | None = None):
-        """A non-empty list of finite numbers in ``[lo, hi]``, or ``default``."""
-        v = self.values.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, (list, tuple)) or not v or not all(is_number(x, lo, hi) for x in v):
-            raise self._bad(key, "a JSON list of numbers" + self._range(lo, hi))
-        return [float(x) for x in v]
-
-
 @dataclass(frozen=True)
 class Options:
     """How to solve: the same knobs for every solver; solver-specific ones go in ``params``.
 
     backend: "cp-sat" (OR-Tools, default), "highs" or "cbc" (through PuLP) for solvers that build a MIP.
+    work_limit: a deterministic amount of search instead of the wall-clock ``time_limit`` (which is then not
+    used), in the solver's documented units (the joint planner: iterated-search kicks per layer); with it a plan
+    depends only on the problem, the parameters and the seed.
+    executor: where a solver may run independent tasks (an object with ``map(fn, tasks, shared)``, see
+    :mod:`placement.executor`); None runs them here, one after another. Results do not depend on it.
     """
 
     time_limit: float | None = 60.0
@@ -266,6 +197,8 @@ class Options:
     threads: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     progress: Callable[[str], None] | None = None
+    work_limit: int | None = None
+    executor: Any = None
 
     def say(self, message: str) -> None:
         if self.progress is not None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.base import Options, Params, Problem, Result
+from solvers.base import Options, Problem, Result
+from solvers.params import Params
 
 
 def _physical_experts(problem: Problem) -> np.ndarray:

@@ -34,7 +34,8 @@ import time
 
 import numpy as np
 
-from solvers.base import Options, Params, Problem, Result, SolverInputError
+from solvers.base import Options, Problem, Result, SolverInputError
+from solvers.params import Params
 from solvers.memsim import access_stream, simulate, summarize
 
 __all__ = ["ep_owner", "allocate", "phy2log_of", "budget_split", "solve", "SOLVERS"]

@@ -72,6 +72,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "mixtral-8x7b": {"hidden_size": 4096, "expert_intermediate_size": 14336},
     "qwen3-30b-a3b": {"hidden_size": 2048, "expert_intermediate_size": 768},
     "olmoe-1b-7b": {"hidden_size": 2048, "expert_intermediate_size": 1024},
+    "kimi-k2": {"hidden_size": 7168, "expert_intermediate_size": 2048},
+    "qwen3-235b-a22b": {"hidden_size": 4096, "expert_intermediate_size": 1536},
+    "glm-4.5": {"hidden_size": 5120, "expert_intermediate_size": 1536},
+    "gpt-oss-120b": {"hidden_size": 2880, "expert_intermediate_size": 2880},
 }
 
 
@@ -86,6 +90,17 @@ class CostModel:
         gpu_flops: effective GPU throughput for the expert GEMMs, FLOP/s.
         dataflow: "standard" (dispatch + combine) or "coherent" (ExFlow, one all-to-all per layer).
         weight_dtype_bytes: bytes per expert weight (for the migration cost of moving an expert).
+        comm: the all-to-all kernels (:mod:`solvers.comm`): "nccl" (one copy per distinct remote GPU, the
+            default), "deepep-normal" (RDMA once per remote node, then NVLink) or "deepep-ll" (one message per
+            token-expert copy).
+        ll_nvlink: deepep-ll reaches same-node peers over NVLink (DeepEP's ``allow_nvlink_for_low_latency_mode``);
+            False sends them over RDMA.
+        tokens_per_gpu: the tokens each GPU holds per forward step (decode: tens to hundreds). None: expert compute
+            is linear in tokens at ``gpu_flops`` (large batches). Given, a GPU's expert compute per step is the
+            roofline ``max(FLOPs / gpu_flops, weight bytes of its active experts / hbm_bandwidth)`` plus
+            ``expert_overhead`` per active expert (:func:`roofline_compute`).
+        hbm_bandwidth: bytes/s a GPU reads its expert weights at (H100 SXM: 3.35e12).
+        expert_overhead: seconds per active expert per step (kernel and tile set-up), 0 by default.
     """
 
     hidden_size: int = 2048
@@ -94,10 +109,29 @@ class CostModel:
     gpu_flops: float = 400e12
     dataflow: str = "standard"
     weight_dtype_bytes: int = 2
+    comm: str = "nccl"
+    ll_nvlink: bool = True
+    tokens_per_gpu: float | None = None
+    hbm_bandwidth: float = 3.35e12
+    expert_overhead: float = 0.0
 
     def __post_init__(self) -> None:
+        from solvers import comm as comm_models
+
         if self.dataflow not in DATAFLOWS:
             raise SolverInputError(f"dataflow {self.dataflow!r} is not one of {', '.join(DATAFLOWS)}")
+        comm_models.get(self.comm)  # a clear error for an unknown name
+        if self.dataflow == "coherent" and self.comm != "nccl":
+            raise SolverInputError(f"the coherent dataflow is modelled with one copy per GPU (nccl), not {self.comm}; "
+                                   f"use the standard dataflow with DeepEP kernels")
+        if not isinstance(self.ll_nvlink, (bool, np.bool_)):
+            raise SolverInputError(f"cost model ll_nvlink must be true or false, got {self.ll_nvlink!r}")
+        if self.tokens_per_gpu is not None and not is_number(self.tokens_per_gpu, 0.0, lo_open=True):
+            raise SolverInputError(f"tokens per GPU must be a positive number, got {self.tokens_per_gpu!r}")
+        if not is_number(self.hbm_bandwidth, 0.0, lo_open=True):
+            raise SolverInputError(f"cost model hbm_bandwidth must be a positive number, got {self.hbm_bandwidth!r}")
+        if not is_number(self.expert_overhead, 0.0):
+            raise SolverInputError(f"cost model expert_overhead must be a number >= 0, got {self.expert_overhead!r}")
         for name in ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "weight_dtype_bytes"):
             v = getattr(self, name)
             if not is_number(v, 0.0, lo_open=True):
@@ -175,16 +209,113 @@ def _link_masks(num_gpus: int, gpus_per_node: int) -> tuple[np.ndarray, np.ndarr
     return intra, (inter if inter.any() else None)
 
 
-def layer_seconds(gpu_load: np.ndarray, dispatch_bytes: np.ndarray, topology: Topology, cost: CostModel) -> np.ndarray:
+def layer_seconds(gpu_load: np.ndarray, dispatch_bytes: np.ndarray, topology: Topology, cost: CostModel,
+                  weight_reads: np.ndarray | None = None) -> np.ndarray:
     """``[L]`` estimated MoE-layer time, standard dataflow.
 
     Args:
         gpu_load: ``[L, G]`` token-expert assignments per GPU.
         dispatch_bytes: ``[L, G, G]`` dispatch bytes home -> expert GPU (the combine sends them back).
+        weight_reads: ``[L, G]`` expert-weight reads over the steps (:func:`roofline_compute`), or None.
     """
     compute = gpu_load * cost.flops_per_assignment / cost.gpu_flops
+    if cost.tokens_per_gpu is not None and weight_reads is not None:
+        compute = roofline_compute(gpu_load, weight_reads, cost)
     comm = phase_seconds(dispatch_bytes, topology) + phase_seconds(np.swapaxes(dispatch_bytes, -1, -2), topology)
     return (compute + comm).max(axis=-1)
+
+
+def roofline_compute(gpu_load: np.ndarray, weight_reads: np.ndarray | None, cost: CostModel) -> np.ndarray:
+    """``[..., G]`` expert compute seconds per GPU over the trace.
+
+    Args:
+        gpu_load: ``[..., G]`` token-expert assignments served; weight_reads: ``[..., G]`` expert-weight reads summed
+            over the forward steps (an expert with at least one token in a step is read once per step on each GPU
+            serving it: a replica reads its own copy), used when ``cost.tokens_per_gpu`` is set.
+    Without ``tokens_per_gpu``: ``alpha x load`` (the GEMM rate). With it, the roofline of each step summed over the
+    steps, ``max(alpha x load, reads x expert_bytes / hbm_bandwidth) + reads x expert_overhead`` (the steps are
+    alike on average, so the maximum of the sums stands for the sum of the maxima).
+    """
+    gemm = cost.seconds_per_assignment * gpu_load
+    if cost.tokens_per_gpu is None or weight_reads is None:
+        return gemm
+    return np.maximum(gemm, weight_reads * (cost.expert_bytes / cost.hbm_bandwidth)) + weight_reads * cost.expert_overhead
+
+
+def expected_weight_reads(load: np.ndarray, share: np.ndarray, tokens: float, topology: Topology,
+                          cost: CostModel) -> np.ndarray:
+    """``[..., G]`` expected expert-weight reads over the trace (counts model): ``steps x sum_e (1 - exp(-m_e
+    share[e, g]))`` with ``steps = tokens / (tokens_per_gpu x G)`` and ``m_e = load_e / steps`` the copies of expert e
+    in one step (Poisson arrivals: a step's tokens drawn at random from the workload).
+
+    Args:
+        load: ``[..., E]`` assignments; share: ``[E, G]`` served shares; tokens: tokens behind ``load``.
+    """
+    steps = max(float(tokens), 1e-300) / (cost.tokens_per_gpu * topology.num_gpus)
+    m = np.asarray(load, dtype=np.float64) / steps
+    active = -np.expm1(-m[..., :, None] * share)  # [..., E, G]
+    return steps * active.sum(axis=-2)
+
+
+def message_bytes(cost: CostModel, phase: str) -> float:
+    """Bytes of one dispatch or combine message under ``cost.comm`` (:mod:`solvers.comm`)."""
+    from solvers import comm as comm_models
+
+    return comm_models.get(cost.comm).message_bytes(cost.hidden_size, cost.dtype_bytes, phase)
+
+
+def link_layer_seconds(gpu_load: np.ndarray, nvlink: np.ndarray, rdma: np.ndarray, topology: Topology,
+                       cost: CostModel, weight_reads: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``([L] layer seconds, [L, G] comm seconds)`` from exact dispatch messages per link class, any ``cost.comm``.
+
+    Args:
+        gpu_load: ``[L, G]`` token-expert assignments per GPU; nvlink, rdma: ``[L, G, G]`` dispatch messages
+            src -> dst (the combine sends the same messages back, at the combine message size).
+    """
+    from solvers import comm as comm_models
+    from solvers.comm.base import matrix_totals, phase_seconds_per_link
+
+    model = comm_models.get(cost.comm)
+    s_nv, r_nv, s_rd, r_rd = matrix_totals(nvlink, rdma)
+    disp = phase_seconds_per_link(s_nv, r_nv, s_rd, r_rd, message_bytes(cost, "dispatch"), topology, model.OVERLAP)
+    comb = phase_seconds_per_link(r_nv, s_nv, r_rd, s_rd, message_bytes(cost, "combine"), topology, model.OVERLAP)
+    comm = disp + comb
+    compute = roofline_compute(gpu_load, weight_reads, cost)
+    return (compute + comm).max(axis=-1), comm
+
+
+def comm_seconds(gpu_load: np.ndarray, distinct: np.ndarray | None, node_distinct: np.ndarray | None,
+                 topology: Topology, cost: CostModel) -> np.ndarray:
+    """``[..., G]`` all-to-all seconds per GPU (dispatch + combine), homes spread evenly, under ``cost.comm``.
+
+    Args:
+        gpu_load: ``[..., G]`` token-expert assignments served per GPU; distinct: ``[..., G]`` distinct tokens
+            served per GPU; node_distinct: ``[..., Nn]`` distinct tokens served per node (deepep-normal only).
+    nccl is :func:`standard_comm_seconds` (the formula the planner always used); the DeepEP models count their
+    messages with :func:`solvers.comm` ``counts_messages``.
+    """
+    if cost.comm == "nccl":
+        return standard_comm_seconds(distinct, topology, cost, phases=2)
+    from solvers import comm as comm_models
+    from solvers.comm.base import phase_seconds_per_link
+
+    model = comm_models.get(cost.comm)
+    s_nv, r_nv, s_rd, r_rd = model.counts_messages(gpu_load, distinct, node_distinct, topology,
+                                                   allow_nvlink=cost.ll_nvlink)
+    disp = phase_seconds_per_link(s_nv, r_nv, s_rd, r_rd, message_bytes(cost, "dispatch"), topology, model.OVERLAP)
+    comb = phase_seconds_per_link(r_nv, s_nv, r_rd, s_rd, message_bytes(cost, "combine"), topology, model.OVERLAP)
+    return disp + comb
+
+
+def needs_node_distinct(cost: CostModel) -> bool:
+    """Whether the communication model prices the distinct tokens per node (deepep-normal)."""
+    return cost.comm == "deepep-normal"
+
+
+def node_share(share: np.ndarray, topology: Topology) -> np.ndarray:
+    """``[E, Nn]`` share of each expert's tokens served in each node, from the ``[E, G]`` per-GPU shares."""
+    n = topology.gpus_per_node
+    return share.reshape(share.shape[0], share.shape[1] // n, n).sum(axis=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,18 +596,31 @@ def estimate_layer_seconds(phy2log: np.ndarray, load: np.ndarray, topology: Topo
             served[l] = effective_share(shares[l], table[l], pos[l])
     compute = np.empty((L, G))
     distinct = np.empty((L, G))
+    by_node = needs_node_distinct(cost)
+    node_distinct = np.empty((L, topology.num_nodes)) if by_node else None
     for l in range(L):
         co = None if coactivation is None else coactivation[l]
         tok = None if tokens is None else float(tokens[l])
         if routes is not None:
             compute[l] = load[l] @ served[l]
-            distinct[l] = token_distinct(served[l], routes[:, l]) * routes_factor(load[l], routes[:, l])
+            f = routes_factor(load[l], routes[:, l])
+            distinct[l] = token_distinct(served[l], routes[:, l]) * f
+            if by_node:
+                node_distinct[l] = token_distinct(node_share(served[l], topology), routes[:, l]) * f
         else:
             compute[l], distinct[l] = standard_distinct(served[l], load[l], co, tok)
+            if by_node:
+                node_distinct[l] = standard_distinct(node_share(served[l], topology), load[l], co, tok)[1]
     gl = compute.copy()
     compute *= alpha
+    if cost.tokens_per_gpu is not None:  # the roofline of each forward step (decode)
+        if tokens is None:
+            raise SolverInputError("the expert-compute roofline (tokens per GPU) needs the tokens per layer")
+        tok = np.asarray(tokens, dtype=np.float64)
+        reads = np.stack([expected_weight_reads(load[l], served[l], tok[l], topology, cost) for l in range(L)])
+        compute = roofline_compute(gl, reads, cost)
     if not coherent:
-        comm = standard_comm_seconds(distinct, topology, cost, phases=2)
+        comm = comm_seconds(gl, distinct, node_distinct, topology, cost)
     else:
         comm = np.zeros((L, G))
         for l in range(L):

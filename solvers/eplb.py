@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.base import Options, Params, Problem, Result, SolverInputError
+from solvers.base import Options, Problem, Result, SolverInputError
+from solvers.params import Params
 
 __all__ = ["balanced_packing", "replicate_experts", "rebalance_experts_hierarchical", "rebalance_experts"]
 

@@ -55,7 +55,8 @@ import numpy as np
 
 from solvers import mip
 from solvers._common import assign_with_capacity, fill_redundant
-from solvers.base import Options, Params, Problem, Result, SolverInputError, Topology, gap_of
+from solvers.base import Options, Problem, Result, SolverInputError, Topology, gap_of
+from solvers.params import Params
 from solvers.eplb import replicate_experts
 
 

@@ -1,15 +1,17 @@
 """Every `moeplace` command in README.md and docs/ works as written, in the order the page gives it.
 
 Each page runs in a fresh folder that holds what a user brings and no command makes: a checkpoint (`./my-moe`),
-prompts, serving-stack dumps, the placement file a server runs (built here from a slice of the bundled real
-trace, by the stacks' own formats). Paths of the user's machine in the docs (`/models/...`, `/data/...`) point
-into that folder (:data:`USER_PATHS`); that and the time cap below are the only changes to the commands.
+prompts, serving-stack dumps, trace shards (`dumps/`), the placement file a server runs (built here from a slice
+of the bundled real trace, by the stacks' own formats). What belongs to the user's machine in the docs
+(`/models/...`, `/data/...`, the Ray cluster of `--ray-address auto`) is mapped to that folder and a private Ray
+cluster (:data:`USER_PATHS`); that and the time cap below are the only changes to the commands.
 
 - default tier (:func:`test_documented_commands_run_in_order`): every command is parsed by the real CLI, every
-  file it reads exists at that point of the page, and it runs in-process with solver time limits capped at 1 s;
-  ``collect``, ``bench`` and ``budget`` (a model forward, torch.distributed processes, a cache simulation: tens of
-  seconds, run by their own tests) are parsed and checked only, ``bench`` with the checks it makes before it
-  launches ranks.
+  file it reads exists at that point of the page, and it runs in-process with solver time limits capped at 1 s
+  and ``--workers 1``;
+  ``collect``, ``bench``, ``budget`` and ``--ray-address`` (a model forward, torch.distributed processes, a cache
+  simulation, a Ray cluster: tens of seconds each, run by their own tests) are parsed and checked only, ``bench``
+  with the checks it makes before it launches ranks.
 - slow tier (:func:`test_documented_commands_run_verbatim`, ``pytest -m slow``): every command exactly as written,
   through bash, in a subprocess, ``collect`` and ``bench`` included.
 
@@ -42,7 +44,8 @@ from traces import datasets, layer_counts, save
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md")
                                       if p.name not in ("cli.md", "benchmarks.md"))
-USER_PATHS = {"/models/Qwen3-30B-A3B": "my-moe", "/data/sglang-dumps/": "sglang-dumps/", "/data/trt-stats": "trt-stats"}
+USER_PATHS = {"/models/Qwen3-30B-A3B": "my-moe", "/data/sglang-dumps/": "sglang-dumps/", "/data/trt-stats": "trt-stats",
+              "--ray-address auto": "--ray-address local"}  # the user's machine: paths, the Ray cluster
 NOT_COMMANDS = ("text", "json", "python", "yaml", "toml")
 runner = CliRunner()
 
@@ -154,8 +157,10 @@ def user_files(folder: Path, real_model: bool = False) -> Path:
 
     tr = _slice(96)
     seq = tr.sequence_index()
-    for r in range(4):  # four ranks' traces; README merges two of them (48 sequences)
+    (folder / "dumps").mkdir()
+    for r in range(4):  # four ranks' traces; README merges two of them (48 sequences) and reads all from dumps/
         save(tr.take(seq % 4 == r), folder / f"rank{r}.npz")
+        shutil.copy(folder / f"rank{r}.npz", folder / "dumps")
     half = tr.take(seq % 2 == 0)
     save(half, folder / "trace.npz")  # the user's trace, for the pages that start from one
     _tiny_checkpoint(folder / "my-moe", real_model)
@@ -223,16 +228,22 @@ def _expand(args: list[str]) -> list[str]:
     return out
 
 
-def _cap_time(cmd, args: list[str], seconds: str = "1") -> list[str]:
-    if not any("--time-limit" in p.opts for p in cmd.params):
-        return args
-    if "--time-limit" in args:
-        i = args.index("--time-limit")
-        return args[:i + 1] + [seconds] + args[i + 2:]
-    return args + ["--time-limit", seconds]
+def _capped(cmd, args: list[str]) -> list[str]:
+    """The default tier's only change: solver time limits at 1 s, and the work in this process (``--workers 1``:
+    parallel runs give the same results by design, tests/test_parallel.py checks that)."""
+    for option, value in (("--time-limit", "1"), ("--workers", "1")):
+        if not any(option in p.opts for p in cmd.params):
+            continue
+        if option in args:
+            i = args.index(option)
+            args = args[:i + 1] + [value] + args[i + 2:]
+        else:
+            args = args + [option, value]
+    return args
 
 
 HEAVY = ("collect", "bench", "budget")  # the default tier parses and checks these; their own tests run them
+HEAVY_OPTIONS = ("--ray-address",)  # a Ray cluster starts in 6 to 15 s: parsed and checked, run in the slow tier
 
 
 def _bench_preflight(cmd, args: list[str]) -> None:
@@ -262,9 +273,9 @@ def test_documented_commands_run_in_order(page, inputs, tmp_path, monkeypatch):
             assert bundled or Path(path).exists(), f"{page.name}: '{line}' reads {path}, which nothing made before it"
         if args[0] == "bench":
             _bench_preflight(cmd, args)
-        if args[0] in HEAVY:
+        if args[0] in HEAVY or any(o in args for o in HEAVY_OPTIONS):
             continue
-        r = runner.invoke(app, _cap_time(cmd, args))
+        r = runner.invoke(app, _capped(cmd, args))
         assert r.exit_code == 0, f"{page.name}: '{line}' failed:\n{r.output}"
         out = re.search(r"--out\s+(\S+)|--plots\s+(\S+)", line)
         if out:

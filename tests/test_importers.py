@@ -141,6 +141,31 @@ def test_sglang_decode_pass_and_per_pass_counts(real, tmp_path):
     assert np.array_equal(prof.total(), layer_counts(real.expert_ids, 64))
 
 
+def test_sglang_forward_mode_becomes_each_tokens_phase(real, tmp_path):
+    """An extend pass, a decode pass and a mixed pass (chunked prefill: a 1-token request is a decode step) give
+    each token its phase, and the trace keeps it through save, load, take and concatenation."""
+    from traces import load, save
+
+    p2l = _placement(real.decoder_layers, 64, seed=5)
+    recs = _sglang_records(real, p2l, seqs_per_pass=3, rank=0, seed=6)[:3]
+    n0, n1 = len(recs[0]["input_ids"]), len(recs[1]["input_ids"])
+    recs[1] = dict(recs[1], extend_seq_lens=None, forward_mode=2)
+    lens = recs[2]["extend_seq_lens"]
+    n2 = sum(lens)
+    mixed_lens = [lens[0] - 2, 1, 1] + lens[1:]  # two of the first request's tokens as two 1-token requests
+    recs[2] = dict(recs[2], extend_seq_lens=mixed_lens, forward_mode=3)
+    f = tmp_path / "m.pt"
+    torch.save(dict(records=recs, last_physical_to_logical_map=torch.from_numpy(p2l)), f)
+    got = import_sglang([f])
+    expect = np.concatenate([np.zeros(n0), np.ones(n1), np.zeros(lens[0] - 2), [1, 1], np.zeros(n2 - lens[0])])
+    assert np.array_equal(got.phase, expect.astype(np.int8))
+    save(got, tmp_path / "t.npz")
+    back = load(tmp_path / "t.npz")
+    assert np.array_equal(back.phase, got.phase)
+    assert back.of_phase("decode").num_tokens == n1 + 2
+    assert RoutingTrace.concat([back, back]).phase.size == 2 * got.num_tokens
+
+
 def test_sglang_stat_dump(real, tmp_path):
     L_all, E = real.decoder_layers, real.num_experts
     seq = real.sequence_index()

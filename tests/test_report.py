@@ -349,6 +349,14 @@ def test_resampled_times_equal_the_evaluator_on_resampled_traces():
     naive_ev = prepare(naive_trace)
     naive_ev.sequence_index = home
     assert fast == pytest.approx(evaluate(plan, naive_ev)["overall"]["est_moe_us_per_token"], rel=1e-12)
+    # the same under DeepEP's normal kernels on two nodes (messages per link class, not copies per GPU)
+    from dataclasses import replace
+
+    two_nodes = replace(plan, topology=plan.topology.__class__(num_gpus=8, slots_per_gpu=plan.topology.slots_per_gpu,
+                                                                gpus_per_node=4))
+    deepep = CostModel(comm="deepep-normal")
+    fast = resampled_times(two_nodes, ev, deepep, weights[None, :], units)[0]
+    assert fast == pytest.approx(evaluate(two_nodes, naive_ev, deepep)["overall"]["est_moe_us_per_token"], rel=1e-12)
     twin = Plan(plan.phy2log.copy(), plan.num_experts, plan.topology, plan.moe_layer_index, plan.num_hidden_layers,
                 solver={"name": "twin"})
     overall = {"a": evaluate(plan, ev)["overall"], "b": evaluate(twin, ev)["overall"]}

@@ -39,11 +39,8 @@ def files(name: str = DEFAULT) -> list[Path]:
     return sorted(path(name).glob("*.npz"))
 
 
-def load(name: str = DEFAULT, tasks: list[str] | tuple[str, ...] | str | None = None) -> RoutingTrace:
-    """Load a bundled token trace; several tasks are concatenated with distinct sequence ids.
-
-    ``name`` may also be ``"deepseek-v2-lite-esft:law"`` (one task) or ``"...:law,intent"``.
-    """
+def _tasks(name: str, tasks) -> tuple[str, list[str]]:
+    """``(dataset, tasks)`` from ``"name"`` or ``"name:task,task"`` (checked: known, each named once)."""
     if ":" in name:
         name, spec = name.split(":", 1)
         tasks = spec.split(",")
@@ -58,9 +55,24 @@ def load(name: str = DEFAULT, tasks: list[str] | tuple[str, ...] | str | None = 
     twice = sorted({t for t in tasks if tasks.count(t) > 1})
     if twice:
         raise TraceError(f"task {twice[0]!r} is named twice in {name}; name each task once")
+    return name, tasks
+
+
+def task_files(name: str = DEFAULT, tasks: list[str] | tuple[str, ...] | str | None = None) -> list[Path]:
+    """The files of a bundled token trace's tasks (``name`` as in :func:`load`), one shard per task."""
+    name, tasks = _tasks(name, tasks)
+    return [path(name) / f"esft_{t}.npz" for t in tasks]
+
+
+def load(name: str = DEFAULT, tasks: list[str] | tuple[str, ...] | str | None = None) -> RoutingTrace:
+    """Load a bundled token trace; several tasks are concatenated with distinct sequence ids.
+
+    ``name`` may also be ``"deepseek-v2-lite-esft:law"`` (one task) or ``"...:law,intent"``.
+    """
+    name, tasks = _tasks(name, tasks)
     parts = []
-    for t in tasks:
-        tr = load_trace(path(name) / f"esft_{t}.npz")
+    for t, f in zip(tasks, task_files(name, tasks)):
+        tr = load_trace(f)
         parts.append(RoutingTrace(expert_ids=tr.expert_ids, num_experts=tr.num_experts, gate_weights=tr.gate_weights,
                                   seq_id=tr.seq_id, pos_in_seq=tr.pos_in_seq, moe_layer_index=tr.moe_layer_index,
                                   num_hidden_layers=_DECODER_LAYERS[name], model="DeepSeek-V2-Lite (ESFT-vanilla-lite)",

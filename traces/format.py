@@ -55,6 +55,9 @@ def _default_layer_index(num_layers: int) -> np.ndarray:
     return np.arange(num_layers, dtype=np.int64)
 
 
+PHASES = ("prefill", "decode")  # the values 0 and 1 of RoutingTrace.phase
+
+
 @dataclass(frozen=True, eq=False)
 class RoutingTrace:
     """Per-token routing of an MoE model.
@@ -69,6 +72,8 @@ class RoutingTrace:
         num_hidden_layers: decoder layers of the model (dense ones included), or None if unknown.
         model: free-form model name.
         source: where the trace came from (file path or dataset name), for provenance.
+        phase: int8 ``[T]`` or None; the serving phase of each token's forward pass: 0 prefill (or extend), 1 decode
+            (:data:`PHASES`).
     """
 
     expert_ids: np.ndarray
@@ -80,12 +85,19 @@ class RoutingTrace:
     num_hidden_layers: int | None = None
     model: str | None = None
     source: str | None = None
+    phase: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         validate_routing(
             self.expert_ids, self.num_experts, self.gate_weights, self.seq_id, self.pos_in_seq,
             self.moe_layer_index, self.num_hidden_layers,
         )
+        if self.phase is not None:
+            ph = np.asarray(self.phase)
+            if ph.shape != (self.expert_ids.shape[0],) or (ph.size and not np.isin(ph, (0, 1)).all()):
+                raise TraceError(f"phase must be [T] = [{self.expert_ids.shape[0]}] with 0 (prefill) or 1 (decode) per "
+                                 f"token, got shape {list(ph.shape)}")
+            object.__setattr__(self, "phase", ph.astype(np.int8))
         ids = self.expert_ids
         dtype = np.int16 if self.num_experts < 32767 else np.int32
         if ids.dtype != dtype:
@@ -157,7 +169,20 @@ class RoutingTrace:
         """Sub-trace of the tokens selected by a boolean mask or integer index ``[T']``."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return replace(self, expert_ids=self.expert_ids[index], gate_weights=pick(self.gate_weights),
-                       seq_id=pick(self.seq_id), pos_in_seq=pick(self.pos_in_seq))
+                       seq_id=pick(self.seq_id), pos_in_seq=pick(self.pos_in_seq), phase=pick(self.phase))
+
+    def of_phase(self, phase: str) -> "RoutingTrace":
+        """The tokens of one serving phase (``"prefill"`` or ``"decode"``); :class:`TraceError` when the trace does
+        not record phases or has no token of that phase."""
+        if phase not in PHASES:
+            raise TraceError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        if self.phase is None:
+            raise TraceError("this trace does not record each token's phase (prefill or decode); record it (SGLang's "
+                             "per-token recorder does) or plan on all tokens")
+        mask = self.phase == PHASES.index(phase)
+        if not mask.any():
+            raise TraceError(f"this trace has no {phase} token; plan another phase or on all tokens")
+        return self.take(mask)
 
     def split_by_sequence(self, fit_fraction: float = 0.5, seed: int = 0) -> tuple["RoutingTrace", "RoutingTrace"]:
         """Split into (fit, held-out) by whole sequences, chosen at random with ``seed``.
@@ -230,11 +255,14 @@ class RoutingTrace:
         pos = None
         if all(t.pos_in_seq is not None for t in traces):
             pos = np.concatenate([t.pos_in_seq for t in traces])
+        phase = None
+        if all(t.phase is not None for t in traces):
+            phase = np.concatenate([t.phase for t in traces])
         return RoutingTrace(
             expert_ids=np.concatenate([t.expert_ids for t in traces]), num_experts=first.num_experts,
             gate_weights=gates, seq_id=seq, pos_in_seq=pos, moe_layer_index=first.moe_layer_index,
             num_hidden_layers=first.num_hidden_layers, model=first.model,
-            source=" + ".join(str(t.source) for t in traces),
+            source=" + ".join(str(t.source) for t in traces), phase=phase,
         )
 
 
@@ -450,7 +478,7 @@ def validate_routing(expert_ids, num_experts, gate_weights=None, seq_id=None, po
 # --------------------------------------------------------------------------------------------------------------
 
 _TRACE_KEYS = ("expert_ids", "gate_weights", "seq_id", "pos_in_seq", "moe_layer_index", "num_experts", "top_k",
-               "num_hidden_layers", "model")
+               "num_hidden_layers", "model", "phase")
 
 
 def _scalar(d, key, cast, path):
@@ -515,7 +543,7 @@ def _trace_from_npz(d, p: Path, files: set) -> RoutingTrace:
         k = _scalar(d, "top_k", int, p)
         if ids.ndim == 3 and k != ids.shape[2]:
             raise TraceError(f"{p}: top_k is {k} but expert_ids has {ids.shape[2]} experts per token")
-    opt = {key: d[key] for key in ("gate_weights", "seq_id", "pos_in_seq", "moe_layer_index") if key in files}
+    opt = {key: d[key] for key in ("gate_weights", "seq_id", "pos_in_seq", "moe_layer_index", "phase") if key in files}
     nhl = _scalar(d, "num_hidden_layers", int, p) if "num_hidden_layers" in files else None
     model = str(d["model"]) if "model" in files else None
     try:
@@ -541,7 +569,7 @@ def save(obj: RoutingTrace | LoadProfile, path: str | os.PathLike, compress: boo
     if isinstance(obj, RoutingTrace):
         arrays = {"expert_ids": obj.expert_ids, "num_experts": np.int64(obj.num_experts),
                   "top_k": np.int64(obj.top_k), "moe_layer_index": obj.moe_layer_index}
-        for key in ("gate_weights", "seq_id", "pos_in_seq"):
+        for key in ("gate_weights", "seq_id", "pos_in_seq", "phase"):
             if getattr(obj, key) is not None:
                 arrays[key] = getattr(obj, key)
     elif isinstance(obj, LoadProfile):
@@ -606,7 +634,8 @@ def iter_trace_chunks(path: str | os.PathLike, chunk_tokens: int = 65536) -> Ite
     if meta["num_experts"] is None:
         raise TraceError(f"{p} has no 'num_experts'; add it (the routed experts per MoE layer)")
     with zipfile.ZipFile(p) as zf:
-        readers = {key: _NpyRows(zf, key + ".npy") for key in ("expert_ids", "gate_weights", "seq_id", "pos_in_seq")
+        readers = {key: _NpyRows(zf, key + ".npy") for key in ("expert_ids", "gate_weights", "seq_id", "pos_in_seq",
+                                                               "phase")
                    if key + ".npy" in zf.namelist()}
         try:
             T = readers["expert_ids"].shape[0]

@@ -106,6 +106,26 @@ def _sglang_segments(record: dict, n: int) -> list[int]:
     return [1] * n
 
 
+# SGLang's ForwardMode values as the per_token recorder stores them (``forward_batch.forward_mode.value``;
+# python/sglang/srt/model_executor/forward_batch_info.py, IntEnum with auto() since v0.4): EXTEND 1, DECODE 2, MIXED 3
+# (chunked prefill with decode requests), IDLE 4, then speculative decoding's TARGET_VERIFY and DRAFT_EXTEND (decode)
+_SGLANG_EXTEND, _SGLANG_DECODE, _SGLANG_MIXED = 1, 2, 3
+
+
+def _sglang_phase(mode, segments: list[int]) -> np.ndarray:
+    """int8 phase of each token of one forward pass (0 prefill, 1 decode; -1 unknown): EXTEND prefill, DECODE and
+    speculative verify / draft passes decode, MIXED by request (a request of one token is a decode step)."""
+    n = int(sum(segments))
+    if mode is None:
+        return np.full(n, -1, dtype=np.int8)
+    mode = int(_as_numpy(mode).reshape(-1)[0]) if not isinstance(mode, int) else mode
+    if mode == _SGLANG_EXTEND:
+        return np.zeros(n, dtype=np.int8)
+    if mode == _SGLANG_MIXED:
+        return np.repeat(np.array([1 if x == 1 else 0 for x in segments], dtype=np.int8), segments)
+    return np.ones(n, dtype=np.int8) if mode == _SGLANG_DECODE or mode >= 5 else np.full(n, -1, dtype=np.int8)
+
+
 def import_sglang(paths, *, allow_pickle: bool = False, moe_layer_index=None) -> RoutingTrace | LoadProfile:
     """Import SGLang expert-distribution recorder dumps (``.pt``; see the module docstring).
 
@@ -173,7 +193,7 @@ def _sglang_stat(dumps, moe_layer_index) -> LoadProfile:
 
 
 def _sglang_detail(dumps, moe_layer_index) -> RoutingTrace | LoadProfile:
-    ids_parts, pos_parts, seq_parts, count_parts, names = [], [], [], [], []
+    ids_parts, pos_parts, seq_parts, count_parts, names, phase_parts = [], [], [], [], [], []
     seen: dict = {}
     next_seq = 0
     L_all = E = None
@@ -228,6 +248,7 @@ def _sglang_detail(dumps, moe_layer_index) -> RoutingTrace | LoadProfile:
             pos_parts.append(positions)
             segs = _sglang_segments(rec, n)
             seq_parts.append(np.repeat(np.arange(next_seq, next_seq + len(segs)), segs))
+            phase_parts.append(_sglang_phase(rec.get("forward_mode"), segs))
             next_seq += len(segs)
     source = " + ".join(str(p) for _, p, _ in dumps)
     if count_parts and not ids_parts:
@@ -244,9 +265,10 @@ def _sglang_detail(dumps, moe_layer_index) -> RoutingTrace | LoadProfile:
     ids = ids[:, :, :k]
     keep = (ids >= 0).any(axis=(1, 2))  # tokens that reached no MoE layer (idle padding) are dropped
     try:
+        phases = np.concatenate(phase_parts)
         return RoutingTrace(expert_ids=ids[keep], num_experts=E, seq_id=np.concatenate(seq_parts)[keep],
                             pos_in_seq=np.concatenate(pos_parts)[keep], moe_layer_index=mli, num_hidden_layers=L_all,
-                            source=source)
+                            source=source, phase=None if (phases < 0).any() else phases[keep])
     except TraceError as exc:
         raise TraceError(f"SGLang dump {source}: {exc}") from None
 

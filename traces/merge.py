@@ -35,7 +35,7 @@ from traces.format import (
 
 __all__ = ["MergeSummary", "merge_traces", "merge_files"]
 
-_ROW_KEYS = ("expert_ids", "gate_weights", "seq_id", "pos_in_seq")
+_ROW_KEYS = ("expert_ids", "gate_weights", "seq_id", "pos_in_seq", "phase")
 _CHUNK_ROWS = 1 << 16
 
 
@@ -111,7 +111,7 @@ def merge_traces(traces: list[RoutingTrace], renumber: str = "auto") -> RoutingT
     metas = [{"num_experts": t.num_experts, "top_k": t.top_k, "moe_layer_index": t.moe_layer_index,
               "num_hidden_layers": t.num_hidden_layers} for t in traces]
     _check_layouts(metas, [str(t.source or f"trace {i}") for i, t in enumerate(traces)])
-    has = {k: all(getattr(t, k) is not None for t in traces) for k in ("gate_weights", "seq_id", "pos_in_seq")}
+    has = {k: all(getattr(t, k) is not None for t in traces) for k in ("gate_weights", "seq_id", "pos_in_seq", "phase")}
     offsets = [0] * len(traces)
     if has["seq_id"]:
         offsets, _ = _offsets([np.unique(t.seq_id) for t in traces], renumber)
@@ -123,6 +123,7 @@ def merge_traces(traces: list[RoutingTrace], renumber: str = "auto") -> RoutingT
         gate_weights=np.concatenate([t.gate_weights for t in traces]) if has["gate_weights"] else None,
         seq_id=np.concatenate([t.seq_id + o for t, o in zip(traces, offsets)]) if has["seq_id"] else None,
         pos_in_seq=np.concatenate([t.pos_in_seq for t in traces]) if has["pos_in_seq"] else None,
+        phase=np.concatenate([t.phase for t in traces]) if has["phase"] else None,
         num_hidden_layers=nhl,
         source=" + ".join(str(t.source) for t in traces),
     )
@@ -207,7 +208,7 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, renumber
     _check_layouts(metas, [str(p) for p in paths])
     notes: list[str] = []
     present = {k: all(k in m["members"] for m in metas) for k in _ROW_KEYS}
-    for k in ("gate_weights", "seq_id", "pos_in_seq"):
+    for k in ("gate_weights", "seq_id", "pos_in_seq", "phase"):
         if not present[k] and any(k in m["members"] for m in metas):
             notes.append(f"{k} dropped: not every input has it")
     offsets, renumbered = [0] * len(paths), False
@@ -220,8 +221,8 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, renumber
     T = sum(m["tokens"] for m in metas)
     L, k = first["num_layers"], first["top_k"]
     dtypes = {"expert_ids": np.dtype(np.int16 if E < 32767 else np.int32), "gate_weights": np.dtype(np.float32),
-              "seq_id": np.dtype(np.int64), "pos_in_seq": np.dtype(np.int64)}
-    shapes = {"expert_ids": (T, L, k), "gate_weights": (T, L, k), "seq_id": (T,), "pos_in_seq": (T,)}
+              "seq_id": np.dtype(np.int64), "pos_in_seq": np.dtype(np.int64), "phase": np.dtype(np.int8)}
+    shapes = {"expert_ids": (T, L, k), "gate_weights": (T, L, k), "seq_id": (T,), "pos_in_seq": (T,), "phase": (T,)}
     nhl = next((m["num_hidden_layers"] for m in metas if m["num_hidden_layers"] is not None), None)
     model = next((m["model"] for m in metas if m["model"] is not None), None)
 
@@ -235,6 +236,8 @@ def merge_files(paths: list[str | os.PathLike], out: str | os.PathLike, renumber
             raise TraceError(f"{path}: gate_weights contains NaN or infinite values; re-record the trace")
         elif key in ("seq_id", "pos_in_seq") and chunk.size and chunk.min() < 0:
             raise TraceError(f"{path}: {key} contains negative values")
+        elif key == "phase" and chunk.size and not np.isin(chunk, (0, 1)).all():
+            raise TraceError(f"{path}: phase must be 0 (prefill) or 1 (decode) per token")
 
     def write(f) -> None:
         comp = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED

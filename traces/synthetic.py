@@ -37,7 +37,7 @@ import numpy as np
 from traces.format import RoutingTrace, TraceError, pair_counts
 
 __all__ = ["SyntheticSpec", "generate", "routing_stats", "calibrate", "ESFT_CALIBRATED", "deepseek_v3",
-           "planted"]
+           "model_trace", "planted"]
 
 
 @dataclass(frozen=True)
@@ -264,14 +264,28 @@ ESFT_CALIBRATED = SyntheticSpec(num_layers=26, num_experts=64, top_k=6, load_ske
                                 model="synthetic, calibrated on DeepSeek-V2-Lite ESFT")
 
 
+def model_trace(name: str, num_tokens: int, seed: int = 0, model_seed: int = 0, seq_len: int = 145,
+                **overrides) -> RoutingTrace:
+    """A trace of one of today's models (:data:`traces.models.MODELS`: DeepSeek-V3, Kimi-K2, Qwen3-235B-A22B,
+    GLM-4.5, GPT-OSS-120B, ...) with its layout (MoE layers, experts, top-k, node-limited groups) and the strengths
+    calibrated on the bundled trace (:data:`ESFT_CALIBRATED`); ``overrides`` replace spec fields. The transfer to
+    other expert counts keeps the latent strengths (an assumption; see the module docstring)."""
+    from traces.models import model_shape
+
+    m = model_shape(name)
+    kw = {"num_layers": m.num_moe_layers, "num_experts": m.num_experts, "top_k": m.top_k,
+          "groups": m.groups if m.topk_groups else 1, "topk_groups": m.topk_groups,
+          "model": f"synthetic {m.name} (calibrated on DeepSeek-V2-Lite ESFT)", **overrides}
+    spec = replace(ESFT_CALIBRATED, **kw)
+    tr = generate(spec, num_tokens, seq_len=seq_len, seed=seed, model_seed=model_seed)
+    return replace(tr, moe_layer_index=m.moe_layer_index, num_hidden_layers=m.num_hidden_layers)
+
+
 def deepseek_v3(num_tokens: int, seed: int = 0, model_seed: int = 0, seq_len: int = 145, **overrides) -> RoutingTrace:
     """A DeepSeek-V3-sized trace (58 MoE layers x 256 experts, top-8, 8 groups, 4 groups per token) with the
     strengths calibrated on the bundled trace. Decoder layers: 61 (the first 3 dense)."""
-    kw = {"num_layers": 58, "num_experts": 256, "top_k": 8, "groups": 8, "topk_groups": 4,
-          "model": "synthetic DeepSeek-V3 (calibrated on DeepSeek-V2-Lite ESFT)", **overrides}
-    spec = replace(ESFT_CALIBRATED, **kw)
-    tr = generate(spec, num_tokens, seq_len=seq_len, seed=seed, model_seed=model_seed)
-    return replace(tr, moe_layer_index=np.arange(3, 61), num_hidden_layers=61)
+    overrides.setdefault("model", "synthetic DeepSeek-V3 (calibrated on DeepSeek-V2-Lite ESFT)")
+    return model_trace("deepseek-v3", num_tokens, seed=seed, model_seed=model_seed, seq_len=seq_len, **overrides)
 
 
 def planted(num_layers: int, num_experts: int, top_k: int, blocks: int, num_tokens: int, noise: float = 0.05,

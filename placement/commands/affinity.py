@@ -7,34 +7,46 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, fmt, out, print_json, user_errors
+from placement.cli_common import (RayAddressOption, UserError, WorkersOption, executor_for, fmt, out, print_json,
+                                  user_errors)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("affinity")
     @user_errors
     def affinity_cmd(
-        trace: Optional[list[str]] = typer.Argument(None, help="Token traces (default: the bundled trace)."),
+        trace: Optional[list[str]] = typer.Argument(None, help="Token traces: files, folders of shards or glob "
+                                                    "patterns (default: the bundled trace)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the token-shuffled baseline."),
         plots: Optional[Path] = typer.Option(None, "--plots", help="Also write PNG plots (conditional heatmaps, mutual "
                                              "information vs shuffled, expert load) into this folder."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
     ):
-        """Summarise inter-layer affinity: mutual information vs a token-shuffled baseline, concentration, skew."""
+        """Summarise inter-layer affinity: mutual information vs a token-shuffled baseline, concentration, skew.
+
+        The trace is streamed shard by shard (one task per file, in parallel; memory: the statistics plus one chunk
+        per worker), so traces larger than memory work; the shuffled baseline shuffles tokens within chunks."""
         from rich.table import Table
 
-        from placement.affinity import AffinityStats
-        from placement.cli_common import load_data, require
-        from traces import RoutingTrace
+        from placement.cli_common import require, trace_files
+        from placement.reduce import reduce_stats
+        from traces import TraceError
 
         if plots is not None:
             require("matplotlib", "--plots")
-        data, sources = load_data(trace)
-        if not isinstance(data, RoutingTrace):
-            raise UserError("affinity needs token traces (expert_ids); counts-only files have no transitions")
-        stats = AffinityStats.from_trace(data, seed=seed)
+        files = trace_files(trace)
+        with executor_for(workers, ray_address) as ex:
+            try:
+                stats = reduce_stats(files, ex, seed=seed)
+            except TraceError as exc:
+                if "no token trace" in str(exc):
+                    raise UserError("affinity needs token traces (expert_ids); counts-only files have no "
+                                    "transitions") from None
+                raise
         summary = stats.summary()
-        summary["sources"] = sources
+        summary["sources"] = [str(f) for f in files]
         if plots is not None:
             from placement import plots as P
 

@@ -6,32 +6,11 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, fmt, out, print_json, user_errors
-from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
+from placement.cli_common import (RayAddressOption, UserError, WorkersOption, executor_for, fmt, metrics_table, out,
+                                  print_json, user_errors)
+from placement.commands.plan import (CommOption, EvalDataflowOption, HbmOption, PhaseOption, TokensPerGpuOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
                                      FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
                                      ModelOption)
-
-
-def metrics_table(columns: dict[str, dict], title: str | None = None, ratios_to: str | None = None):
-    """A rich table: one row per headline metric, one column per plan (plus ratios to one column if asked)."""
-    from rich.table import Table
-
-    from placement.evaluate import HEADLINE
-
-    table = Table(title=title, show_lines=False)
-    table.add_column("metric")
-    for name in columns:
-        table.add_column(name, justify="right")
-    for key, label in HEADLINE:
-        row = [fmt(c.get(key)) if c else "-" for c in columns.values()]
-        if all(r == "-" for r in row):
-            continue
-        if ratios_to and columns.get(ratios_to) and columns[ratios_to].get(key):
-            base = columns[ratios_to][key]
-            row = [f"{fmt(c.get(key))} ({c.get(key) / base:.2f}x)" if c.get(key) is not None and base else fmt(c.get(key))
-                   for c in columns.values()]
-        table.add_row(label, *row)
-    return table
 
 
 def register(app: typer.Typer) -> None:
@@ -47,6 +26,10 @@ def register(app: typer.Typer) -> None:
         hidden_size: EvalHiddenOption = None,
         dtype: EvalDtypeOption = None,
         dataflow: EvalDataflowOption = None,
+        comm: CommOption = None,
+        phase: PhaseOption = None,
+        tokens_per_gpu: TokensPerGpuOption = None,
+        hbm_bandwidth: HbmOption = None,
         model: ModelOption = None,
         model_config: EvalModelConfigOption = None,
         expert_intermediate_size: IntermediateOption = None,
@@ -55,6 +38,8 @@ def register(app: typer.Typer) -> None:
         inter_bw: InterBandwidthOption = None,
         per_layer: bool = typer.Option(False, "--per-layer", help="Also print per-layer imbalance and locality."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
     ):
         """Evaluate plans on traces: load balance, affinity locality, fan-out, all-to-all bytes, estimated time.
 
@@ -73,14 +58,16 @@ def register(app: typer.Typer) -> None:
             data = data.split_by_sequence(1.0 - holdout, seed=seed)[1]
         ev = prepare(data)
         plan_objs, cost = with_cost_options(plan_objs, hidden_size=hidden_size, dtype=dtype,
-                                            dataflow=dataflow, model=model, model_config=model_config,
+                                            dataflow=dataflow, comm=comm, phase=phase, tokens_per_gpu=tokens_per_gpu,
+                                            hbm_bandwidth=hbm_bandwidth, model=model, model_config=model_config,
                                             expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops,
                                             intra_bw=intra_bw, inter_bw=inter_bw)
         results = {}
-        for path, plan in zip(plans, plan_objs):
-            key = plan.name if plan.name not in results else f"{plan.name} ({path})"
-            results[key] = evaluate(plan, ev, cost)
-            results[key]["plan_file"] = path
+        with executor_for(workers, ray_address) as ex:  # the per-token traffic, block by block
+            for path, plan in zip(plans, plan_objs):
+                key = plan.name if plan.name not in results else f"{plan.name} ({path})"
+                results[key] = evaluate(plan, ev, cost, ex)
+                results[key]["plan_file"] = path
         if as_json:
             print_json(results if len(results) > 1 else next(iter(results.values())))
             return

@@ -8,16 +8,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from placement.cli_common import (MAX_GPUS, MAX_REDUNDANT, MIN_FIT_SEQUENCES, UserError, check_redundant, err, fmt,
-                                  out, print_json, progress, user_errors)
+from placement.cli_common import (MAX_GPUS, MAX_REDUNDANT, MIN_FIT_SEQUENCES, RayAddressOption, UserError,
+                                  WorkersOption, check_redundant, default_solver, err, executor_for, fmt,
+                                  metrics_table, out, print_json, progress, user_errors)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
-
-
-def default_solver() -> str:
-    from solvers import names
-
-    return "joint" if "joint" in names() else "contiguous"
+DEFAULT_TIME_LIMIT = 60.0
 
 
 def parse_params(items: list[str] | None) -> dict:
@@ -36,13 +32,21 @@ def parse_params(items: list[str] | None) -> dict:
     return params
 
 
-COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow")
+COST_FIELDS = ("hidden_size", "expert_intermediate_size", "dtype_bytes", "gpu_flops", "dataflow", "comm",
+               "tokens_per_gpu", "hbm_bandwidth", "expert_overhead")
+
+# what each serving phase runs (every value can be overridden by its own option): DeepSeek's published deployment
+# profiles (deepseek-ai/profile-data: prefill 16K tokens per GPU at EP32, decode 128 requests per GPU at EP128) and
+# their kernels (DeepEP normal in prefill, low-latency in decode)
+PHASES = {"prefill": {"comm": "deepep-normal", "tokens_per_gpu": 16384},
+          "decode": {"comm": "deepep-ll", "tokens_per_gpu": 128}}
 
 # cost-model options shared by plan, evaluate and report (evaluate and report default to what the plans were made
 # for; the defaults in the help texts are for new plans)
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", help="Model sizes for the cost model: deepseek-v2-lite (default), deepseek-v2, deepseek-v3, "
-    "mixtral-8x7b, qwen3-30b-a3b, olmoe-1b-7b; --model-config reads them from config.json instead.")]
+    "kimi-k2, qwen3-235b-a22b, qwen3-30b-a3b, glm-4.5, gpt-oss-120b, mixtral-8x7b, olmoe-1b-7b; --model-config "
+    "reads them from config.json instead.")]
 IntermediateOption = Annotated[Optional[int], typer.Option(
     "--expert-intermediate-size", help="Routed experts' FFN width, for FLOPs (default 1408).")]
 FlopsOption = Annotated[Optional[str], typer.Option(
@@ -63,6 +67,18 @@ EvalDataflowOption = Annotated[Optional[str], typer.Option(
     "--dataflow", help="Dataflow of the time estimate: standard or coherent (ExFlow) (default: the plans').")]
 EvalModelConfigOption = Annotated[Optional[Path], typer.Option(
     "--model-config", help="The model's config.json, for the cost model's sizes.")]
+PhaseOption = Annotated[Optional[str], typer.Option(
+    "--phase", help="Serving phase: prefill (DeepEP normal kernels, 16384 tokens per GPU) or decode (DeepEP "
+    "low-latency kernels, 128 tokens per GPU, memory-bound experts); --comm and --tokens-per-gpu override.")]
+TokensPerGpuOption = Annotated[Optional[float], typer.Option(
+    "--tokens-per-gpu", help="Tokens each GPU holds per forward step: expert compute becomes the roofline of FLOPs "
+    "and the weight reads of the active experts (default: none, compute linear in tokens; --phase sets it).")]
+HbmOption = Annotated[Optional[str], typer.Option(
+    "--hbm-bandwidth", help="Bytes/s a GPU reads expert weights at, for the roofline (default 3.35TB: H100 SXM).")]
+CommOption = Annotated[Optional[str], typer.Option(
+    "--comm", help="All-to-all kernels: nccl (one copy per distinct remote GPU; the default for new plans), "
+    "deepep-normal (prefill: RDMA once per remote node, then NVLink) or deepep-ll (decode: one message per "
+    "token-expert copy); evaluate and report default to the plans'.")]
 
 
 def parse_rate(text, what: str) -> float:
@@ -94,15 +110,19 @@ def recorded_cost(plans) -> tuple[dict, list[str]]:
 
 def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflow: str | None = None, *,
                model: str | None = None, model_config=None, expert_intermediate_size: int | None = None,
-               gpu_flops: str | float | None = None, base: dict | None = None):
+               gpu_flops: str | float | None = None, base: dict | None = None, comm: str | None = None,
+               phase: str | None = None, tokens_per_gpu: float | None = None, hbm_bandwidth: str | None = None):
     """The cost model from the CLI's options, in this order (later wins): defaults (DeepSeek-V2-Lite sizes, H100),
-    ``base`` (fields a plan was made for), the ``model`` preset, the sizes in ``model_config`` (config.json), the
-    explicit options."""
+    ``base`` (fields a plan was made for), the ``phase`` defaults (:data:`PHASES`), the ``model`` preset, the sizes
+    in ``model_config`` (config.json), the explicit options."""
     from solvers.cost import PRESETS, CostModel
 
     if dtype is not None and dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    if phase is not None and phase not in PHASES:
+        raise UserError(f"--phase {phase!r} is not one of {', '.join(PHASES)}")
     fields = {k: v for k, v in (base or {}).items() if k in COST_FIELDS}
+    fields.update(PHASES.get(phase, {}))
     if model is not None:
         if str(model).lower() not in PRESETS:
             raise UserError(f"--model {model!r} is not a known model size; known: {', '.join(sorted(PRESETS))}")
@@ -112,7 +132,9 @@ def cost_model(hidden_size: int | None = None, dtype: str | None = None, dataflo
 
         fields["hidden_size"], fields["expert_intermediate_size"] = model_sizes_from_config(model_config)
     explicit = {"hidden_size": hidden_size, "expert_intermediate_size": expert_intermediate_size,
-                "dtype_bytes": DTYPE_BYTES[dtype] if dtype is not None else None, "dataflow": dataflow,
+                "dtype_bytes": DTYPE_BYTES[dtype] if dtype is not None else None, "dataflow": dataflow, "comm": comm,
+                "tokens_per_gpu": tokens_per_gpu,
+                "hbm_bandwidth": parse_bandwidth(hbm_bandwidth, "--hbm-bandwidth") if hbm_bandwidth else None,
                 "gpu_flops": parse_rate(gpu_flops, "--gpu-flops") if gpu_flops is not None else None}
     fields.update({k: v for k, v in explicit.items() if v is not None})
     return CostModel(**fields)
@@ -175,19 +197,29 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
               threads: int | None = None, params: dict | None = None, holdout: float = 0.0,
               current=None, cost=None, progress=None, memory_budget: str | None = None,
               expert_bytes: str | None = None, model_config: str | None = None,
-              bandwidths: tuple[float | None, float | None] = (None, None), resamples: int | None = None):
+              bandwidths: tuple[float | None, float | None] = (None, None), resamples: int | None = None,
+              work_limit: int | None = None, executor=None, phase: str | None = None):
     """Fit a plan on ``data`` (minus a held-out share of sequences) and evaluate it; returns the Plan.
 
     The solver optimises, and the plan is evaluated with, one cost model: ``cost`` updated by any cost fields or
     ``model`` preset in ``params``; the plan records all its fields in ``solver.options.params`` and the link
     ``bandwidths`` (intra-, inter-node bytes/s; None keeps the H100 defaults) in its topology. ``resamples``:
-    the joint planner's profiles from bootstrap resamples of the fitted trace's sequences (:func:`default_resamples`)."""
+    the joint planner's profiles from bootstrap resamples of the fitted trace's sequences (:func:`default_resamples`).
+    ``work_limit``: a deterministic amount of search instead of ``time_limit``; ``executor``: where the solver's
+    independent tasks run (:mod:`placement.executor`; None: in this process); ``phase``: fit and evaluate on that
+    serving phase's tokens when the trace records them."""
     from placement.evaluate import evaluate
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
     from solvers import Options, Topology, solve
     from traces import RoutingTrace
 
+    if phase is not None and isinstance(data, RoutingTrace):  # plan for one serving phase on its own tokens
+        if data.phase is not None:
+            data = data.of_phase(phase)
+        else:
+            err.print(f"note: the trace does not record each token's phase, so the {phase} plan is fitted on all "
+                      f"tokens (SGLang's per-token recorder records it)", markup=False)
     fit, held = data, None
     if holdout:
         if not isinstance(data, RoutingTrace):
@@ -218,14 +250,17 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
     cost = CostModel.from_params(params, base=cost or CostModel())
     params.pop("model", None)
     params.update({key: getattr(cost, key) for key in COST_FIELDS})
+    if work_limit is not None and solver != "joint":
+        raise UserError(f"--work-limit is a joint-planner option and the solver is {solver}; use --time-limit")
     options = Options(time_limit=time_limit, seed=seed, backend=backend, threads=threads, params=params,
-                      progress=progress)
+                      progress=progress, work_limit=work_limit, executor=executor)
     result = solve(solver, problem, options)
     n_seq = getattr(fit, "num_sequences", 0)
     prov = provenance_of(sources, getattr(fit, "num_tokens", 0), n_seq,
                          {"holdout": holdout, "split_seed": seed, "expert_groups": expert_groups})
     plan = Plan.from_result(result, E, topo, fit.moe_layer_index, fit.decoder_layers, fit.model,
-                            options={"time_limit": time_limit, "seed": seed, "backend": backend, "params": params or {},
+                            options={"time_limit": None if work_limit is not None else time_limit,
+                                     "work_limit": work_limit, "seed": seed, "backend": backend, "params": params or {},
                                      "redundant": redundant, "expert_groups": expert_groups,
                                      "resamples": resamples},
                             provenance=prov)
@@ -234,9 +269,9 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
         plan.solver["options"]["memory_budget"] = memory_budget
     if note:
         plan.extra["note"] = note
-    plan.predicted = evaluate(plan, fit, cost)["overall"]
+    plan.predicted = evaluate(plan, fit, cost, executor)["overall"]
     if held is not None:
-        plan.heldout = evaluate(plan, held, cost)["overall"]
+        plan.heldout = evaluate(plan, held, cost, executor)["overall"]
     return plan
 
 
@@ -254,9 +289,15 @@ def register(app: typer.Typer) -> None:
                                              "See 'moeplace solvers'."),
         expert_groups: int = typer.Option(1, "--expert-groups", help="Expert groups (DeepSeek-V3: 8), for EPLB's "
                                           "hierarchical policy and node-limited routing."),
-        time_limit: float = typer.Option(60.0, "--time-limit", help="Solver time limit in seconds (reading the "
-                                         "trace, its statistics and evaluating the plan come on top: about 1 min "
-                                         "at 262k V3 tokens)."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Solver time limit in seconds, default "
+                                                   f"{DEFAULT_TIME_LIMIT:g} (reading the trace, its statistics and "
+                                                   "evaluating the plan come on top: about 1 min at 262k V3 tokens)."),
+        work_limit: Optional[int] = typer.Option(None, "--work-limit", help="Joint planner: a deterministic amount "
+                                                 "of search instead of --time-limit, in iterated-search kicks per "
+                                                 "layer (every descent runs to its end); the same plan for the same "
+                                                 "--seed with any --workers or on Ray."),
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
         seed: int = typer.Option(0, "--seed", help="Random seed (solver and hold-out split)."),
         backend: str = typer.Option("cp-sat", "--backend", help="MIP backend: cp-sat, highs or cbc."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Solver threads (default: all cores)."),
@@ -272,6 +313,10 @@ def register(app: typer.Typer) -> None:
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
         dtype: str = typer.Option("bf16", "--dtype", help="Activation dtype on the wire: bf16, fp16, fp8, fp32."),
+        comm: CommOption = None,
+        phase: PhaseOption = None,
+        tokens_per_gpu: TokensPerGpuOption = None,
+        hbm_bandwidth: HbmOption = None,
         dataflow: str = typer.Option("standard", "--dataflow", help="Expert-parallel dataflow the joint planner "
                                      "optimises: standard (dispatch + combine) or coherent (ExFlow: a token goes on "
                                      "from the GPU of its highest-gate expert, so inter-layer affinity pays)."),
@@ -298,7 +343,8 @@ def register(app: typer.Typer) -> None:
         from placement.plan import Plan
 
         cost = cost_model(hidden_size, dtype, dataflow, model=model, model_config=model_config,
-                          expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops)
+                          expert_intermediate_size=expert_intermediate_size, gpu_flops=gpu_flops, comm=comm,
+                          phase=phase, tokens_per_gpu=tokens_per_gpu, hbm_bandwidth=hbm_bandwidth)
         bandwidths = (parse_bandwidth(intra_bw, "--intra-node-bandwidth"),
                       parse_bandwidth(inter_bw, "--inter-node-bandwidth"))
         data, sources = load_data(trace)
@@ -310,12 +356,18 @@ def register(app: typer.Typer) -> None:
                                 "use --solver joint")
             params["affinity_weight"] = affinity_weight
         cur = Plan.load(current) if current else None
-        with progress(f"planning with {name} on {gpus} GPUs ...") as status:
+        if work_limit is not None and time_limit is not None:
+            raise UserError("give --work-limit (deterministic search) or --time-limit (wall clock), not both")
+        if work_limit is not None and name != "joint":
+            raise UserError(f"--work-limit is a joint-planner option and the solver is {name}; use --time-limit")
+        if time_limit is None and work_limit is None:
+            time_limit = DEFAULT_TIME_LIMIT
+        with executor_for(workers, ray_address) as ex, progress(f"planning with {name} on {gpus} GPUs ...") as status:
             plan = make_plan(data, sources, gpus, gpus_per_node, redundant, name, expert_groups, time_limit, seed,
                              backend, threads, params, holdout, cur, cost,
                              progress=lambda m: status.update(f"{name}: {m}"), memory_budget=memory_budget,
                              expert_bytes=expert_bytes, model_config=model_config, bandwidths=bandwidths,
-                             resamples=resamples)
+                             resamples=resamples, work_limit=work_limit, executor=ex, phase=phase)
         plan.save(out_path)
         summary = {"plan": str(out_path), "solver": plan.solver, "predicted": plan.predicted, "heldout": plan.heldout}
         if as_json:
@@ -332,7 +384,6 @@ def register(app: typer.Typer) -> None:
             out.print(describe_plan_memory(plan), markup=False)
         if plan.extra.get("note"):
             err.print(f"note: {plan.extra['note']}", markup=False)
-        from placement.commands.evaluate import metrics_table
 
         cols = {"fitted (in-sample)": plan.predicted}
         if plan.heldout is not None:

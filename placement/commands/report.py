@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from placement.cli_common import UserError, err, out, print_json, progress, user_errors
-from placement.commands.plan import (EvalDataflowOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
+from placement.commands.plan import (CommOption, EvalDataflowOption, HbmOption, PhaseOption, TokensPerGpuOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
                                      FlopsOption, InterBandwidthOption, IntermediateOption, IntraBandwidthOption,
                                      ModelOption)
 
@@ -30,6 +30,10 @@ def register(app: typer.Typer) -> None:
         hidden_size: EvalHiddenOption = None,
         dtype: EvalDtypeOption = None,
         dataflow: EvalDataflowOption = None,
+        comm: CommOption = None,
+        phase: PhaseOption = None,
+        tokens_per_gpu: TokensPerGpuOption = None,
+        hbm_bandwidth: HbmOption = None,
         model: ModelOption = None,
         model_config: EvalModelConfigOption = None,
         expert_intermediate_size: IntermediateOption = None,
@@ -69,7 +73,8 @@ def register(app: typer.Typer) -> None:
             ref = reference_baseline(plan_objs, data.num_experts, data.load_profile().total())
             if ref is not None:
                 plan_objs, labels = [ref, *plan_objs], ["contiguous", *labels]
-        cost_opts = {"hidden_size": hidden_size, "dtype": dtype, "dataflow": dataflow, "model": model,
+        cost_opts = {"hidden_size": hidden_size, "dtype": dtype, "dataflow": dataflow, "comm": comm, "model": model,
+                     "phase": phase, "tokens_per_gpu": tokens_per_gpu, "hbm_bandwidth": hbm_bandwidth,
                      "model_config": model_config, "expert_intermediate_size": expert_intermediate_size,
                      "gpu_flops": gpu_flops}
         plan_objs, cost = with_cost_options(plan_objs, intra_bw=intra_bw, inter_bw=inter_bw, **cost_opts)

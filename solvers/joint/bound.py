@@ -51,6 +51,7 @@ import numpy as np
 
 from solvers.base import Topology
 from solvers.cost import CostModel
+from solvers.joint.data import JointData
 
 
 def water_fill(load: np.ndarray, slots: int, max_replicas: int) -> tuple[np.ndarray, int]:
@@ -357,11 +358,40 @@ def standard_mean_comm(distinct_total: np.ndarray, topology: Topology, cost: Cos
     return phases * cost.token_bytes * distinct_total / (G * G) * per
 
 
+def deepep_mean_comm(distinct_total: np.ndarray, tokens: np.ndarray, topology: Topology, cost: CostModel) -> np.ndarray:
+    """Lower bound on ``mean_g comm_g`` under deepep-normal (dispatch + combine) when the GPUs receive at least
+    ``distinct_total`` token copies and at least ``tokens`` tokens reach some node.
+
+    A GPU's phase takes the longer of its NVLink and RDMA parts, each at least what it receives, so the mean over
+    GPUs is at least the larger of the mean NVLink and the mean RDMA receive time; with homes spread evenly the
+    GPUs receive ``sum_g D_g (G - Nn) / G`` NVLink copies and ``sum_N D_N (G - n) / G`` RDMA copies
+    (:mod:`solvers.comm.deepep_normal`), with ``sum_N D_N >= tokens``."""
+    from solvers.cost import message_bytes
+
+    G, n = topology.num_gpus, topology.gpus_per_node
+    Nn = G // n
+    nv = distinct_total * (G - Nn) / (G * G) / topology.intra_node_bandwidth
+    rd = tokens * (G - n) / (G * G) / topology.inter_node_bandwidth
+    return np.maximum(nv, rd) * (message_bytes(cost, "dispatch") + message_bytes(cost, "combine"))
+
+
+def deepep_ll_per_assignment(topology: Topology, cost: CostModel) -> float:
+    """Seconds of deepep-ll traffic (dispatch + combine) a GPU spends at least per token-expert copy it serves: it
+    receives ``(n - 1) / G`` of them over NVLink and ``(G - n) / G`` over RDMA (homes spread evenly), and a phase
+    takes the longer part (:mod:`solvers.comm.deepep_ll`)."""
+    from solvers.cost import message_bytes
+
+    G, n = topology.num_gpus, topology.gpus_per_node
+    nv_frac, rd_frac = ((n - 1) / G, (G - n) / G) if cost.ll_nvlink else (0.0, (G - 1) / G)
+    per = max(nv_frac / topology.intra_node_bandwidth, rd_frac / topology.inter_node_bandwidth)
+    return per * (message_bytes(cost, "dispatch") + message_bytes(cost, "combine"))
+
+
 def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transitions: np.ndarray | None = None,
                  coactivation: np.ndarray | None = None, anchor_pairs: np.ndarray | None = None,
                  max_replicas: int | None = None, lp_seconds: float = 0.0,
                  dup_max: np.ndarray | None = None, counted: bool = False,
-                 token_positions: bool = False) -> np.ndarray:
+                 token_positions: bool = False, tokens: np.ndarray | None = None) -> np.ndarray:
     """``[N, L]`` lower bound on each layer's counts-model seconds for each profile.
 
     Args:
@@ -373,6 +403,10 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
         dup_max: ``[L]`` co-activated pair allowances already computed (:func:`pair_allowance`), or None.
         counted: the objective counts distinct tokens on the tokens: use :func:`dawson_sankoff` for the copies.
         token_positions: the coherent objective replays each token's position (``max_local_pairs(row_extra=True)``).
+        tokens: ``[L]`` tokens per layer in mean-profile units (deepep-normal: at least this many reach a node).
+    Under ``cost.comm`` deepep-ll every copy a GPU serves costs it at least :func:`deepep_ll_per_assignment`, so a
+    GPU's time is at least ``(alpha + that) x its load``; under deepep-normal the mean communication is bounded by
+    :func:`deepep_mean_comm`.
     """
     N, L, E = load.shape
     G, S = topology.num_gpus, topology.num_slots
@@ -393,7 +427,15 @@ def layer_bounds(load: np.ndarray, topology: Topology, cost: CostModel, transiti
     if cost.dataflow == "standard":
         if counted:
             distinct_lb = dawson_sankoff(total, dup_max[None, :] * scale)
-        comm_lb = standard_mean_comm(distinct_lb, topology, cost, phases=2)
+        if cost.comm == "deepep-ll":  # linear in each GPU's load: the busiest piece and the mean GPU pay it too
+            per = alpha + deepep_ll_per_assignment(topology, cost)
+            return per * np.maximum(total / G, p_star)
+        if cost.comm == "deepep-normal":
+            tok = np.zeros(L) if tokens is None else np.asarray(tokens, dtype=float)
+            reach = np.maximum(tok[None, :] * scale, distinct_lb / topology.gpus_per_node)  # a node has n GPUs
+            comm_lb = deepep_mean_comm(distinct_lb, reach, topology, cost)
+        else:
+            comm_lb = standard_mean_comm(distinct_lb, topology, cost, phases=2)
     else:
         comm_lb = np.zeros((N, L))
         comm_lb[:, 0] += standard_mean_comm(distinct_lb[:, 0], topology, cost, phases=1)
@@ -440,3 +482,14 @@ def total_bound(layer_lb: np.ndarray, worst_case: bool = False) -> float:
     """Bound on the objective from ``[N, L]`` per-layer bounds: mean (expected) or max (worst case) over profiles."""
     per_profile = layer_lb.sum(axis=1)
     return float(per_profile.max() if worst_case else per_profile.mean())
+
+
+def affinity_bound(data: JointData) -> float:
+    """Lower bound on the ``affinity_weight`` term: without redundant slots an expert of layer l shares its GPU
+    with m experts of layer l+1, so at most its m largest pairs (and each next-layer expert's m largest) are
+    local (:func:`solvers.joint.bound.max_local_mass`); with redundant slots 0."""
+    if data.aff is None or data.topology.num_slots > data.E:
+        return 0.0
+    m = data.topology.slots_per_gpu
+    cross = sum(float(K.sum()) - max_local_mass(K, m) for K in data.aff)
+    return data.aff_cost * max(cross, 0.0)
