@@ -288,3 +288,21 @@ def test_missing_extras_name_the_extra_to_install(plans, tmp_path):
                        env=ENV, timeout=600)
     code, output, _ = json.loads(r.stdout)[0]
     assert code == 2 and 'pip install "moeplace[hf]"' in " ".join(output.split()), output
+
+
+def test_a_report_folder_from_before_manifests_is_replaced_and_keeps_the_users_files(tmp_path):
+    """A demo folder written by an earlier moeplace (no manifest): its report, plots, plans and exports are the
+    report's own and are replaced; any other file is the user's and stays."""
+    from traces.outputs import MANIFEST, output_folder
+
+    old = tmp_path / "moeplace-demo"
+    (old / "plots").mkdir(parents=True)
+    (old / "report.json").write_text(json.dumps({"title": "moeplace demo: DeepSeek-V2-Lite"}))
+    for name in ("report.md", "plots/tradeoff.png", "plan-eplb-global.json", "sglang-joint.json", "notes.txt"):
+        (old / name).write_text("old")
+    with output_folder(old, "moeplace demo") as stage:
+        (stage / "report.md").write_text("new")
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if p.is_file()) == \
+        [MANIFEST, "notes.txt", "report.md"]
+    assert (old / "report.md").read_text() == "new" and (old / "notes.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["moeplace-demo"]  # no staging or backup left

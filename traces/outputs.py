@@ -412,8 +412,16 @@ def _previous_files(folder: Path) -> set[str]:
     except (OSError, ValueError, AttributeError):
         pass
     if (folder / "report.json").is_file():  # a report written before manifests: its own names
-        return {"report.md", "report.html", "report.json"} | {
+        names = {"report.md", "report.html", "report.json"} | {
             p.relative_to(folder).as_posix() for p in (folder / "plots").glob("*.png")}
+        try:
+            demo = str(json.loads((folder / "report.json").read_text()).get("title", "")).startswith("moeplace demo")
+        except (OSError, ValueError, AttributeError):
+            demo = False
+        if demo:  # and a demo's plans and exports
+            for pattern in ("plan-*.json", "sglang-*.json", "vllm-*.json", "trtllm-*.yaml", "vllm-ascend-*.json"):
+                names |= {p.name for p in folder.glob(pattern)}
+        return names
     return set()
 
 
