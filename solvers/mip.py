@@ -279,35 +279,42 @@ def _interruptible_solve(solver, model) -> int:
     a ``KeyboardInterrupt`` stops the search (``stop_search``) and propagates at once; outside the main thread,
     where no signal arrives, a plain solve.
 
-    The main thread waits by sleeping and reading a flag, holding no lock: an interrupt raised inside a lock
-    operation (``Thread.join``, ``Event.wait``) can leave that lock held or a running thread marked finished, which
-    deadlocks the worker or lets the process exit under CP-SAT (which aborts it)."""
+    The main thread waits in ``select`` on a pipe the worker writes to when it is done: woken at once, and holding
+    no lock. (An interrupt raised inside a lock operation, ``Thread.join`` or ``Event.wait``, can leave the lock held
+    or a running thread marked finished, which deadlocks the worker or lets the process exit under CP-SAT, which
+    aborts it.)"""
+    import select
+
     solver.parameters.catch_sigint_signal = False
     if threading.current_thread() is not threading.main_thread():
         return solver.solve(model)
     box: dict = {}
+    wake_r, wake_w = os.pipe()
 
     def run() -> None:
         try:
             box["code"] = solver.solve(model)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             box["error"] = exc
+        os.write(wake_w, b"x")  # the last use of the pipe here: once "done" is set, the caller may close it
         box["done"] = True
 
     threading.Thread(target=run, name="cp-sat", daemon=True).start()
-    pause = 0.001
     try:
         while "done" not in box:
-            time.sleep(pause)
-            pause = min(2 * pause, 0.05)
+            select.select([wake_r], [], [], 1.0)
     except BaseException:
         while "done" not in box:  # the search must end before the interrupt goes on (exiting under CP-SAT aborts)
             solver.stop_search()
             try:
-                time.sleep(0.01)
+                select.select([wake_r], [], [], 0.1)
             except KeyboardInterrupt:
                 continue
         raise
+    finally:
+        if "done" in box:  # the worker has written: both ends can go
+            os.close(wake_r)
+            os.close(wake_w)
     if "error" in box:
         raise box["error"]
     return box["code"]
