@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,27 @@ from placement.plan import Plan, PlanError
 from solvers import SolverInputError
 from traces import LoadProfile, RoutingTrace, TraceError
 from traces.format import OutputPathError, command_files
+from placement.stopping import Terminated, stoppable
+from traces.outputs import check_writable
 
-out = Console(soft_wrap=True)  # tables and JSON: stdout
-err = Console(stderr=True, soft_wrap=True)  # progress and errors: stderr (a terminal wraps; logs keep lines whole)
+
+def _silence(stream) -> None:
+    """After a closed pipe on ``stream`` (stdout or stderr): later output goes to /dev/null, so the command finishes
+    its work and keeps its files, as a Unix tool does under ``| head``."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's default exits with code 1, and the command's files are rolled back
+        self.quiet = True
+        _silence(self.file)
+
+
+out = _Console(soft_wrap=True)  # tables and JSON: stdout
+err = _Console(stderr=True, soft_wrap=True)  # progress and errors: stderr (a terminal wraps; logs keep lines whole)
 
 
 @contextlib.contextmanager
@@ -131,16 +150,82 @@ def check_common_options(values: dict) -> None:
         raise UserError(f"--time-limit must be a positive number of seconds, got {limit}")
 
 
+OUTPUT_FILES = ("out_path", "plot")  # parameter names of output files, checked before a command does any work
+OUTPUT_FOLDERS = {"out_dir": True, "plots": False, "shard_dir": False}  # output folders: replaced as a whole?
+
+
+def check_outputs(values: dict) -> None:
+    """Every output path among a command's parameters (:data:`OUTPUT_FILES`, :data:`OUTPUT_FOLDERS`) can be
+    written: checked (with a real probe, :func:`traces.outputs.check_writable`) before any long work, so a
+    read-only or mistyped path fails at once, not after the solve."""
+    for name in OUTPUT_FILES:
+        if isinstance(values.get(name), (str, os.PathLike)):
+            check_writable(values[name])
+    for name, whole in OUTPUT_FOLDERS.items():
+        if isinstance(values.get(name), (str, os.PathLike)):
+            check_writable(values[name], folder=True, whole=whole)
+
+
+# optional dependencies: module -> the extra that installs it (pyproject.toml)
+EXTRAS = {"torch": "torch", "transformers": "hf", "safetensors": "hf", "matplotlib": "plot"}
+
+
+def require(module: str, what: str) -> None:
+    """A :class:`UserError` naming the extra to install unless ``module`` (an optional dependency) imports."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        extra = EXTRAS.get(module, module)
+        raise UserError(f"{what} needs {module}, which this Python cannot import ({exc}); install it with: "
+                        f"pip install \"moeplace[{extra}]\"") from None
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads stdout any more (the reader of its pipe is gone)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_redundant(redundant: int, num_experts: int, gpus: int) -> None:
+    """Redundant slots beyond one copy of every expert on every GPU (``num_experts * (gpus - 1)``) would put two
+    copies of an expert on one GPU: a :class:`UserError` naming the limit."""
+    limit = num_experts * (gpus - 1)
+    if redundant > limit:
+        raise UserError(f"--redundant {redundant} is more than {num_experts} experts x {gpus} GPUs can use: at most "
+                        f"{limit} redundant slots ({num_experts} + {limit} = {num_experts + limit} slots, every GPU "
+                        f"holding every expert once)")
+
+
+MIN_FIT_SEQUENCES = 16  # below this, a plan fitted on the sequences left by --holdout is mostly noise
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn the project's input errors (and missing/unreadable files) into one sentence + exit code 2; checks the
-    options :func:`check_common_options` knows before the command runs."""
+    options :func:`check_common_options` knows and the output paths (:func:`check_outputs`) before the command
+    runs. Ctrl-C and SIGTERM stop the command with exit code 130, leaving no output and no process it started. A
+    closed stdout (``| head``) ends the printing, not the command: its files are kept, the exit code is 0."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             check_common_options(kwargs)
-            with command_files():  # no output replaces an input; a failing command leaves no new file behind
-                return fn(*args, **kwargs)
+            check_outputs(kwargs)
+            with command_files(), stoppable():  # no output replaces an input; a failing command leaves no new file
+                try:
+                    return fn(*args, **kwargs)
+                except BrokenPipeError:
+                    if not _stdout_closed():
+                        raise
+                    _silence(sys.stdout)
+                    raise typer.Exit(0) from None
         except USER_ERRORS as exc:
             fail(str(exc))
         except FileNotFoundError as exc:
@@ -157,9 +242,11 @@ def user_errors(fn: Callable) -> Callable:
             if _is_lazy_user_error(exc):
                 fail(str(exc))
             raise
-        except KeyboardInterrupt:
-            err.print("interrupted", markup=False, highlight=False)
-            raise typer.Exit(130)
+        except KeyboardInterrupt as exc:
+            with contextlib.suppress(OSError):
+                err.print("terminated" if isinstance(exc, Terminated) else "interrupted", markup=False,
+                          highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -236,7 +323,11 @@ def load_plans(paths: list[str]) -> list[Plan]:
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, default=float) + "\n")
+    try:
+        sys.stdout.write(json.dumps(obj, indent=1, default=float) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # | head: the reader has gone; the command's work is done
+        _silence(sys.stdout)
 
 
 def fmt(value, digits: int = 4) -> str:

@@ -40,10 +40,18 @@ class PlacementImportError(PlanError):
 
 def _read_any(path: Path) -> Any:
     """File content as Python objects / numpy arrays, by suffix (JSON, YAML, .npy, .npz, .pt)."""
+    from traces.filekind import kind, mismatch
     from traces.format import note_input
 
     note_input(path)
     suffix = path.suffix.lower()
+    k = kind(path)
+    expected = {".npy": ("npy",), ".npz": ("npz",), ".pt": ("torch", "pickle"), ".pth": ("torch", "pickle")}.get(
+        suffix, ("json", "text", "sglang-placement", "counts-json", "plan"))
+    if k not in expected and k not in ("missing", "folder"):
+        what = f"a {suffix} placement file" if suffix in (".npy", ".npz", ".pt", ".pth") else \
+            "a placement file (JSON or YAML)"
+        raise PlacementImportError(mismatch(path, what, k))
     try:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
@@ -51,12 +59,16 @@ def _read_any(path: Path) -> Any:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         if suffix in (".pt", ".pth"):
-            import torch
+            try:
+                import torch
+            except ImportError:
+                raise PlacementImportError(f"reading {path} needs torch, which this Python cannot import; install "
+                                           f"it with: pip install \"moeplace[torch]\"") from None
 
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return _torch_to_numpy(obj)
         text = path.read_text()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except (FileNotFoundError, IsADirectoryError, PermissionError, PlacementImportError):
         raise
     except UnicodeDecodeError:
         raise PlacementImportError(f"{path} is not a text file; placements come as JSON, YAML, .npy, .npz or .pt") \
@@ -145,11 +157,21 @@ def _parse_sglang(data: Any, mli: np.ndarray | None):
     rows = _int_matrix(data["physical_to_logical_map"], "physical_to_logical_map")
     H = rows.shape[0]
     if mli is None:
+        dense = trivial_rows(rows)
+        if dense.any() and not dense.all():  # the rows say which layers are dense: they hold the trivial map
+            return rows[~dense], np.flatnonzero(~dense), H, None
         return rows, None, H, None
     if mli.max() >= H:
         raise PlacementImportError(f"the file has {H} decoder-layer rows but MoE layer {int(mli.max())} was requested; "
                                    f"is --like/--moe-layers for another model?")
     return rows[mli], None, H, None
+
+
+def trivial_rows(rows: np.ndarray) -> np.ndarray:
+    """``[H]`` bool: rows holding SGLang's trivial map (slot s -> expert s mod E, E = the largest id + 1), which is
+    what SGLang and ``moeplace export`` write for dense decoder layers (DeepSeek's first layers)."""
+    E = int(rows.max()) + 1 if rows.size else 0
+    return (rows == np.arange(rows.shape[1]) % max(E, 1)).all(axis=1)
 
 
 def _per_layer(rows: np.ndarray, ndim: int, mli: np.ndarray | None, what: str) -> np.ndarray:
@@ -324,12 +346,27 @@ def import_placement(path: str | Path, fmt: str | None = None, *, num_gpus: int 
         raise PlacementImportError(f"{p}: expert id {int(rows.max())} found but the model has {E} experts")
     G = file_gpus if file_gpus is not None else num_gpus
     if G is None:
-        raise PlacementImportError(f"{p}: {fmt} files do not record the EP size; pass --gpus")
+        raise PlacementImportError(f"{p}: {fmt} files do not record the EP size; pass --gpus (the EP size the server "
+                                   f"runs with, e.g. --gpus 8)")
     if num_gpus is not None and int(num_gpus) != G:
         raise PlacementImportError(f"{p} lists {G} devices but --gpus {num_gpus} was given")
     if S % G:
         raise PlacementImportError(f"{p}: {S} slots per layer do not split evenly over {G} GPUs; is --gpus right?")
     layer_index = file_mli if file_mli is not None else (mli if mli is not None else np.arange(L, dtype=np.int64))
+    source = "file" if file_mli is not None else "given" if mli is not None else "assumed 0..L-1"
+    note = None
+    if fmt == "sglang" and mli is None:
+        if file_mli is not None:
+            source = "inferred: the other rows hold SGLang's trivial map (dense layers)"
+            dense = sorted(set(range(file_hidden)) - set(file_mli.tolist()))
+            rows_are = f"row {dense[0]} holds" if len(dense) == 1 else f"rows {_runs(dense)} hold"
+            was = "was" if len(dense) == 1 else "were"
+            note = (f"{p}: {rows_are} SGLang's trivial map and {was} read as dense layers, so the MoE layers are "
+                    f"{_runs(file_mli.tolist())}; if that is wrong, give --moe-layers or --like")
+        elif L > 1:
+            note = (f"{p}: every row holds the same trivial map, so dense layers cannot be told apart: all {L} rows were "
+                    f"read as MoE layers; if the model has dense layers, give --moe-layers (DeepSeek-V2-Lite: 1-26) or "
+                    f"--like TRACE")
     hidden = num_hidden_layers if num_hidden_layers is not None else file_hidden
     if hidden is None:
         hidden = int(layer_index[-1]) + 1
@@ -340,8 +377,20 @@ def import_placement(path: str | Path, fmt: str | None = None, *, num_gpus: int 
         plan = Plan(rows, E, topo, layer_index, int(hidden), model,
                     solver={"name": name or f"imported-{fmt}", "status": "imported", "seconds": 0.0},
                     provenance={"imported_from": {"path": str(p), "sha256": file_sha256(p), "format": fmt},
-                                "moe_layer_index_source": ("file" if file_mli is not None else
-                                                           "given" if mli is not None else "assumed 0..L-1")})
+                                "moe_layer_index_source": source})
     except (SolverInputError, PlanError) as exc:
         raise PlacementImportError(f"{p} ({fmt}): {exc}") from None
+    if note:
+        plan.extra["note"] = note
     return plan
+
+
+def _runs(values) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3,7"``."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)

@@ -219,11 +219,20 @@ class Plan:
         from traces.format import note_input
 
         note_input(p)
+        from traces.filekind import kind, mismatch
+
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{p} is not valid JSON ({exc}); was it truncated or is it another format "
-                            f"(use 'moeplace import-plan' for serving-stack files)?") from None
+            k = kind(p)
+            if k in ("json", "text"):  # JSON (or text) that does not parse: say where
+                raise PlanError(f"{p} is not valid JSON ({exc}); was it truncated? Plans come from 'moeplace plan' "
+                                f"or 'moeplace import-plan'") from None
+            raise PlanError(mismatch(p, "a plan file (JSON)", k)) from None
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            k = kind(p)
+            if k != "json":
+                raise PlanError(mismatch(p, "a moeplace plan", k))
         return cls.from_dict(d, where=str(p))
 
     def check_fits(self, num_layers: int, num_experts: int, source: str = "the trace") -> None:

@@ -15,7 +15,36 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-PLOT_EXTRA_HINT = "plots need matplotlib: pip install 'moeplace[plot]'"
+PLOT_EXTRA_HINT = 'plots need matplotlib: pip install "moeplace[plot]"'
+
+
+# one colour per solver in every plot (matplotlib's tab10/tab20 colours); other names (imported plans, policies)
+# get a spare colour chosen by the name, so a name keeps its colour from one figure to the next
+SOLVER_COLORS = {"contiguous": "#7f7f7f", "round-robin": "#8c564b", "eplb": "#1f77b4", "eplb-global": "#aec7e8",
+                 "eplb-hierarchical": "#17becf", "exflow": "#ff7f0e", "moetuner": "#9467bd", "joint": "#2ca02c",
+                 "budget": "#d62728"}
+_SPARE = ("#e377c2", "#bcbd22", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+          "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
+
+
+def plan_colors(names: Sequence[str]) -> dict[str, str]:
+    """``{name: colour}``: a solver's colour for a plan named after it (``joint``, ``joint #2``, ``joint (a.json)``),
+    else a spare colour picked by a hash of the name; no two names of one figure share a colour (a later one
+    moves on to the next free spare)."""
+    import zlib
+
+    used: set[str] = set()
+    colors: dict[str, str] = {}
+    for name in names:
+        base = str(name).split(" ")[0]
+        want = SOLVER_COLORS.get(base)
+        if want is None or want in used:
+            start = zlib.crc32(str(name).encode()) % len(_SPARE)
+            free = [c for c in _SPARE[start:] + _SPARE[:start] if c not in used]
+            want = free[0] if free else _SPARE[start]
+        colors[name] = want
+        used.add(want)
+    return colors
 
 
 class PlotsUnavailable(RuntimeError):
@@ -272,15 +301,16 @@ def per_layer_plot(per_layer: Mapping[str, Sequence[dict]], key: str, ylabel: st
         boundary: the metric belongs to boundary l -> l+1 (x labels "l->l'"; the last layer has none).
         reference: a horizontal line (e.g. 1.0 = perfect balance).
     """
-    fig = _figure(8.0, 3.6)
+    fig = _figure(9.0, 3.6)
     ax = fig.add_subplot()
     labels = None
+    colors = plan_colors(list(per_layer))
     for name, rows in per_layer.items():
         vals = [r.get(key) for r in rows]
         idx = [i for i, v in enumerate(vals) if v is not None]
         if not idx:
             continue
-        ax.plot(idx, [vals[i] for i in idx], marker="o", ms=2.5, lw=1.2, label=name)
+        ax.plot(idx, [vals[i] for i in idx], marker="o", ms=2.5, lw=1.2, label=name, color=colors[name])
         if labels is None:
             li = [r["moe_layer"] for r in rows]
             labels = [f"{li[i]}->{li[i + 1]}" if boundary else str(li[i]) for i in idx]
@@ -294,7 +324,7 @@ def per_layer_plot(per_layer: Mapping[str, Sequence[dict]], key: str, ylabel: st
     ax.set_xlabel("MoE layer boundary (decoder-layer indices)" if boundary else "MoE layer (decoder-layer index)")
     ax.set_ylabel(ylabel + (" (higher is better)" if higher_is_better else " (lower is better)"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(title, fontsize=10)
     return fig
 
@@ -303,20 +333,29 @@ def tradeoff_plot(overall: Mapping[str, dict], x_key: str = "load_imbalance", y_
                   xlabel: str = "load imbalance (mean over layers of max/mean GPU load)",
                   ylabel: str = "cross-GPU transitions (share of adjacent-layer pairs)",
                   title: str = "Balance vs affinity, held-out sequences (lower-left is better)"):
-    """One point per plan: ``{name: evaluate(...)["overall"]}``."""
-    fig = _figure(6.0, 4.2)
+    """One point per plan (``{name: evaluate(...)["overall"]}``), in the plan's colour, named in a legend beside the
+    axes (so no label overlaps another); plans at the same point are drawn as rings of growing size."""
+    fig = _figure(7.2, 4.2)
     ax = fig.add_subplot()
-    points: dict[tuple[float, float], list[str]] = {}  # plans at the same point share one label
+    colors = plan_colors(list(overall))
+    seen: dict[tuple[float, float], int] = {}  # plans already drawn at (about) this point
     for name, o in overall.items():
         x, y = o.get(x_key), o.get(y_key)
-        if x is not None and y is not None:
-            points.setdefault((round(x, 3), round(y, 3)), []).append(name)
-    for i, ((x, y), names) in enumerate(sorted(points.items())):
-        ax.scatter([x], [y], s=30)
-        ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 3 if i % 2 else -10), fontsize=8)
+        if x is None or y is None:
+            continue
+        at = (round(x, 3), round(y, 3))
+        n = seen.get(at, 0)
+        seen[at] = n + 1
+        if n == 0:
+            ax.scatter([x], [y], s=36, color=colors[name], label=name, zorder=3)
+        else:
+            ax.scatter([x], [y], s=36 * (1 + 1.6 * n) ** 2, facecolors="none", edgecolors=colors[name], linewidths=1.5,
+                       label=f"{name} (same point)", zorder=2)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
     ax.grid(alpha=0.3)
+    if seen:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(title, fontsize=10)
     return fig
 
@@ -336,12 +375,14 @@ def memory_curve_plot(rows: Sequence[dict], x_key: str, x_label: str, series: Se
     groups: dict = {}
     for r in rows:
         groups.setdefault(r.get(group_key) if group_key else "plan", []).append(r)
+    colors = plan_colors([str(g) for g in groups])
     for ax, (key, label) in zip(axes, panels):
         for name, pts in groups.items():
             pts = sorted((p for p in pts if p.get(key) is not None and p.get(x_key) is not None),
                          key=lambda p: p[x_key])
             if pts:
-                ax.plot([p[x_key] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=str(name))
+                ax.plot([p[x_key] for p in pts], [p[key] for p in pts], marker="o", ms=3, label=str(name),
+                        color=colors[str(name)])
         ax.set_xlabel(x_label, fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)

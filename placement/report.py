@@ -27,6 +27,7 @@ from placement.plan import Plan, _jsonable
 from solvers.cost import CostModel
 from traces import LoadProfile, RoutingTrace, atomic_write_bytes
 from traces.format import make_output_dir
+from traces.outputs import output_folder
 
 # metrics where a larger value is better (everything else in the table: smaller is better)
 HIGHER_IS_BETTER = {"balancedness", "affinity_locality", "affinity_locality_top1", "resident_hit_rate"}
@@ -242,8 +243,11 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                  title: str = "moeplace report", setup: Sequence[str] = (), reproduce: str | None = None,
                  cost: CostModel | None = None, baseline: str = BASELINE, memory_curve: dict | None = None,
                  files: Sequence[str] = (), skipped: dict[str, str] | None = None, pick: str | None = None,
-                 plots: bool = True, progress: Callable[[str], None] | None = None) -> dict:
-    """Evaluate ``plans`` on ``data`` and write the report folder.
+                 plots: bool | None = None, progress: Callable[[str], None] | None = None,
+                 staging: Path | None = None, recommendation: dict | None = None, same: dict[str, str] | None = None,
+                 seed: int = 0) -> dict:
+    """Evaluate ``plans`` on ``data`` and write the report folder, as a whole (:func:`traces.outputs.output_folder`:
+    an interrupted or failed report leaves the previous folder as it was).
 
     Args:
         plans: plans for one model layout (same MoE layers and experts as ``data``).
@@ -256,14 +260,41 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
             "note": str}`` from a memory-budget sweep, or None.
         files: bullet lines naming files written next to the report (plans, exports).
         skipped: ``{solver: reason}`` for solvers that could not plan this request.
-        pick: plan the headline sentence is about (default: lowest estimated MoE time).
+        pick: plan the headline sentence is about (default: the recommended plan).
+        plots: draw plots (None: when matplotlib is installed, else a note says how to get them).
+        recommendation: :func:`placement.recommend.recommend`'s answer for these plans (None: computed here, with
+            bootstrap resamples drawn with ``seed``).
+        same: ``{solver: solver whose identical plan is shown instead}``, named in the report.
+        staging: the staging folder of an :func:`~traces.outputs.output_folder` the caller holds for ``out_dir``
+            (the demo writes its plans there too); None: the report opens its own.
     Returns:
-        ``{"markdown", "html", "json": Path, "plots": [Path], "results": {name: evaluate(...)}, "notes": [str]}``.
+        ``{"markdown", "html", "json": Path, "plots": [Path], "results": {name: evaluate(...)}, "notes": [str],
+        "recommendation": dict | None}``, paths in ``out_dir``.
     """
+    out_dir = Path(out_dir)
+    if staging is None:
+        with output_folder(out_dir, "moeplace report") as stage:
+            return build_report(plans, data, out_dir, labels=labels, affinity=affinity, affinity_extra=affinity_extra,
+                                title=title, setup=setup, reproduce=reproduce, cost=cost, baseline=baseline,
+                                memory_curve=memory_curve, files=files, skipped=skipped, pick=pick, plots=plots,
+                                progress=progress, staging=stage, recommendation=recommendation, same=same,
+                                seed=seed)
+    rep = _write_report(plans, data, Path(staging), labels=labels, affinity=affinity, affinity_extra=affinity_extra,
+                        title=title, setup=setup, reproduce=reproduce, cost=cost, baseline=baseline,
+                        memory_curve=memory_curve, files=files, skipped=skipped, pick=pick, plots=plots,
+                        progress=progress, recommendation=recommendation, same=same, seed=seed)
+    for key in ("markdown", "html", "json"):
+        rep[key] = out_dir / rep[key].relative_to(staging)
+    rep["plots"] = [out_dir / p.relative_to(staging) for p in rep["plots"]]
+    return rep
+
+
+def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extra, title, setup, reproduce, cost,
+                  baseline, memory_curve, files, skipped, pick, plots, progress, recommendation, same, seed) -> dict:
     from placement import plots as P
+    from placement.recommend import recommend
 
     say = progress or (lambda m: None)
-    out_dir = Path(out_dir)
     make_output_dir(out_dir)
     ev = prepare(data)
     names = _unique_names(plans, labels)
@@ -272,10 +303,17 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
     overall = {n: r["overall"] for n, r in results.items()}
     solver = {n: p.solver for n, p in zip(names, plans)}
     notes: list[str] = []
+    rec = recommendation
+    if rec is None:
+        say("comparing the plans on resamples ...")
+        rec = recommend(dict(zip(names, plans)), ev, overall, cost, seed=seed)
+    pick = pick or (rec["best"] if rec else None)
 
     figs: dict[str, tuple] = {}  # stem -> (figure, caption); the alt text is ALT[stem]
-    want_plots = plots and P.available()
-    if plots and not want_plots:
+    if plots and not P.available():
+        raise P.PlotsUnavailable(P.PLOT_EXTRA_HINT + "; or leave --plots out to write the report without plots")
+    want_plots = plots is not False and P.available()
+    if plots is not False and not want_plots:
         notes.append(f"No plots: {P.PLOT_EXTRA_HINT}.")
     if want_plots:
         say("drawing plots ...")
@@ -339,6 +377,10 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
         doc.h(2, "Setup")
         doc.ul(setup)
     doc.h(2, "Results")
+    if rec:
+        head = f"recommended: {rec['best']}"
+        doc.p(f"**Recommended: {rec['best']}**" + rec["sentence"][len(head):] if rec["sentence"].startswith(head)
+              else rec["sentence"])
     hl = headline(overall, baseline, pick)
     if hl:
         doc.p(hl)
@@ -349,6 +391,8 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
               f"machine that planned; gap = (objective - bound) / objective in the solver's own objective.")
     if skipped:
         doc.p("Solvers that could not plan this request: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    if same:
+        doc.p("Shown once: " + "; ".join(f"{d} gave the same plan as {k}" for d, k in same.items()) + ".")
     for stem, (_, caption) in figs.items():
         if stem == "memory_budget":
             continue
@@ -379,13 +423,14 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                         for n in names},
               "affinity": affinity.summary() if affinity is not None else None,
               "memory_curve": (memory_curve or {}).get("rows"), "skipped": skipped or {},
+              "same_plan_as": same or {}, "recommendation": rec,
               "plots": [str(p.relative_to(out_dir)) for p in written], "notes": notes}
     text = json.dumps(_jsonable(record), indent=1)
     atomic_write_bytes(json_path, lambda f: f.write(text.encode()))
     for fig, _ in figs.values():
         fig.clear()
     return {"markdown": md_path, "html": html_path, "json": json_path, "plots": written, "results": results,
-            "notes": notes}
+            "notes": notes, "recommendation": rec}
 
 
 def comparable_solvers() -> list[str]:

@@ -17,6 +17,13 @@ limit with an incumbent), ``"infeasible"`` or ``"unknown"`` (stopped with no inc
 ``bound`` are in model units (``bound <= objective``); ``values`` is ``int64 [num_vars]``. A hint (warm start) is
 passed to every backend; if a backend stops without an incumbent but the hint is feasible, the hint is returned as
 a ``"feasible"`` solution, so a time-out always gives the best plan known with its gap.
+
+Interrupts: Ctrl-C (or SIGTERM, which the CLI turns into the same ``KeyboardInterrupt``) stops every backend within
+a moment and propagates; nothing is returned. CP-SAT searches in a helper thread while the main thread waits, so
+the interrupt is seen at once and ends the search (``stop_search``); CP-SAT's own SIGINT handler, which would end
+the search as if the time limit were reached and let the caller go on, is off. HiGHS and CBC run as child
+processes, killed when the interrupt arrives (HiGHS by ``subprocess.run``, CBC by the CLI, which kills every
+process a command started).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -252,7 +260,7 @@ def _solve_cpsat(model: Model, time_limit, seed, threads, gap) -> Solution:
     s.parameters.num_workers = _workers(threads)
     if gap is not None:
         s.parameters.relative_gap_limit = float(gap)
-    code = s.solve(m)
+    code = _interruptible_solve(s, m)
     name = s.status_name(code)
     if name == "MODEL_INVALID":
         raise RuntimeError(f"CP-SAT rejected the model: {m.validate()}")
@@ -264,6 +272,52 @@ def _solve_cpsat(model: Model, time_limit, seed, threads, gap) -> Solution:
         return Solution(status, float(s.objective_value), float(s.best_objective_bound), values, 0.0, "cp-sat")
     bound = float(s.best_objective_bound) if status == "unknown" and math.isfinite(s.best_objective_bound) else None
     return Solution(status, None, bound, None, 0.0, "cp-sat")
+
+
+def _interruptible_solve(solver, model) -> int:
+    """``solver.solve(model)`` in a helper thread (the search releases the GIL) while the main thread waits, so that
+    a ``KeyboardInterrupt`` stops the search (``stop_search``) and propagates at once; outside the main thread,
+    where no signal arrives, a plain solve.
+
+    The main thread waits in ``select`` on a pipe the worker writes to when it is done: woken at once, and holding
+    no lock. (An interrupt raised inside a lock operation, ``Thread.join`` or ``Event.wait``, can leave the lock held
+    or a running thread marked finished, which deadlocks the worker or lets the process exit under CP-SAT, which
+    aborts it.)"""
+    import select
+
+    solver.parameters.catch_sigint_signal = False
+    if threading.current_thread() is not threading.main_thread():
+        return solver.solve(model)
+    box: dict = {}
+    wake_r, wake_w = os.pipe()
+
+    def run() -> None:
+        try:
+            box["code"] = solver.solve(model)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+        os.write(wake_w, b"x")  # the last use of the pipe here: once "done" is set, the caller may close it
+        box["done"] = True
+
+    threading.Thread(target=run, name="cp-sat", daemon=True).start()
+    try:
+        while "done" not in box:
+            select.select([wake_r], [], [], 1.0)
+    except BaseException:
+        while "done" not in box:  # the search must end before the interrupt goes on (exiting under CP-SAT aborts)
+            solver.stop_search()
+            try:
+                select.select([wake_r], [], [], 0.1)
+            except KeyboardInterrupt:
+                continue
+        raise
+    finally:
+        if "done" in box:  # the worker has written: both ends can go
+            os.close(wake_r)
+            os.close(wake_w)
+    if "error" in box:
+        raise box["error"]
+    return box["code"]
 
 
 def _csr(model: Model) -> dict[str, np.ndarray]:
@@ -398,6 +452,7 @@ def _solve_cbc(model: Model, time_limit, seed, threads, gap) -> Solution:
         cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=left,
                                 threads=threads, gapRel=gap, warmStart=bool(model.hint), logPath=log_path,
                                 options=[f"randomCbcSeed {int(seed) + 1}"])
+        cmd.tmpDir = tmp  # PuLP's model and solution files go with the log (an interrupt leaves none behind)
         prob.solve(cmd)
         with open(log_path) as f:
             log = f.read()

@@ -213,7 +213,7 @@ def test_topology_bounds_holdout_and_current_plan(small_plan, tmp_path):
         (("plan", "--gpus", 4, "--solver", "eplb", "-r", 10 ** 23, "-o", o), "--redundant"),
         (("budget", "--gpus", 1000, "-b", "25%"), "--gpus"),
         (("evaluate", small_plan, "--holdout", 1.5), "got 1.5"),
-        (("demo", "--gpus", 3, "--no-plots", "-o", tmp_path / "d"), "divides 64"),
+        (("demo", "--gpus", 3, "--no-plots", "-o", tmp_path / "d"), "multiple of 3, e.g. --redundant 2"),
         # a plan for 4 GPUs is not the plan in service on 8 (same layers and slots, other GPUs)
         (("plan", "deepseek-v2-lite-esft:law", "--gpus", 8, "--solver", "contiguous", "--current", small_plan,
           "-o", o), "on 4 GPUs"),
@@ -245,3 +245,99 @@ def test_import_plan_refuses_a_moeplace_plan(small_plan, tmp_path):
     r = run("import-plan", small_plan, "--gpus", 2, "-o", tmp_path / "x.json")
     assert_one_sentence(r, "already a moeplace plan")
     assert not (tmp_path / "x.json").exists()
+
+
+# issue 22, items 11-13 and the SGLang import of README --------------------------------------------------------------
+def test_merge_of_other_layouts_summarises_the_layers(tmp_path):
+    """Traces of different MoE layers: one short sentence with counts and index runs, not two long lists."""
+    from traces import RoutingTrace, datasets, save
+
+    tr = datasets.load("deepseek-v2-lite-esft:law")
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    save(tr, a)
+    save(RoutingTrace(expert_ids=tr.expert_ids[:50, :24], num_experts=64, moe_layer_index=np.arange(3, 27),
+                      num_hidden_layers=27), b)
+    r = run("merge", a, b, "--out", tmp_path / "m.npz")
+    assert_one_sentence(r, "26 MoE layers (decoder layers 1-26)", "24 MoE layers (decoder layers 3-26)")
+    assert len(r.output) < 300 and "np.int64" not in r.output
+    from traces.merge import layer_summary
+
+    assert layer_summary([1, 2, 3, 5, 7, 8, 10, 12, 14]) == \
+        "9 MoE layers (decoder layers 1-3,5,7-8,10,... (2 more runs))"
+
+
+def test_a_file_that_is_not_what_it_claims_gets_one_diagnosis(small_plan, tmp_path):
+    """Random bytes named .npz are called random bytes by every command (import sglang used to advise
+    --allow-pickle for them); a trace given where a plan goes is named as a trace."""
+    rng = np.random.default_rng(0)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(rng.bytes(4096))
+    pt = tmp_path / "garbage.pt"
+    pt.write_bytes(rng.bytes(4096))
+    trace = Path(__file__).resolve().parents[1] / "traces/data/deepseek-v2-lite-esft/esft_law.npz"
+    o = tmp_path / "o"
+    cases = [(("import", "sglang", garbage, "--out", o / "x.npz"), "garbage.npz is not a torch.save file"),
+             (("import", "sglang", pt, "--out", o / "x.npz"), "garbage.pt is not a torch.save file"),
+             (("import-plan", garbage, "--gpus", 8, "--out", o / "x.json"), "garbage.npz is not a .npz placement"),
+             (("import-plan", pt, "--format", "eplb", "--gpus", 8, "--out", o / "x.json"), "is not a .pt placement"),
+             (("plan", garbage, "--gpus", 8, "--out", o / "x.json"), "garbage.npz is not a NumPy .npz trace"),
+             (("evaluate", garbage), "garbage.npz is not a plan file (JSON)")]
+    for args, words in cases:
+        r = run(*args)
+        assert_one_sentence(r, words, "binary data in no format moeplace reads")
+        assert "--allow-pickle" not in r.output and "pickled" not in r.output
+    r = run("evaluate", trace)  # a trace where a plan is expected: no UTF-8 decode error
+    assert_one_sentence(r, "esft_law.npz is not a plan file (JSON): it is a NumPy .npz archive", "--trace")
+    assert "utf-8" not in r.output.lower()
+    r = run("plan", small_plan, "--gpus", 4, "--out", o / "x.json")  # a plan where a trace is expected
+    assert_one_sentence(r, "is not a NumPy .npz trace or counts file: it is a moeplace plan")
+    assert not o.exists()
+
+
+def test_out_dash_redundant_limit_and_few_fit_sequences(small_plan, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (("plan", "--gpus", 8, "--solver", "eplb", "--out", "-"),
+                 ("export", small_plan, "--format", "sglang", "--out", "-"),
+                 ("merge", small_plan, "--out", "-"),
+                 ("report", small_plan, "--no-plots", "--out", "-"),
+                 ("demo", "--out", "-")):
+        assert_one_sentence(run(*args), "--out -")
+    assert not (tmp_path / "-").exists()
+    # slots per GPU beyond one copy of every expert is nonsense: the limit follows the experts (64 x 7 on 8 GPUs)
+    law = "deepseek-v2-lite-esft:law"
+    assert_one_sentence(run("plan", law, "--gpus", 8, "--solver", "eplb", "-r", 65536, "-o", "o.json"), "at most 448")
+    assert_one_sentence(run("plan", law, "--gpus", 8, "--solver", "eplb", "-r", 456, "-o", "o.json"), "at most 448")
+    assert_one_sentence(run("demo", "--gpus", 8, "-r", 456, "-o", "d"), "at most 448")
+    r = run("plan", law, "--gpus", 8, "--solver", "eplb", "-r", 448, "-o", "o.json")
+    assert r.exit_code == 0, r.output  # every GPU holds every expert: the largest sensible plan
+    from traces import datasets
+
+    n = datasets.load(law).num_sequences
+    r = run("plan", law, "--gpus", 8, "--solver", "eplb", "--holdout", 0.999, "-o", "few.json")
+    assert r.exit_code == 0 and f"warning: --holdout 0.999 leaves 1 of {n} sequences" in " ".join(r.output.split())
+    r = run("plan", law, "--gpus", 8, "--solver", "eplb", "--holdout", 0.5, "-o", "many.json")
+    assert r.exit_code == 0 and "warning" not in r.output and n // 2 >= 16
+
+
+def test_import_plan_reads_dense_rows_of_an_sglang_file(tmp_path):
+    """README's 'import-plan current.json --format sglang --gpus 8': a DeepSeek file has 27 rows for 26 MoE
+    layers; the dense row holds SGLang's trivial map and is recognised (with a note); a file of trivial rows only
+    cannot say which are dense, and the note says how to tell it."""
+    rng = np.random.default_rng(2)
+    moe = np.stack([np.concatenate([rng.permutation(64), rng.integers(0, 64, 8)]) for _ in range(26)])
+    trivial = np.arange(72) % 64
+    sg = tmp_path / "current.json"
+    sg.write_text(json.dumps({"physical_to_logical_map": np.vstack([trivial, moe]).tolist()}))
+    r = run("import-plan", sg, "--format", "sglang", "--gpus", 8, "--out", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["moe_layer_index"] == list(range(1, 27)) and np.array_equal(plan["phy2log"], moe)
+    assert "row 0 holds SGLang's trivial map" in " ".join(r.output.split())
+    assert_one_sentence(run("import-plan", sg, "--format", "sglang", "--out", tmp_path / "q.json"), "--gpus 8")
+    r = run("evaluate", tmp_path / "p.json", "--trace", "deepseek-v2-lite-esft:law")
+    assert r.exit_code == 0, r.output  # fits the 26-layer trace as it is
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"physical_to_logical_map": [trivial.tolist()] * 27}))
+    r = run("import-plan", flat, "--format", "sglang", "--gpus", 8, "--out", tmp_path / "f.json")
+    assert r.exit_code == 0 and "--moe-layers (DeepSeek-V2-Lite: 1-26)" in " ".join(r.output.split())
+    assert len(json.loads((tmp_path / "f.json").read_text())["phy2log"]) == 27

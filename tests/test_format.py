@@ -139,18 +139,18 @@ def test_each_corruption_gives_its_clear_error(tmp_path_factory, trace, kind, se
 def test_not_an_npz_and_truncated(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("this is not a zip file")
-    with pytest.raises(TraceError, match="not a NumPy .npz file .it looks like JSON or text"):
+    with pytest.raises(TraceError, match="not a NumPy .npz trace or counts file: it is text that is not JSON"):
         traces.load(text)
     plan_json = tmp_path / "plan.json"
     plan_json.write_text('{"format": "moeplace.plan"}')
-    with pytest.raises(TraceError, match="looks like JSON or text"):  # numpy itself would speak of pickled data
-        traces.load(plan_json)
+    with pytest.raises(TraceError, match="it is a moeplace plan .JSON.; a plan goes to evaluate"):
+        traces.load(plan_json)  # numpy itself would speak of pickled data
     good = tmp_path / "good.npz"
     traces.save(datasets_slice(), good)
     blob = good.read_bytes()
     cut = tmp_path / "cut.npz"
     cut.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(TraceError):
+    with pytest.raises(TraceError, match="damaged or truncated zip archive; copy the file again"):
         traces.load(cut)
     with pytest.raises(TraceError, match="no such file"):
         traces.load(tmp_path / "missing.npz")

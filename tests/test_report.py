@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,8 +54,9 @@ def test_demo_writes_plans_report_and_pngs(demo_dir):
 
     plans = sorted(demo_dir.glob("plan-*.json"))
     report = json.loads((demo_dir / "report.json").read_text())
-    # one plan per solver, unless the solver said why it could not plan this request
-    assert {p.stem[len("plan-"):] for p in plans} | set(report["skipped"]) == set(comparable_solvers())
+    # one plan per solver, unless the solver said why it could not plan this request or gave the plan of another
+    assert {p.stem[len("plan-"):] for p in plans} | set(report["skipped"]) | set(report["same_plan_as"]) == \
+        set(comparable_solvers())
     md = (demo_dir / "report.md").read_text()
     html = (demo_dir / "report.html").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| metric |"))
@@ -79,8 +81,10 @@ def test_demo_writes_plans_report_and_pngs(demo_dir):
     sg = next(demo_dir.glob("sglang-*.json"))
     rows = np.array(json.loads(sg.read_text())["physical_to_logical_map"])
     trace = datasets.load()
-    assert rows.shape == (trace.decoder_layers, trace.num_experts)
-    assert (np.sort(rows, axis=1) == np.arange(trace.num_experts)).all()  # each row a permutation of the experts
+    gpus = 8  # the demo's default, with one redundant slot per GPU
+    assert rows.shape == (trace.decoder_layers, trace.num_experts + gpus)
+    # every row holds every expert, plus one replica per redundant slot
+    assert all(set(r) == set(range(trace.num_experts)) for r in rows)
 
 
 def test_demo_metrics_are_out_of_sample(demo_dir):
@@ -220,3 +224,184 @@ def test_report_without_matplotlib_says_how_to_get_plots(tmp_path, monkeypatch):
     assert rep["plots"] == [] and not (tmp_path / "r" / "plots").exists()
     assert any("moeplace[plot]" in n for n in rep["notes"])
     assert "moeplace[plot]" in rep["markdown"].read_text()
+
+
+# the demo's comparison: distinct plans, redundant slots, a recommendation with its reason, files that exist ----
+def test_demo_shows_each_distinct_plan_once_with_redundant_slots(demo_dir):
+    """EPLB's global and hierarchical policies give EPLB's plan on one node: shown once, named as the same; every
+    plan has one redundant slot per GPU (the demo's default, what EPLB deployments run)."""
+    from placement.problem import build_problem
+    from solvers import Options, solve
+
+    report = json.loads((demo_dir / "report.json").read_text())
+    plans = {p.stem[len("plan-"):]: Plan.load(p) for p in demo_dir.glob("plan-*.json")}
+    assert all(p.num_redundant == p.topology.num_gpus == 8 for p in plans.values())
+    names = list(plans)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not np.array_equal(plans[a].phy2log, plans[b].phy2log), (a, b)
+    same = report["same_plan_as"]
+    assert set(same) == {"eplb-global", "eplb-hierarchical"} and set(same.values()) == {"eplb"}
+    fit = datasets.load().split_by_sequence(0.5, seed=0)[0]  # the duplicates really plan what eplb planned
+    problem = build_problem(fit, plans["eplb"].topology)
+    for dup, twin in same.items():
+        assert np.array_equal(solve(dup, problem, Options()).phy2log, plans[twin].phy2log)
+    md = (demo_dir / "report.md").read_text()
+    assert "eplb-global gave the same plan as eplb" in md and "| eplb-global |" not in md
+
+
+def test_demo_recommends_the_lowest_estimated_time_and_says_why(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    times = {n: v["overall"]["est_moe_us_per_token"] for n, v in report["plans"].items()}
+    rec = report["recommendation"]
+    ranked = sorted(times, key=times.get)
+    assert rec["best"] == ranked[0] and rec["runner_up"] == ranked[1]
+    assert rec["margin"] == pytest.approx((times[ranked[1]] - times[ranked[0]]) / times[ranked[1]])
+    assert rec["resamples"] >= 100 and 0 <= rec["wins"] <= rec["resamples"]
+    assert rec["clear"] == (rec["wins"] >= 0.95 * rec["resamples"] and rec["margin"] > 0)
+    md = (demo_dir / "report.md").read_text()
+    assert f"**Recommended: {rec['best']}**" in md and "resamples of the held-out sequences" in md
+    assert f"below the next best, {ranked[1]}" in md
+    # the exports are of the recommended plan
+    sg = json.loads(next(demo_dir.glob("sglang-*.json")).read_text())["physical_to_logical_map"]
+    best = Plan.load(demo_dir / f"plan-{rec['best']}.json")
+    assert np.array_equal(np.array(sg)[best.moe_layer_index], best.phy2log)
+
+
+def test_demo_report_names_files_that_exist_and_commands_that_parse(demo_dir):
+    """Every file the report names is in the folder; every launch command is valid shell whose paths exist and
+    whose vLLM plugin variable names the recommended plan file."""
+    import re
+    import shlex
+
+    report = json.loads((demo_dir / "report.json").read_text())
+    best = report["recommendation"]["best"]
+    md = (demo_dir / "report.md").read_text()
+    files = md.split("## Files", 1)[1].split("\n## ", 1)[0]
+    spans = re.findall(r"`([^`]+)`", files)
+    named = [s for s in spans if " " not in s and re.search(r"\.(json|yaml|npz|md|html)$", s)]
+    assert named and all((demo_dir / n).is_file() for n in named), [n for n in named if not (demo_dir / n).is_file()]
+    assert any(n.endswith(".expert_maps.json") for n in named)  # the vLLM companion is written and named
+    commands = [s for s in spans if " " in s]
+    assert len(commands) >= 4
+    for cmd in commands:
+        words = shlex.split(cmd)  # valid shell: quotes balanced
+        for w in words:
+            paths = [w.split("=", 1)[1] if w.startswith("MOEPLACE_PLAN=") else w]
+            if w.startswith("{"):  # a JSON option (--eplb-config, --additional-config): the paths inside
+                paths = re.findall(r'"([^"]+)"', w)
+            for path in paths:
+                if str(demo_dir) in path:
+                    assert Path(path).exists(), (cmd, path)
+    plugin = [w for c in commands for w in shlex.split(c) if w.startswith("MOEPLACE_PLAN=")]
+    assert plugin == [f"MOEPLACE_PLAN={demo_dir / f'plan-{best}.json'}"]
+
+
+def test_report_command_recommends_from_the_evaluation_data(tmp_path):
+    """The report recommends the plan with the lowest estimated time on the data it evaluates (not a fixed
+    solver): here EPLB against contiguous and round-robin, and says whether the margin beats the resampling
+    spread."""
+    paths = []
+    for solver in ("round-robin", "eplb"):
+        paths.append(tmp_path / f"{solver}.json")
+        r = runner.invoke(app, ["plan", "deepseek-v2-lite-esft:law", "--gpus", "8", "--solver", solver, "--holdout",
+                                "0.5", "--out", str(paths[-1])])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["report", *map(str, paths), "--trace", "deepseek-v2-lite-esft:law", "--holdout", "0.5",
+                            "--no-plots", "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    times = {n: v["overall"]["est_moe_us_per_token"] for n, v in report["plans"].items()}
+    rec = report["recommendation"]
+    assert rec["best"] == min(times, key=times.get) == "eplb"
+    said = " ".join(r.output.split())
+    assert "recommended: eplb" in said and f"faster in {'' if rec['clear'] else 'only '}{rec['wins']} of 200" in said
+    assert ("larger than the spread" in said) == rec["clear"]
+    assert "**Recommended: eplb**" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_resampled_times_equal_the_evaluator_on_resampled_traces():
+    """The fast bootstrap (per-sequence parts, weighted sums) gives exactly what evaluate() gives on a trace built
+    by repeating the drawn sequences; two identical plans tie, a balanced plan beats contiguous clearly."""
+    from placement.evaluate import evaluate, prepare
+    from placement.recommend import recommend, resampled_times, sequence_units
+    from solvers.cost import CostModel
+    from traces import RoutingTrace
+
+    trace = datasets.load("deepseek-v2-lite-esft:intent")
+    plan = _fixed_plan("round-robin", trace)
+    ev = prepare(trace)
+    units = sequence_units(ev, plan.num_layers, 8)
+    assert len(units) == trace.num_sequences
+    rng = np.random.default_rng(5)
+    weights = np.bincount(rng.integers(0, len(units), len(units)), minlength=len(units))
+    fast = resampled_times(plan, ev, CostModel(), weights[None, :], units)[0]
+    parts = []
+    for u, w in zip(units, weights):
+        for copy in range(w):  # a drawn sequence, once per draw, as its own sequence
+            part = trace.take(u)
+            parts.append(RoutingTrace(expert_ids=part.expert_ids, num_experts=part.num_experts,
+                                      seq_id=np.full(part.num_tokens, len(parts)), moe_layer_index=part.moe_layer_index,
+                                      num_hidden_layers=part.num_hidden_layers))
+    naive_trace = RoutingTrace.concat(parts, renumber_sequences=False)
+    # evaluate() sends a token home to GPU (sequence index mod G); keep each copy's original home
+    home = np.concatenate([np.full(len(u), ev.sequence_index[u][0]) for u, w in zip(units, weights) for _ in range(w)])
+    naive_ev = prepare(naive_trace)
+    naive_ev.sequence_index = home
+    assert fast == pytest.approx(evaluate(plan, naive_ev)["overall"]["est_moe_us_per_token"], rel=1e-12)
+    # the same under DeepEP's normal kernels on two nodes (messages per link class, not copies per GPU)
+    from dataclasses import replace
+
+    two_nodes = replace(plan, topology=plan.topology.__class__(num_gpus=8, slots_per_gpu=plan.topology.slots_per_gpu,
+                                                                gpus_per_node=4))
+    deepep = CostModel(comm="deepep-normal")
+    fast = resampled_times(two_nodes, ev, deepep, weights[None, :], units)[0]
+    assert fast == pytest.approx(evaluate(two_nodes, naive_ev, deepep)["overall"]["est_moe_us_per_token"], rel=1e-12)
+    twin = Plan(plan.phy2log.copy(), plan.num_experts, plan.topology, plan.moe_layer_index, plan.num_hidden_layers,
+                solver={"name": "twin"})
+    overall = {"a": evaluate(plan, ev)["overall"], "b": evaluate(twin, ev)["overall"]}
+    tie = recommend({"a": plan, "b": twin}, ev, overall)
+    assert tie["margin"] == 0 and tie["wins"] == 0 and not tie["clear"] and "ties with" in tie["sentence"]
+    cont = _fixed_plan("contiguous", trace)
+    overall["contiguous"] = evaluate(cont, ev)["overall"]
+    clear = recommend({"contiguous": cont, "a": plan}, ev, overall)
+    assert clear["best"] == min(("contiguous", "a"), key=lambda n: overall[n]["est_moe_us_per_token"])
+
+
+def test_one_colour_per_plan_in_every_plot_and_no_overlapping_labels():
+    """The balance-vs-affinity scatter used to colour points by position; plans close together had labels on top
+    of each other. Each plan now has its solver's colour in every figure, named in a legend beside the axes."""
+    import itertools
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_hex
+    from matplotlib.text import Text
+
+    from placement import plots as P
+
+    names = ["contiguous", "eplb", "exflow", "joint", "moetuner", "round-robin"]
+    rng = np.random.default_rng(0)
+    # crowded points, two of them at the same place
+    overall = {n: {"load_imbalance": 1.05 + 0.001 * i, "cross_gpu_fraction": 0.80 + 0.001 * (i % 2)}
+               for i, n in enumerate(names)}
+    overall["moetuner"] = dict(overall["eplb"])
+    per_layer = {n: [{"moe_layer": l + 1, "load_imbalance": float(1 + rng.random())} for l in range(26)] for n in names}
+    line_fig = P.per_layer_plot(per_layer, "load_imbalance", "imbalance", "t")
+    line_colour = {ln.get_label(): to_hex(ln.get_color()) for ln in line_fig.axes[0].get_lines() if ln.get_label() in names}
+    scatter_fig = P.tradeoff_plot(overall)
+    point_colour = {}
+    for coll in scatter_fig.axes[0].collections:
+        label = coll.get_label().replace(" (same point)", "")
+        colours = coll.get_facecolor() if len(coll.get_facecolor()) else coll.get_edgecolor()
+        point_colour[label] = to_hex(colours[0])
+    assert line_colour == point_colour == P.plan_colors(names) and len(set(line_colour.values())) == len(names)
+    assert P.plan_colors(["joint", "joint #2"])["joint #2"] != P.SOLVER_COLORS["joint"]  # unique within a figure
+    for fig in (line_fig, scatter_fig):
+        FigureCanvasAgg(fig)
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        texts = [(t.get_text(), t.get_window_extent(r)) for t in fig.findobj(Text)
+                 if t.get_visible() and t.get_text().strip() and t not in fig.axes[0].get_xticklabels()
+                 and t not in fig.axes[0].get_yticklabels()]
+        clashes = [(a[0], b[0]) for a, b in itertools.combinations(texts, 2) if a[1].overlaps(b[1])]
+        assert not clashes, clashes

@@ -14,15 +14,17 @@ problem raised as :class:`TraceError`. Code inside the project trusts a construc
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from traces.filekind import kind, mismatch, what_to_do
+from traces.outputs import (OutputPathError, atomic_write_bytes, check_output_path, command_files,  # noqa: F401
+                            make_output_dir, note_input)
 
 __all__ = [
     "TraceError",
@@ -479,163 +481,6 @@ _TRACE_KEYS = ("expert_ids", "gate_weights", "seq_id", "pos_in_seq", "moe_layer_
                "num_hidden_layers", "model", "phase")
 
 
-class OutputPathError(ValueError):
-    """An output path that cannot be written (one sentence naming the path and what to do)."""
-
-
-class _Command:
-    """Files one CLI command reads and writes: no output may replace an input, and a command that fails leaves
-    the file system as it found it (see :func:`command_files`)."""
-
-    def __init__(self) -> None:
-        self.inputs: set[str] = set()  # real paths read
-        self.created: list[Path] = []  # files and folders this command created, in order
-        self.backups: list[tuple[Path, Path]] = []  # (path, hard link to its previous content) for replaced files
-
-    def rollback(self) -> None:
-        for path, backup in reversed(self.backups):
-            with contextlib.suppress(OSError):
-                os.replace(backup, path)
-        for path in reversed(self.created):
-            with contextlib.suppress(OSError):
-                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
-
-    def commit(self) -> None:
-        for _, backup in self.backups:
-            with contextlib.suppress(OSError):
-                backup.unlink()
-
-
-_command: _Command | None = None  # the running CLI command; None in library use
-
-
-def note_input(path: str | os.PathLike) -> None:
-    """Record ``path`` as an input of the running command (see :func:`command_files`)."""
-    if _command is not None:
-        _command.inputs.add(os.path.realpath(path))
-
-
-@contextlib.contextmanager
-def command_files():
-    """Run one command's file writes as a unit: inside, :func:`atomic_write_bytes` refuses to replace a file read
-    through :func:`note_input`, and if the block fails, the files and folders it created are removed and the files
-    it replaced get their previous content back. An interrupt (Ctrl-C; exit code 0 or 130) keeps what was written,
-    so that ``collect`` can resume from its shards."""
-    global _command
-    before, cmd = _command, _Command()
-    _command = cmd
-    try:
-        yield cmd
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) in (0, 130):
-            cmd.commit()
-        else:
-            cmd.rollback()
-        raise
-    else:
-        cmd.commit()
-    finally:
-        _command = before
-
-
-def make_output_dir(path: str | os.PathLike) -> Path:
-    """``mkdir -p path``; inside :func:`command_files` a failing command removes the folders made here (once
-    empty). A part of the path that is a file is an :class:`OutputPathError`."""
-    path = Path(path)
-    missing = _missing_folders(path, path)
-    path.mkdir(parents=True, exist_ok=True)
-    if _command is not None:
-        _command.created.extend(reversed(missing))
-    return path
-
-
-def _missing_folders(folder: Path, shown) -> list[Path]:
-    """The folders of ``folder``'s path that do not exist yet (innermost first); an :class:`OutputPathError` naming
-    ``shown`` when a part of it is a file."""
-    missing = []
-    for p in (folder, *folder.parents):
-        if p.is_dir():
-            break
-        if p.exists() or p.is_symlink():
-            raise OutputPathError(f"{shown}: {p} is a file, not a folder; choose another output path")
-        missing.append(p)
-    return missing
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """``path`` as a Path if a file can be written there, else an :class:`OutputPathError`: an empty name, a
-    folder, a special file (device, pipe, socket), a path under an existing file, or an input of the command."""
-    shown = os.fspath(path)
-    path = Path(path)
-    if not shown.strip() or path.name in ("", ".", ".."):
-        raise OutputPathError(f"the output path {shown!r} is not a file name; give a file to write, e.g. out.json")
-    if path.is_dir():
-        raise OutputPathError(f"{shown} is a folder; give the name of a file to write (e.g. {path / 'out'})")
-    if path.exists() and not path.is_file():
-        raise OutputPathError(f"{shown} exists and is not a regular file (a device, pipe or socket); write to "
-                              f"another path")
-    _missing_folders(path.parent, shown)
-    if _command is not None and os.path.realpath(path) in _command.inputs:
-        raise OutputPathError(f"{shown} is also an input of this command; write the output to another file")
-    return path
-
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Write a file atomically: ``write(fileobj)`` into a temp file in the same folder, then rename.
-
-    The path is checked first (:func:`check_output_path`); the temporary file has a short name of its own, so
-    any name the file system accepts works; OS errors name ``path``, not the temporary file."""
-    path = check_output_path(path)
-    tmp = None
-    try:
-        make_output_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=".mp-", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        _keep_previous(path)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        _remove(tmp)
-        if exc.filename is None or os.fspath(exc.filename) == os.fspath(path):
-            raise
-        raise type(exc)(exc.errno, exc.strerror, os.fspath(path)) from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _keep_previous(path: Path) -> None:
-    """Inside :func:`command_files`: remember that ``path`` is new, or keep its previous content (a hard link, so
-    no copy) for a rollback; a file system without hard links keeps none."""
-    if _command is None or any(p == path for p, _ in _command.backups) or path in _command.created:
-        return
-    if not path.exists():
-        _command.created.append(path)
-        return
-    for _ in range(5):
-        backup = path.with_name(f".mp-{os.urandom(4).hex()}.bak")
-        try:
-            os.link(path, backup)
-        except FileExistsError:
-            continue
-        except OSError:
-            return
-        _command.backups.append((path, backup))
-        return
-
-
-def _remove(tmp) -> None:
-    if tmp is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _scalar(d, key, cast, path):
     try:
         return cast(np.asarray(d[key]).reshape(()).item())
@@ -650,12 +495,10 @@ def _open_npz(path: str | os.PathLike):
     note_input(p)
     if p.is_dir():
         raise TraceError(f"{p} is a folder; give a trace file (.npz) or merge shards first with 'moeplace merge'")
-    with open(p, "rb") as f:
-        head = f.read(6)
-    if head and not head.startswith((b"PK", b"\x93NUMPY")):  # neither a zip archive nor a .npy array
-        kind = "JSON or text" if head.lstrip()[:1] in (b"{", b"[") or head.isascii() else "another format"
-        raise TraceError(f"{p} is not a NumPy .npz file (it looks like {kind}); give a trace from 'moeplace collect' "
-                         f"or 'moeplace import', or a plan where a plan is asked for")
+    k = kind(p)
+    if k not in ("npz", "empty"):
+        raise TraceError(mismatch(p, "a NumPy .npz trace or counts file", k)
+                         + ("" if what_to_do(k) else "; traces come from 'moeplace collect' or 'moeplace import'"))
     try:
         return np.load(p, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:

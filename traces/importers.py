@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from traces.filekind import kind, mismatch
 from traces.format import LoadProfile, RoutingTrace, TraceError, note_input
 
 __all__ = ["import_sglang", "import_vllm", "import_trtllm", "import_dump", "STACKS"]
@@ -73,10 +74,14 @@ def _existing(paths, what: str) -> list[Path]:
 
 
 def _torch_load(path: Path, allow_pickle: bool):
+    k = kind(path)
+    if k not in ("torch", "pickle"):
+        raise TraceError(mismatch(path, "a torch.save file (SGLang's recorder dumps are)", k))
     try:
         import torch
-    except ImportError:  # pragma: no cover - torch is an optional dependency
-        raise TraceError(f"reading {path} needs torch (SGLang dumps are torch.save files); pip install torch") from None
+    except ImportError:  # torch is an optional dependency
+        raise TraceError(f"reading {path} needs torch (SGLang dumps are torch.save files), which this Python cannot "
+                         f"import; install it with: pip install \"moeplace[torch]\"") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad input

@@ -75,6 +75,20 @@ def _offsets(seq_sets: list[np.ndarray], renumber: str) -> tuple[list[int], bool
     return offsets, True
 
 
+def layer_summary(moe_layer_index, max_runs: int = 4) -> str:
+    """``"26 MoE layers (decoder layers 1-26)"``: a count and the index runs, at most ``max_runs`` of them shown."""
+    idx = [int(x) for x in np.asarray(moe_layer_index).reshape(-1)]
+    runs: list[list[int]] = []
+    for x in idx:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    shown = ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:max_runs])
+    more = f",... ({len(runs) - max_runs} more runs)" if len(runs) > max_runs else ""
+    return f"{len(idx)} MoE layer{'s' if len(idx) != 1 else ''} (decoder layers {shown}{more})"
+
+
 def _check_layouts(metas: list[dict], names: list[str]) -> None:
     first = metas[0]
     for m, name in zip(metas[1:], names[1:]):
@@ -83,8 +97,8 @@ def _check_layouts(metas: list[dict], names: list[str]) -> None:
                 raise TraceError(f"{name} has {label} {m[key]} but {names[0]} has {first[key]}; merge traces of one "
                                  f"model layout only")
         if not np.array_equal(m["moe_layer_index"], first["moe_layer_index"]):
-            raise TraceError(f"{name} records MoE layers {list(m['moe_layer_index'])} but {names[0]} records "
-                             f"{list(first['moe_layer_index'])}; merge traces of one model layout only")
+            raise TraceError(f"{name} records {layer_summary(m['moe_layer_index'])} but {names[0]} records "
+                             f"{layer_summary(first['moe_layer_index'])}; merge traces of one model layout only")
         a, b = m.get("num_hidden_layers"), first.get("num_hidden_layers")
         if a is not None and b is not None and a != b:
             raise TraceError(f"{name} has {a} decoder layers but {names[0]} has {b}; merge traces of one model only")

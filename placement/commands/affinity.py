@@ -30,10 +30,12 @@ def register(app: typer.Typer) -> None:
         per worker), so traces larger than memory work; the shuffled baseline shuffles tokens within chunks."""
         from rich.table import Table
 
-        from placement.cli_common import trace_files
+        from placement.cli_common import require, trace_files
         from placement.reduce import reduce_stats
         from traces import TraceError
 
+        if plots is not None:
+            require("matplotlib", "--plots")
         files = trace_files(trace)
         with executor_for(workers, ray_address) as ex:
             try:
@@ -48,8 +50,6 @@ def register(app: typer.Typer) -> None:
         if plots is not None:
             from placement import plots as P
 
-            if not P.available():
-                raise UserError(P.PLOT_EXTRA_HINT)
             summary["plots"] = [str(p) for p in P.write_affinity_plots(stats, plots)]
         if as_json:
             print_json(summary)

@@ -105,7 +105,9 @@ def register(app: typer.Typer) -> None:
         """Run the plans on torch.distributed: measured all-to-all bytes and layer times vs the prediction."""
         import os
 
-        from placement.cli_common import load_data, load_plans
+        from placement.cli_common import load_data, load_plans, require
+
+        require("torch", "moeplace bench")
         from placement.runtime import DTYPE_BYTES, PROTOCOLS, BenchSpec, run_bench, select_tokens, under_torchrun
         from traces import RoutingTrace
 

@@ -26,7 +26,7 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plot needs matplotlib (pip install 'moeplace[plot]')") from None
+        raise UserError('--plot needs matplotlib: pip install "moeplace[plot]"') from None
     from traces import atomic_write_bytes
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -84,10 +84,12 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from placement.budget import monotone, parse_size, resolve_expert_bytes, sweep
-        from placement.cli_common import load_data
+        from placement.cli_common import load_data, require
         from placement.memory_eval import default_expert_bytes
         from traces import RoutingTrace
 
+        if plot is not None:
+            require("matplotlib", "--plot")
         if batch < 1 or prefetch < 0 or not 0 <= overlap_us < float("inf") or search_tokens < 1:
             raise UserError("--batch and --search-tokens must be >= 1, --prefetch and --prefetch-overlap-us >= 0")
         data, sources = load_data(trace)

@@ -53,7 +53,11 @@ def register(app: typer.Typer) -> None:
         """
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+        from placement.cli_common import require
         from traces.collect import collect_from_checkpoint
+
+        for module in ("torch", "transformers"):
+            require(module, "moeplace collect")
 
         if generate < 0:
             raise UserError(f"--generate must be >= 0, got {generate}")

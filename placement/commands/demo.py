@@ -69,22 +69,56 @@ def memory_curve(fit, held, gpus: int, time_limit: float, seed: int = 0, progres
                      f"`moeplace budget --gpus {gpus} --budgets 10%,25%,50%,75%`.")}
 
 
+DEMO_MODEL = "deepseek-ai/DeepSeek-V2-Lite"  # the model id in the demo's launch commands (the trace's layout)
+
+
+def distinct_plans(plans: dict) -> tuple[dict, dict[str, str]]:
+    """Plans with identical placements shown once: ``({name: plan} of the first of each distinct placement,
+    {name of a duplicate: name of the plan it equals})`` (on one node EPLB's global and hierarchical policies give
+    the same plan as its default)."""
+    import numpy as np
+
+    kept: dict = {}
+    same: dict[str, str] = {}
+    for name, plan in plans.items():
+        twin = next((k for k, p in kept.items() if p.topology == plan.topology
+                     and np.array_equal(p.phy2log, plan.phy2log)), None)
+        if twin is None:
+            kept[name] = plan
+        else:
+            same[name] = twin
+    return kept, same
+
+
+def demo_redundant(gpus: int, redundant: int | None) -> int:
+    """Redundant slots of the demo: ``redundant``, else one per GPU (what EPLB deployments run)."""
+    return gpus if redundant is None else redundant
+
+
 def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, time_limit: float = DEMO_TIME_LIMIT,
-             seed: int = 0, solvers: list[str] | None = None, plots: bool = True,
-             progress: Callable[..., None] | None = None) -> dict:
+             seed: int = 0, solvers: list[str] | None = None, plots: bool | None = None,
+             progress: Callable[..., None] | None = None, redundant: int | None = None) -> dict:
     """Fit every solver on half the bundled sequences, evaluate on the other half; write plans, exports, report.
 
+    ``redundant``: redundant slots in total (default: one per GPU). Plans with identical placements are shown once
+    (:func:`distinct_plans`). The recommended plan is the lowest estimated MoE time on the held-out sequences
+    (:func:`placement.recommend.recommend`); it is exported for every serving stack. The output folder is written
+    as a whole when everything is computed (:func:`traces.outputs.output_folder`).
     ``progress(message, advance)`` is called with a description and the number of finished steps (see
     :func:`demo_steps`).
     """
+    import shlex
+
     from placement.affinity import AffinityStats
-    from placement.export import ExportError, exporters
+    from placement.cli_common import check_redundant
+    from placement.export import ExportError, exporters, render
     from placement.plan import Plan, provenance_of
     from placement.problem import build_problem
+    from placement.recommend import recommend
     from placement.report import build_report, comparable_solvers, describe_cost, describe_data, describe_topology
     from solvers import Options, SolverInputError, Topology, names, solve
     from traces import atomic_write_bytes, datasets
-    from traces.format import make_output_dir
+    from traces.outputs import output_folder
 
     say = _progress_fn(progress)
     available = names()
@@ -94,17 +128,19 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
         raise UserError(f"unknown solver {unknown[0]!r}; choose from {', '.join(available)}")
     say("loading the bundled trace ...")
     trace = datasets.load()
+    R = demo_redundant(gpus, redundant)
+    check_redundant(R, trace.num_experts, gpus)
+    if (trace.num_experts + R) % gpus:
+        fit_r = (-trace.num_experts) % gpus or gpus
+        raise UserError(f"the demo trace's {trace.num_experts} experts + {R} redundant slots cannot be split evenly "
+                        f"over {gpus} GPUs; choose --redundant so that {trace.num_experts} + redundant is a multiple "
+                        f"of {gpus}, e.g. --redundant {fit_r}")
     fit, held = trace.split_by_sequence(0.5, seed=seed)
-    if trace.num_experts % gpus:
-        raise UserError(f"the demo trace's {trace.num_experts} experts cannot be split evenly over {gpus} GPUs; choose "
-                        f"--gpus that divides {trace.num_experts} (e.g. 8), or plan with redundant slots using "
-                        f"'moeplace plan --redundant'")
-    topo = Topology.for_experts(trace.num_experts, gpus, 0, gpus_per_node)
+    topo = Topology.for_experts(trace.num_experts, gpus, R, gpus_per_node)
     stats_fit = AffinityStats.from_trace(fit, seed=seed)
     problem = build_problem(fit, topo, stats=stats_fit)
     say("affinity model fitted", 1)
-    make_output_dir(out_dir)
-    plans: dict[str, Plan] = {}
+    solved: dict[str, Plan] = {}
     skipped: dict[str, str] = {}
     for name in chosen:
         say(f"planning with {name} (limit {time_limit:g}s) ...")
@@ -116,14 +152,16 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
             say(f"{name}: skipped", 1)
             continue
         plan = Plan.from_result(res, trace.num_experts, topo, trace.moe_layer_index, trace.decoder_layers, trace.model,
-                                options={"time_limit": time_limit, "seed": seed, "threads": DEMO_THREADS},
+                                options={"time_limit": time_limit, "seed": seed, "threads": DEMO_THREADS,
+                                         "redundant": R},
                                 provenance=provenance_of([datasets.DEFAULT], fit.num_tokens, fit.num_sequences,
                                                          {"holdout": 0.5, "split_seed": seed}))
-        plans[name] = plan
+        solved[name] = plan
         say(f"{name}: {res.status} in {res.seconds:.1f}s", 1)
-    plans = {n: plans[n] for n in sorted(plans, key=lambda n: n != "contiguous")}  # the baseline first
-    if not plans:
+    solved = {n: solved[n] for n in sorted(solved, key=lambda n: n != "contiguous")}  # the baseline first
+    if not solved:
         raise UserError("no solver could plan the demo request: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    plans, same = distinct_plans(solved)
 
     say("memory-budget sweep ...")
     curve = memory_curve(fit, held, gpus, time_limit, seed, progress=lambda m: say(f"memory budget: {m}"))
@@ -136,55 +174,67 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     for name, plan in plans.items():
         plan.predicted = evaluate(plan, ev_fit)["overall"]
         plan.heldout = evaluate(plan, ev_held)["overall"]
-        plan.save(out_dir / f"plan-{name}.json")
-    files = [f"`plan-{n}.json`: plan of {n} (Plan v1; `moeplace evaluate`, `moeplace export` read it)" for n in plans]
+    rec = recommend(plans, ev_held, {n: p.heldout for n, p in plans.items()}, seed=seed, what="held-out")
+    best = rec["best"] if rec else next(iter(plans))
 
-    # the recommended plan: the joint planner when installed, else the lowest estimated MoE time
-    best = "joint" if "joint" in plans else min(plans, key=lambda n: plans[n].heldout.get("est_moe_us_per_token") or 0)
-    exports = {}
-    mods = exporters()
-    for fmt in ["sglang"] + sorted(f for f in mods if f != "sglang"):
-        if fmt not in mods:
-            continue
-        path = out_dir / f"{fmt}-{best}{getattr(mods[fmt], 'SUFFIX', '.json')}"
-        try:
-            text, hints = mods[fmt].export(plans[best], str(path))
-        except ExportError as exc:
-            files.append(f"no {fmt} export: {exc}")
-            continue
-        atomic_write_bytes(path, lambda f, t=text: f.write(t.encode()))
-        exports[fmt] = str(path)
-        files.append(f"`{path.name}`: plan {best} for {fmt}; start the server with " + " ".join(f"`{h}`" if h.startswith("-")
-                                                                                              else h for h in hints))
-    say(f"exported {best}", 1)
-
-    say("writing the report ...")
-    ordered = [n for n in ("contiguous",) if n in plans] + [n for n in plans if n != "contiguous"]
-    cmd = f"moeplace demo --out {out_dir} --gpus {gpus}" + (f" --gpus-per-node {gpus_per_node}" if gpus_per_node else "")
-    cmd += f" --time-limit {time_limit:g}" + (f" --seed {seed}" if seed else "")
-    cmd += "".join(f" --solver {s}" for s in chosen) if solvers else ""
+    say("writing plans, exports and the report ...")
+    cmd = f"moeplace demo --out {shlex.quote(str(out_dir))} --gpus {gpus}" + (
+        f" --gpus-per-node {gpus_per_node}" if gpus_per_node else "")
+    cmd += (f" --redundant {R}" if redundant is not None else "") + f" --time-limit {time_limit:g}"
+    cmd += (f" --seed {seed}" if seed else "") + ("".join(f" --solver {s}" for s in chosen) if solvers else "")
     setup = [describe_data("bundled trace", trace) + f" ({trace.model}; ESFT tasks intent, law, summary)",
              f"split by sequence (seed {seed}): fitted on {fit.num_tokens:,} tokens in {fit.num_sequences} sequences, "
              f"evaluated on the other {held.num_tokens:,} tokens in {held.num_sequences} sequences",
-             describe_topology(plans[ordered[0]]),
-             f"solvers: {', '.join(plans)}; time limit {time_limit:g}s each, {DEMO_THREADS} threads",
+             describe_topology(plans[next(iter(plans))]),
+             f"solvers: {', '.join(solved)}; time limit {time_limit:g}s each, {DEMO_THREADS} threads",
              describe_cost(None)]
-    rep = build_report([plans[n] for n in ordered], ev_held, out_dir, labels=ordered, affinity=stats_fit,
-                       affinity_extra={"held-out sequences": AffinityStats.from_trace(held, seed=seed)
-                                       .mutual_information()},
-                       title="moeplace demo: DeepSeek-V2-Lite, held-out sequences", setup=setup, reproduce=cmd,
-                       memory_curve=curve, files=files, skipped=skipped, pick=best, plots=plots,
-                       progress=lambda m: say(m))
+    if same:
+        setup.append("shown once: " + "; ".join(f"{d} gave the same plan as {k}" for d, k in same.items()))
+    exports: dict[str, str] = {}
+    with output_folder(out_dir, "moeplace demo") as stage:
+        files = []
+        for name, plan in plans.items():
+            plan.save(stage / f"plan-{name}.json")
+            files.append(f"`plan-{name}.json`: plan of {name}" + (f" (also {', '.join(d for d, k in same.items() if k == name)})"
+                                                                 if name in same.values() else "")
+                         + " (Plan v1; `moeplace evaluate`, `moeplace export` read it)")
+        mods = exporters()
+        plan_file = out_dir / f"plan-{best}.json"
+        for fmt in ["sglang"] + sorted(f for f in mods if f != "sglang"):
+            name = f"{fmt}-{best}{getattr(mods[fmt], 'SUFFIX', '.json')}"
+            try:
+                written, hints = render(mods[fmt], plans[best], out_dir / name, plan_path=plan_file, model=DEMO_MODEL)
+            except ExportError as exc:
+                files.append(f"no {fmt} export: {exc}")
+                continue
+            for path, text in written:
+                atomic_write_bytes(stage / Path(path).name, lambda f, t=text: f.write(t.encode()))
+            exports[fmt] = str(out_dir / name)
+            also = [f"`{Path(p).name}`" for p, _ in written[1:]]
+            launch: list[str] = []
+            for h in hints:  # commands in code spans, each followed by its notes in parentheses
+                if h.startswith("(") and launch:
+                    launch[-1] += f" {h}"
+                else:
+                    launch.append(f"`{h}`")
+            files.append(f"`{name}`" + (f" (and {', '.join(also)})" if also else "") + f": plan {best} for {fmt}; "
+                         f"start the server with " + "; or ".join(launch))
+        rep = build_report([plans[n] for n in plans], ev_held, out_dir, labels=list(plans), affinity=stats_fit,
+                           affinity_extra={"held-out sequences": AffinityStats.from_trace(held, seed=seed)
+                                           .mutual_information()},
+                           title="moeplace demo: DeepSeek-V2-Lite, held-out sequences", setup=setup, reproduce=cmd,
+                           memory_curve=curve, files=files, skipped=skipped, recommendation=rec, plots=plots,
+                           progress=lambda m: say(m), staging=stage, same=same)
     say("report written", 1)
     return {"trace": {"tokens": trace.num_tokens, "fit_tokens": fit.num_tokens, "heldout_tokens": held.num_tokens,
                       "sequences": trace.num_sequences},
-            "gpus": gpus, "plans": plans, "recommended": best, "exports": exports, "skipped": skipped,
-            "report": rep, "out_dir": str(out_dir)}
+            "gpus": gpus, "redundant": R, "plans": plans, "same": same, "recommended": best, "recommendation": rec,
+            "exports": exports, "skipped": skipped, "report": rep, "out_dir": str(out_dir)}
 
 
 def demo_steps(solvers: list[str]) -> int:
-    """Progress steps of :func:`run_demo`: affinity, one per solver, memory sweep, export, report."""
-    return len(solvers) + 4
+    """Progress steps of :func:`run_demo`: affinity, one per solver, memory sweep, report."""
+    return len(solvers) + 3
 
 
 SUMMARY_COLUMNS = [("load_imbalance", "imbal", False), ("load_imbalance_max", "worst", False),
@@ -238,27 +288,35 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     @user_errors
     def demo_cmd(
-        out_dir: Path = typer.Option(Path("moeplace-demo"), "--out", "-o", help="Folder for plans, exports, report."),
+        out_dir: Path = typer.Option(Path("moeplace-demo"), "--out", "-o", help="Folder for plans, exports, report "
+                                     "(written as a whole)."),
         gpus: int = typer.Option(8, "--gpus", "-g", help="GPUs."),
         gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="GPUs per node (default: all in "
                                                     "one node)."),
+        redundant: Optional[int] = typer.Option(None, "--redundant", "-r", help="Redundant expert slots in total "
+                                                "(default: one per GPU, as EPLB deployments run; 0: none)."),
         time_limit: float = typer.Option(DEMO_TIME_LIMIT, "--time-limit", help="Seconds per solver."),
         solver: Optional[list[str]] = typer.Option(None, "--solver", "-s", help="Only these solvers (repeatable; "
                                                    "default: every solver that keeps all experts resident, see "
                                                    "'moeplace solvers')."),
         seed: int = typer.Option(0, "--seed", help="Seed of the sequence split and the solvers."),
-        plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
+        plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw PNG plots (default: when "
+                                             "matplotlib is installed; --plots requires it)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         """Run the whole pipeline on the bundled real trace and write plans, an SGLang export and a report.
 
         Fits every solver on half the sequences of the bundled DeepSeek-V2-Lite trace,
         evaluates the plans on the other half, and writes the plans (JSON), the recommended
-        plan for SGLang, and a report (Markdown, HTML) with the side-by-side table and plots."""
+        plan (lowest estimated MoE time on the held-out half) for each serving stack, and a
+        report (Markdown, HTML) with the side-by-side table and plots."""
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        from placement.cli_common import require
         from placement.report import comparable_solvers
 
+        if plots:
+            require("matplotlib", "--plots")
         chosen = list(solver or comparable_solvers())
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as bar:
@@ -270,25 +328,29 @@ def register(app: typer.Typer) -> None:
                     err.print(f"  [green]done[/] {message}", highlight=False)
 
             res = run_demo(out_dir, gpus, gpus_per_node, time_limit, seed, list(solver) if solver else None, plots,
-                           progress=progress)
+                           progress=progress, redundant=redundant)
         rep = res["report"]
+        rec = res["recommendation"]
         if as_json:
             print_json({"heldout": {k: v.heldout for k, v in res["plans"].items()},
                         "solver": {k: {f: v.solver.get(f) for f in ("status", "seconds", "objective", "bound", "gap")}
                                    for k, v in res["plans"].items()},
-                        "recommended": res["recommended"], "exports": res["exports"], "skipped": res["skipped"],
-                        "report": str(rep["markdown"]), "html": str(rep["html"]),
+                        "same_plan_as": res["same"], "redundant": res["redundant"],
+                        "recommended": res["recommended"], "recommendation": rec, "exports": res["exports"],
+                        "skipped": res["skipped"], "report": str(rep["markdown"]), "html": str(rep["html"]),
                         "plots": [str(p) for p in rep["plots"]]})
             return
         t = res["trace"]
         out.print(f"bundled DeepSeek-V2-Lite ESFT trace: {t['tokens']} tokens in {t['sequences']} sequences; fitted on "
                   f"{t['fit_tokens']} tokens, evaluated on the other {t['heldout_tokens']} (held-out sequences), "
-                  f"{gpus} GPUs")
+                  f"{gpus} GPUs, {res['redundant']} redundant slots")
         out.print(plans_table({k: v.heldout for k, v in res["plans"].items()},
                               {k: v.solver for k, v in res["plans"].items()},
                               title="held-out sequences (lower is better in every column)"))
         out.print(plans_table_legend(), markup=False, style="dim")
-        out.print(f"recommended plan: {res['recommended']}", markup=False)
+        for dup, twin in res["same"].items():
+            out.print(f"{dup}: the same plan as {twin}", markup=False)
+        out.print(rec["sentence"] if rec else f"recommended plan: {res['recommended']}", markup=False)
         for k, why in res["skipped"].items():
             out.print(f"skipped {k}: {why}", markup=False)
         for n in rep["notes"]:

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         out_path: Path = typer.Option(..., "--out", "-o", help="File to write."),
     ):
         """Write PLAN in the format a serving stack loads at startup and print the matching server flags."""
-        from placement.export import ExportError, exporters
+        from placement.export import ExportError, exporters, render
         from placement.plan import Plan
         from traces import atomic_write_bytes
 
@@ -28,14 +28,14 @@ def register(app: typer.Typer) -> None:
         mod = mods[fmt]
         p = Plan.load(plan)
         try:
-            text, hints = mod.export(p, str(out_path))
-            extra = mod.companions(p, str(out_path)) if hasattr(mod, "companions") else []
+            files, hints = render(mod, p, out_path, plan_path=plan)
         except ExportError as exc:
             raise UserError(f"cannot export {plan} as {fmt}: {exc}") from None
         if out_path.suffix != mod.SUFFIX:
             err.print(f"note: {fmt} files usually end in {mod.SUFFIX}; writing {out_path} anyway", highlight=False)
-        for path, body in [(str(out_path), text), *extra]:
+        for path, body in files:
             atomic_write_bytes(path, lambda f, b=body: f.write(b.encode()))
+        extra = files[1:]
         out.print(f"wrote {out_path} ({fmt}: {p.num_layers} MoE layers x {p.num_slots} slots on "
                   f"{p.topology.num_gpus} GPUs, {p.num_redundant} redundant)", highlight=False)
         for path, _ in extra:

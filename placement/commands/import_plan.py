@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, out, print_json, user_errors
+from placement.cli_common import UserError, err, out, print_json, user_errors
 from placement.importplan import MAX_DECODER_LAYERS
 
 
@@ -81,8 +82,10 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(summary)
             return
+        if plan.extra.get("note"):
+            err.print(f"note: {plan.extra['note']}", markup=False, highlight=False)
         out.print(f"wrote {out_path}: {summary['format']} placement, {plan.num_layers} MoE layers x {plan.num_slots} "
                   f"slots on {t.num_gpus} GPUs ({plan.num_redundant} redundant, {plan.num_experts} experts; MoE-layer "
                   f"indices {summary['moe_layer_index']})", highlight=False, markup=False)
-        out.print(f"  compare: moeplace evaluate {out_path} OTHER_PLAN.json --trace TRACE", highlight=False,
+        out.print(f"  compare: moeplace evaluate {shlex.quote(str(out_path))} OTHER_PLAN.json --trace TRACE", highlight=False,
                   markup=False)

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from placement.cli_common import (MAX_GPUS, MAX_REDUNDANT, RayAddressOption, UserError, WorkersOption, default_solver,
-                                  err, executor_for, fmt, metrics_table, out, print_json, progress, user_errors)
+from placement.cli_common import (MAX_GPUS, MAX_REDUNDANT, MIN_FIT_SEQUENCES, RayAddressOption, UserError,
+                                  WorkersOption, check_redundant, default_solver, err, executor_for, fmt,
+                                  metrics_table, out, print_json, progress, user_errors)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 DEFAULT_TIME_LIMIT = 60.0
@@ -253,7 +254,13 @@ def make_plan(data, sources: list[str], gpus: int, gpus_per_node: int | None, re
         if not isinstance(data, RoutingTrace):
             raise UserError("--holdout needs a token trace (it splits by sequence); counts cannot be split")
         fit, held = data.split_by_sequence(1.0 - holdout, seed=seed)
+        if fit.seq_id is not None and fit.num_sequences < MIN_FIT_SEQUENCES:
+            err.print(f"warning: --holdout {holdout:g} leaves {fit.num_sequences} of {data.num_sequences} sequences to "
+                      f"fit on (fewer than {MIN_FIT_SEQUENCES}): the plan follows the noise of so few requests; use a "
+                      f"smaller --holdout or a longer trace", markup=False, highlight=False)
     E = fit.num_experts
+    if memory_budget is None:
+        check_redundant(redundant, E, gpus)
     budget = note = None
     if memory_budget is not None:  # GPU memory budget: docs/memory-budget.md
         from placement.budget import resolve_plan_budget

@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         inter_bw: InterBandwidthOption = None,
         hardware: HardwareOption = None,
         title: str = typer.Option("moeplace report", "--title", help="Report title."),
-        plots: bool = typer.Option(True, "--plots/--no-plots", help="Draw PNG plots (needs matplotlib)."),
+        plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw PNG plots (default: when "
+                                             "matplotlib is installed; --plots requires it)."),
         as_json: bool = typer.Option(False, "--json", help="Print the written paths and metrics as JSON."),
     ):
         """Compare plans on traces in a report: Markdown, HTML, JSON and PNG plots.
@@ -51,12 +52,14 @@ def register(app: typer.Typer) -> None:
         affinity heatmaps, mutual information against a shuffled baseline, and per-layer balance
         and cross-GPU transitions per plan."""
         from placement.affinity import AffinityStats
-        from placement.cli_common import load_data, load_plans
+        from placement.cli_common import load_data, load_plans, require
         from placement.commands.plan import load_hardware, with_cost_options
         from placement.report import (build_report, describe_cost, describe_data, describe_topology,
                                       reference_baseline)
         from traces import RoutingTrace
 
+        if plots:
+            require("matplotlib", "--plots")
         plan_objs = load_plans(plans)
         data, sources = load_data(trace)
         whole = data
@@ -92,10 +95,10 @@ def register(app: typer.Typer) -> None:
         with progress("writing the report ...") as status:
             stats = AffinityStats.from_trace(whole, seed=seed) if isinstance(whole, RoutingTrace) else None
             rep = build_report(plan_objs, data, out_dir, labels=labels, affinity=stats, title=title, setup=setup,
-                               reproduce=cmd, cost=cost, plots=plots, progress=status.update)
+                               reproduce=cmd, cost=cost, plots=plots, progress=status.update, seed=seed)
         if as_json:
             print_json({"report": str(rep["markdown"]), "html": str(rep["html"]), "json": str(rep["json"]),
-                        "plots": [str(p) for p in rep["plots"]],
+                        "plots": [str(p) for p in rep["plots"]], "recommendation": rep["recommendation"],
                         "overall": {k: v["overall"] for k, v in rep["results"].items()}, "notes": rep["notes"]})
             return
         from placement.commands.demo import plans_table, plans_table_legend
@@ -105,6 +108,8 @@ def register(app: typer.Typer) -> None:
         out.print(plans_table(cols, solver, title="evaluation data (lower is better in every column)"))
         if "contiguous" in cols:
             out.print(plans_table_legend(), markup=False, style="dim")
+        if rep["recommendation"]:
+            out.print(rep["recommendation"]["sentence"], markup=False)
         for n in rep["notes"]:
             out.print(n, markup=False)
         out.print(f"wrote {rep['markdown']}, {rep['html']} and {len(rep['plots'])} plots", markup=False)

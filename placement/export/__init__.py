@@ -1,7 +1,9 @@
 """Exporters: a plan in the formats serving stacks load at startup. One module per stack, each with
-``FORMAT`` (the --format name), ``SUFFIX`` and ``export(plan, path) -> (text, hints)``: the file content and the
-lines telling the user how to start the server with it. A module may also define
+``FORMAT`` (the --format name), ``SUFFIX`` and ``export(plan, path, model="MODEL", plan_path="PLAN.json") ->
+(text, hints)``: the file content and the commands that start the server with it (paths shell-quoted; ``model``
+and ``plan_path``, the plan file itself, fill the commands where the caller knows them). A module may also define
 ``companions(plan, path) -> [(path, text), ...]`` for files that go next to the main one (vLLM's per-rank maps).
+:func:`render` calls both.
 
 Every stack assumes physical slots contiguous per GPU (slot ``s`` on EP rank ``s // slots_per_gpu``), which is
 also the plan's convention, so the slot order of ``phy2log`` is written as is. A plan a stack cannot represent is
@@ -31,6 +33,14 @@ def exporters() -> dict:
         if hasattr(mod, "FORMAT") and hasattr(mod, "export"):
             found[mod.FORMAT] = mod
     return found
+
+
+def render(module, plan, path, *, plan_path=None, model: str | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """One export: ``([(path, text)] with the main file first, then its companions; hints)``."""
+    names = {k: str(v) for k, v in (("plan_path", plan_path), ("model", model)) if v is not None}
+    text, hints = module.export(plan, str(path), **names)
+    extra = module.companions(plan, str(path)) if hasattr(module, "companions") else []
+    return [(str(path), text), *extra], hints
 
 
 def require_resident(plan, stack: str) -> None:

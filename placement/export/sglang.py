@@ -10,6 +10,7 @@ Physical slot ``s`` lives on EP rank ``s // (width / ep_size)``.
 from __future__ import annotations
 
 import json
+from shlex import quote
 
 import numpy as np
 
@@ -31,12 +32,12 @@ def physical_to_logical_map(plan: Plan) -> np.ndarray:
     return rows
 
 
-def export(plan: Plan, path: str = "FILE") -> tuple[str, list[str]]:
+def export(plan: Plan, path: str = "FILE", model: str = "MODEL", plan_path: str = "PLAN.json") -> tuple[str, list[str]]:
     rows = physical_to_logical_map(plan)
     text = json.dumps({"physical_to_logical_map": rows.tolist()})
     G = plan.topology.num_gpus
-    hints = [f"python -m sglang.launch_server --model-path MODEL --tp-size {G} --ep-size {G} "
-             f"--init-expert-location {path} --ep-num-redundant-experts {plan.num_redundant} "
+    hints = [f"python -m sglang.launch_server --model-path {quote(model)} --tp-size {G} --ep-size {G} "
+             f"--init-expert-location {quote(path)} --ep-num-redundant-experts {plan.num_redundant} "
              f"--ep-dispatch-algorithm static",
              f"(EP size must be {G}; --ep-num-redundant-experts must be {plan.num_redundant} so that "
              f"{plan.num_experts} + {plan.num_redundant} = {plan.num_slots} slots match the file's width; "

@@ -11,6 +11,9 @@ ValueError) and ``layer_updates_per_iter`` (0 = static: the placement never chan
 
 from __future__ import annotations
 
+from pathlib import Path
+from shlex import quote
+
 import yaml
 
 from placement.export import ExportError, require_resident
@@ -46,14 +49,26 @@ def load_balancer_config(plan: Plan) -> dict:
     }
 
 
-def export(plan: Plan, path: str = "FILE") -> tuple[str, list[str]]:
+def extra_options_path(path: str | Path) -> Path:
+    """The ``--extra_llm_api_options`` YAML written next to the load-balancer file."""
+    p = Path(path)
+    return p.with_name(p.stem + ".extra.yaml")
+
+
+def companions(plan: Plan, path: str = "FILE") -> list[tuple[str, str]]:
+    """The ``--extra_llm_api_options`` file that points TensorRT-LLM at the load-balancer file."""
+    options = {"moe_config": {"backend": "WIDEEP", "load_balancer": str(path)}}
+    return [(str(extra_options_path(path)), yaml.safe_dump(options, sort_keys=False))]
+
+
+def export(plan: Plan, path: str = "FILE", model: str = "MODEL", plan_path: str = "PLAN.json") -> tuple[str, list[str]]:
     cfg = load_balancer_config(plan)
     cfg["initial_global_assignments"] = {k: _FlowList(v) for k, v in cfg["initial_global_assignments"].items()}
     text = yaml.dump(cfg, Dumper=_dumper(), sort_keys=False, width=1 << 30)
     G = plan.topology.num_gpus
-    hints = [f"in the YAML given to --extra_llm_api_options:  moe_config: {{backend: WIDEEP, load_balancer: {path}}}",
-             f"(older TensorRT-LLM releases: top-level 'moe_load_balancer: {path}')",
-             f"trtllm-serve MODEL --backend pytorch --tp_size {G} --ep_size {G} "
-             f"--extra_llm_api_options extra.yaml   (EP size must be {G}; {plan.num_slots} slots = "
-             f"{plan.num_experts} experts + {plan.num_redundant} redundant)"]
+    hints = [f"trtllm-serve {quote(model)} --backend pytorch --tp_size {G} --ep_size {G} "
+             f"--extra_llm_api_options {quote(str(extra_options_path(path)))}",
+             f"({extra_options_path(path).name} sets moe_config: {{backend: WIDEEP, load_balancer: {path}}}; older "
+             f"TensorRT-LLM releases read a top-level 'moe_load_balancer: {path}'; EP size must be {G}; "
+             f"{plan.num_slots} slots = {plan.num_experts} experts + {plan.num_redundant} redundant)"]
     return text, hints

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from shlex import quote
 
 import numpy as np
 
@@ -95,15 +96,16 @@ def companions(plan: Plan, path: str = "FILE") -> list[tuple[str, str]]:
     return [(str(companion_path(path)), json.dumps(expert_maps(plan)))]
 
 
-def export(plan: Plan, path: str = "FILE") -> tuple[str, list[str]]:
+def export(plan: Plan, path: str = "FILE", model: str = "MODEL", plan_path: str = "PLAN.json") -> tuple[str, list[str]]:
     rows = initial_expert_map(plan)
     text = "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"
     G, R = plan.topology.num_gpus, plan.num_redundant
     eplb = json.dumps({"num_redundant_experts": R})
-    hints = [f"MOEPLACE_PLAN=PLAN.json vllm serve MODEL --tensor-parallel-size {G} --enable-expert-parallel "
-             f"--enable-eplb --eplb-config '{eplb}'   (moeplace plugin: installs the plan at startup; EP size "
-             f"must be {G})",
-             f"vLLM builds with PR #49572: --eplb-config "
-             f"'{json.dumps({'num_redundant_experts': R, 'initial_expert_map_path': path})}'",
-             f"per-rank expert maps: {companion_path(path)}"]
+    pr = json.dumps({"num_redundant_experts": R, "initial_expert_map_path": str(path)})
+    hints = [f"MOEPLACE_PLAN={quote(str(plan_path))} vllm serve {quote(model)} --tensor-parallel-size {G} "
+             f"--enable-expert-parallel --enable-eplb --eplb-config {quote(eplb)}",
+             f"(the moeplace plugin installs the plan file at startup; EP size must be {G})",
+             f"vllm serve {quote(model)} --tensor-parallel-size {G} --enable-expert-parallel --enable-eplb "
+             f"--eplb-config {quote(pr)}",
+             f"(vLLM builds with PR #49572; per-rank expert maps: {companion_path(path)})"]
     return text, hints

@@ -13,6 +13,7 @@ in ``.json``.
 from __future__ import annotations
 
 import json
+from shlex import quote
 
 from placement.export import ExportError, require_distinct_per_gpu, require_resident
 from placement.plan import Plan
@@ -34,13 +35,14 @@ def expert_map_json(plan: Plan) -> dict:
     return {"moe_layer_count": plan.num_layers, "layer_list": layers}
 
 
-def export(plan: Plan, path: str = "FILE") -> tuple[str, list[str]]:
+def export(plan: Plan, path: str = "FILE", model: str = "MODEL", plan_path: str = "PLAN.json") -> tuple[str, list[str]]:
     if path != "FILE" and not str(path).endswith(".json"):
         raise ExportError(f"vllm-ascend only reads expert maps whose path ends in .json, got {path}")
     text = json.dumps(expert_map_json(plan), indent=1)
     G = plan.topology.num_gpus
-    cfg = json.dumps({"eplb_config": {"expert_map_path": path}})
-    hints = [f"vllm serve MODEL --tensor-parallel-size {G} --enable-expert-parallel --additional-config '{cfg}'",
+    cfg = json.dumps({"eplb_config": {"expert_map_path": str(path)}})
+    hints = [f"vllm serve {quote(model)} --tensor-parallel-size {G} --enable-expert-parallel --additional-config "
+             f"{quote(cfg)}",
              f"(EP size must be {G}; vllm-ascend derives {plan.num_redundant} redundant slots from the file and needs "
              f"the path to end in .json)"]
     return text, hints
