@@ -17,8 +17,9 @@ under ``--cache``.
 - ``speedup``: DeepSeek-V3 size (58 x 256, 64 GPUs in 8 nodes, 64 redundant), the joint planner with
   ``--work-limit``: seconds of the parallel part (the per-layer tasks) on 1 and 2 workers, and whether the plans are
   identical.
-- ``reduce``: ``--tokens`` V3 tokens (default 10M) written as 20 shards; the statistics reduced with 1 worker,
-  2 workers and Ray: seconds, peak memory of the largest process, identical or not.
+- ``reduce``: ``--tokens-reduce`` V3 tokens (default 10M) written as 20 shards (whole sequences resampled from
+  the cached calibrated ``--v3-tokens`` trace); the statistics reduced with 1 worker, 2 workers and Ray: seconds,
+  peak memory of the largest process, identical or not.
 """
 
 from __future__ import annotations
@@ -175,25 +176,45 @@ def _noop(_shared, x):
 # --- reduce -------------------------------------------------------------------------------------------------------
 
 
-def write_shards(tokens: int, shards: int, cache: Path) -> Path:
-    """``tokens`` V3 tokens as ``shards`` files, generated one shard at a time (distinct workload seeds)."""
-    from traces import save
-    from traces.synthetic import model_trace
+def write_shards(tokens: int, shards: int, cache: Path, base_tokens: int) -> Path:
+    """``tokens`` V3 tokens as ``shards`` files. Each shard resamples whole sequences (with replacement, its own
+    seed) of the cached calibrated ``base_tokens`` trace, with fresh sequence ids: generating 10M tokens afresh takes
+    about an hour here, and what the reduction costs does not depend on which sequences a shard holds. Gate weights
+    are left out, as in stacks' recorder dumps (the statistics never read them)."""
+    from dataclasses import replace
+
+    from traces import load, save
 
     folder = cache / f"v3-shards-{tokens}-{shards}"
     per = -(-tokens // shards)
     folder.mkdir(parents=True, exist_ok=True)
+    base = None
     for i in range(shards):
         path = folder / f"shard{i:03d}.npz"
-        if not path.exists():
-            n = min(per, tokens - i * per)
-            save(model_trace("deepseek-v3", n, seed=1000 + i), path)
-            print(f"wrote {path.name}", file=sys.stderr)
+        if path.exists():
+            continue
+        if base is None:
+            base = load(cached_trace("deepseek-v3", base_tokens, cache))
+            starts = np.flatnonzero(np.r_[True, base.seq_id[1:] != base.seq_id[:-1]])
+            bounds = np.r_[starts, base.num_tokens]
+        n = min(per, tokens - i * per)
+        rng = np.random.default_rng(1000 + i)
+        picks, got = [], 0
+        while got < n:
+            j = int(rng.integers(starts.size))
+            seg = np.arange(bounds[j], bounds[j + 1])[: n - got]
+            picks.append(seg)
+            got += seg.size
+        idx = np.concatenate(picks)
+        seq = np.repeat(np.arange(len(picks), dtype=np.int64) + i * 10_000_000, [p.size for p in picks])
+        tr = replace(base.take(idx), seq_id=seq, gate_weights=None, source=f"resampled shard {i}")
+        save(tr, path, compress=False)  # as a recorder writes them; compressing 460 MB shards takes minutes each
+        print(f"wrote {path.name}", file=sys.stderr)
     return folder
 
 
 def section_reduce(args) -> dict:
-    folder = write_shards(args.tokens_reduce, 20, args.cache)
+    folder = write_shards(args.tokens_reduce, 20, args.cache, args.v3_tokens)
     code = ("import json, resource, sys, time, numpy as np\n"
             "from placement.executor import make_executor\nfrom placement.reduce import reduce_stats\n"
             "w, addr, folder = sys.argv[1], sys.argv[2], sys.argv[3]\n"

@@ -40,7 +40,7 @@ from solvers.objective import gpu_load, imbalance
 from traces import LoadProfile, RoutingTrace
 from traces.format import layer_counts
 
-__all__ = ["POLICIES", "ReplaySetup", "ReplayError", "make_policy", "replay", "migration", "summary_rows",
+__all__ = ["POLICIES", "ReplaySetup", "ReplayError", "PolicySpec", "make_policy", "replay", "migration", "summary_rows",
            "plot_replay", "markdown_table"]
 
 POLICIES = ("eplb", "eplb-global", "eplb-hierarchical", "static", "moeplace")
@@ -225,58 +225,94 @@ def check_setup(data: RoutingTrace | LoadProfile, setup: ReplaySetup) -> None:
         raise ReplayError(f"--expert-groups ({setup.expert_groups}) must divide the {E} experts")
 
 
-def replay(data: RoutingTrace | LoadProfile, policies: dict[str, Policy | np.ndarray], setup: ReplaySetup,
-           progress: Callable[[str], None] | None = None) -> dict:
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy by name and options (:func:`make_policy`): what a worker process builds for itself."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+def replay(data: RoutingTrace | LoadProfile, policies: dict[str, Policy | PolicySpec | np.ndarray],
+           setup: ReplaySetup, progress: Callable[[str], None] | None = None, executor=None) -> dict:
     """Replay every policy on the same stream (see the module docstring).
 
     Args:
-        policies: name -> a policy (:func:`make_policy`) or a fixed placement ``[L, S]`` (installed at start-up,
-            never moved: no migration).
+        policies: name -> a policy (:func:`make_policy`), a :class:`PolicySpec`, or a fixed placement ``[L, S]``
+            (installed at start-up, never moved: no migration).
+        executor: a :mod:`placement.executor` backend; with one, the policies given as specs or fixed placements
+            replay in parallel, one task each (the same rows as one after another; each policy's own time is
+            measured in its task).
     Returns:
         ``{"setup": {...}, "policies": {name: {"rebalances": [...], "overall": {...}}}}``.
     """
     check_setup(data, setup)
     stream = _Stream(data)
-    topo, cost, W, I = setup.topology, setup.cost, int(setup.window), int(setup.interval)
-    E, L, S = stream.num_experts, stream.num_layers, topo.num_slots
+    topo, W, I = setup.topology, int(setup.window), int(setup.interval)
+    E, S = stream.num_experts, topo.num_slots
     starts = list(range(W, stream.length, I))
     out: dict = {"setup": {"window": W, "interval": I, "unit": stream.unit, "length": stream.length,
                            "gpus": topo.num_gpus, "gpus_per_node": topo.gpus_per_node, "slots": S,
                            "redundant": S - E, "expert_groups": setup.expert_groups, "scale": setup.scale,
-                           "expert_bytes": cost.expert_bytes, "source": data.source,
+                           "expert_bytes": setup.cost.expert_bytes, "source": data.source,
                            "rebalances": len(starts)}, "policies": {}}
-    windows = [stream.counts(t - W, t) for t in starts]
-    judged = [stream.counts(t, min(t + I, stream.length)) for t in starts]
     initial = _initial(setup, stream)
-    for name, pol in policies.items():
-        fixed = not callable(pol)
-        cur = np.asarray(pol, dtype=np.int64) if fixed else initial
-        if fixed and cur.shape != (L, S):
-            raise ReplayError(f"the fixed placement {name} has shape {list(cur.shape)}, but this replay needs "
-                              f"[{L}, {S}]; give a plan of this model for these GPUs and slots")
-        rows = []
-        for k, t in enumerate(starts):
-            if progress is not None:
-                progress(f"{name}: rebalance {k + 1} of {len(starts)}")
-            t0 = time.perf_counter()
-            new = cur if fixed else np.asarray(pol(windows[k], cur), dtype=np.int64)
-            wall = 0.0 if fixed else time.perf_counter() - t0
-            from placement.online import check_map
+    from placement.executor import InProcess
 
-            reason = check_map(new, L, E, S)
-            if reason is not None:
-                raise ReplayError(f"policy {name} returned an unusable placement at rebalance {k + 1}: {reason}")
-            copies, mig = migration(cur, new, E, topo, cost.expert_bytes)
-            b = min(t + I, stream.length)
-            imb = imbalance(gpu_load(new, judged[k], topo))
-            rows.append({"rebalance": k + 1, "at": t, "judged": b - t, "load_imbalance": float(imb.mean()),
-                         "load_imbalance_max": float(imb.max()),
-                         "est_moe_seconds": stream.moe_seconds(new, t, b, judged[k], topo, cost) * setup.scale,
-                         "moved_copies": copies, "moved_bytes": copies * cost.expert_bytes,
-                         "migration_seconds": mig, "policy_seconds": wall})
-            cur = new
-        out["policies"][name] = {"rebalances": rows, "overall": _overall(rows, L, S, fixed)}
+    shippable = all(not callable(p) for p in policies.values())
+    if executor is not None and not isinstance(executor, InProcess) and shippable and len(policies) > 1:
+        if progress is not None:
+            progress(f"{len(policies)} policies, {len(starts)} rebalances each, in parallel")
+        tasks = list(policies.items())
+        results = executor.map(_replay_task, tasks, shared=(data, setup, initial))
+        out["policies"] = dict(zip(policies, results))
+        return out
+    for name, pol in policies.items():
+        out["policies"][name] = _replay_one(stream, setup, initial, name, pol, progress)
     return out
+
+
+def _replay_task(shared, task) -> dict:
+    data, setup, initial = shared
+    return _replay_one(_Stream(data), setup, initial, *task)
+
+
+def _replay_one(stream: "_Stream", setup: ReplaySetup, initial: np.ndarray, name: str,
+                pol: Policy | PolicySpec | np.ndarray, progress: Callable[[str], None] | None = None) -> dict:
+    """One policy's rebalances over the stream: ``{"rebalances": [...], "overall": {...}}``."""
+    from placement.online import check_map
+
+    topo, cost, W, I = setup.topology, setup.cost, int(setup.window), int(setup.interval)
+    E, L, S = stream.num_experts, stream.num_layers, topo.num_slots
+    starts = list(range(W, stream.length, I))
+    if isinstance(pol, PolicySpec):
+        pol = make_policy(pol.name, setup, **pol.options)
+    fixed = not callable(pol)
+    cur = np.asarray(pol, dtype=np.int64) if fixed else initial
+    if fixed and cur.shape != (L, S):
+        raise ReplayError(f"the fixed placement {name} has shape {list(cur.shape)}, but this replay needs "
+                          f"[{L}, {S}]; give a plan of this model for these GPUs and slots")
+    rows = []
+    for k, t in enumerate(starts):
+        if progress is not None:
+            progress(f"{name}: rebalance {k + 1} of {len(starts)}")
+        window, b = stream.counts(t - W, t), min(t + I, stream.length)
+        judged = stream.counts(t, b)
+        t0 = time.perf_counter()
+        new = cur if fixed else np.asarray(pol(window, cur), dtype=np.int64)
+        wall = 0.0 if fixed else time.perf_counter() - t0
+        reason = check_map(new, L, E, S)
+        if reason is not None:
+            raise ReplayError(f"policy {name} returned an unusable placement at rebalance {k + 1}: {reason}")
+        copies, mig = migration(cur, new, E, topo, cost.expert_bytes)
+        imb = imbalance(gpu_load(new, judged, topo))
+        rows.append({"rebalance": k + 1, "at": t, "judged": b - t, "load_imbalance": float(imb.mean()),
+                     "load_imbalance_max": float(imb.max()),
+                     "est_moe_seconds": stream.moe_seconds(new, t, b, judged, topo, cost) * setup.scale,
+                     "moved_copies": copies, "moved_bytes": copies * cost.expert_bytes,
+                     "migration_seconds": mig, "policy_seconds": wall})
+        cur = new
+    return {"rebalances": rows, "overall": _overall(rows, L, S, fixed)}
 
 
 def _overall(rows: list[dict], L: int, S: int, fixed: bool) -> dict:

@@ -245,7 +245,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                  files: Sequence[str] = (), skipped: dict[str, str] | None = None, pick: str | None = None,
                  plots: bool | None = None, progress: Callable[[str], None] | None = None,
                  staging: Path | None = None, recommendation: dict | None = None, same: dict[str, str] | None = None,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, executor=None) -> dict:
     """Evaluate ``plans`` on ``data`` and write the report folder, as a whole (:func:`traces.outputs.output_folder`:
     an interrupted or failed report leaves the previous folder as it was).
 
@@ -267,6 +267,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
         same: ``{solver: solver whose identical plan is shown instead}``, named in the report.
         staging: the staging folder of an :func:`~traces.outputs.output_folder` the caller holds for ``out_dir``
             (the demo writes its plans there too); None: the report opens its own.
+        executor: a :mod:`placement.executor` backend for the per-token evaluation (in blocks); None: here.
     Returns:
         ``{"markdown", "html", "json": Path, "plots": [Path], "results": {name: evaluate(...)}, "notes": [str],
         "recommendation": dict | None}``, paths in ``out_dir``.
@@ -278,11 +279,11 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                                 title=title, setup=setup, reproduce=reproduce, cost=cost, baseline=baseline,
                                 memory_curve=memory_curve, files=files, skipped=skipped, pick=pick, plots=plots,
                                 progress=progress, staging=stage, recommendation=recommendation, same=same,
-                                seed=seed)
+                                seed=seed, executor=executor)
     rep = _write_report(plans, data, Path(staging), labels=labels, affinity=affinity, affinity_extra=affinity_extra,
                         title=title, setup=setup, reproduce=reproduce, cost=cost, baseline=baseline,
                         memory_curve=memory_curve, files=files, skipped=skipped, pick=pick, plots=plots,
-                        progress=progress, recommendation=recommendation, same=same, seed=seed)
+                        progress=progress, recommendation=recommendation, same=same, seed=seed, executor=executor)
     for key in ("markdown", "html", "json"):
         rep[key] = out_dir / rep[key].relative_to(staging)
     rep["plots"] = [out_dir / p.relative_to(staging) for p in rep["plots"]]
@@ -290,7 +291,8 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
 
 
 def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extra, title, setup, reproduce, cost,
-                  baseline, memory_curve, files, skipped, pick, plots, progress, recommendation, same, seed) -> dict:
+                  baseline, memory_curve, files, skipped, pick, plots, progress, recommendation, same, seed,
+                  executor=None) -> dict:
     from placement import plots as P
     from placement.recommend import recommend
 
@@ -299,7 +301,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
     ev = prepare(data)
     names = _unique_names(plans, labels)
     say("evaluating plans ...")
-    results = {n: evaluate(p, ev, cost) for n, p in zip(names, plans)}
+    results = {n: evaluate(p, ev, cost, executor) for n, p in zip(names, plans)}
     overall = {n: r["overall"] for n, r in results.items()}
     solver = {n: p.solver for n, p in zip(names, plans)}
     notes: list[str] = []

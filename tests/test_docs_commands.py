@@ -7,8 +7,8 @@ of the bundled real trace, by the stacks' own formats). What belongs to the user
 cluster (:data:`USER_PATHS`); that and the time cap below are the only changes to the commands.
 
 - default tier (:func:`test_documented_commands_run_in_order`): every command is parsed by the real CLI, every
-  file it reads exists at that point of the page, and it runs in-process with solver time limits capped at 1 s
-  and ``--workers 1``;
+  file it reads exists at that point of the page, and it runs in-process with solver time limits capped at 1 s,
+  ``--workers 1`` and ``calibrate`` measuring its smallest sizes briefly;
   ``collect``, ``bench``, ``budget`` and ``--ray-address`` (a model forward, torch.distributed processes, a cache
   simulation, a Ray cluster: tens of seconds each, run by their own tests) are parsed and checked only, ``bench``
   with the checks it makes before it launches ranks.
@@ -228,10 +228,16 @@ def _expand(args: list[str]) -> list[str]:
     return out
 
 
+CAPS = (("--time-limit", "1"), ("--workers", "1"),  # solvers, and the work in this process
+        ("--seconds-per-point", "0.01"), ("--tokens-per-expert", "16"), ("--tokens-per-peer", "8"),  # calibrate
+        ("--copy-size", "1MiB"))
+
+
 def _capped(cmd, args: list[str]) -> list[str]:
-    """The default tier's only change: solver time limits at 1 s, and the work in this process (``--workers 1``:
-    parallel runs give the same results by design, tests/test_parallel.py checks that)."""
-    for option, value in (("--time-limit", "1"), ("--workers", "1")):
+    """The default tier's only change: solver time limits at 1 s, the work in this process (``--workers 1``:
+    parallel runs give the same results by design, tests/test_parallel.py checks that) and ``calibrate``'s
+    measurements at their smallest sizes (its own tests check the figures)."""
+    for option, value in CAPS:
         if not any(option in p.opts for p in cmd.params):
             continue
         if option in args:

@@ -201,3 +201,27 @@ def test_evaluation_in_blocks_on_two_workers_equals_one(real, monkeypatch):
     with LocalProcesses(2) as ex:
         parts = evaluate(plan, held, executor=ex)
     assert parts["overall"] == whole["overall"] and parts["per_layer"] == whole["per_layer"]
+
+
+def test_replay_of_policies_on_two_workers_equals_one():
+    """Policies replayed in parallel (one task each, built in the worker from their specs) give the rows of the
+    replay one after another (each policy's own wall time aside)."""
+    from placement.replay import PolicySpec, ReplaySetup, replay
+    from traces import drift
+
+    data = drift.scenario("esft-drift:phases")
+    data = data.take(np.arange(3000, 9000))
+    setup = ReplaySetup(Topology.for_experts(64, 4, 4, gpus_per_node=2), 1200, 1200, scale=8.0)
+    specs = {"eplb": PolicySpec("eplb"), "moeplace": PolicySpec("moeplace", {"max_moves": 30}),
+             "fixed": np.tile(np.arange(68) % 64, (data.num_layers, 1))}
+    one = replay(data, specs, setup)
+    with LocalProcesses(2) as ex:
+        two = replay(data, specs, setup, executor=ex)
+    assert list(one["policies"]) == list(two["policies"]) == list(specs)
+    for name in specs:
+        a, b = one["policies"][name]["rebalances"], two["policies"][name]["rebalances"]
+        assert len(a) == len(b) == 4
+        for ra, rb in zip(a, b):
+            assert {k: v for k, v in ra.items() if k != "policy_seconds"} == \
+                   {k: v for k, v in rb.items() if k != "policy_seconds"}
+    assert any(r["moved_copies"] for r in one["policies"]["moeplace"]["rebalances"])  # the policies did act

@@ -8,7 +8,8 @@ from typing import Callable, Optional
 
 import typer
 
-from placement.cli_common import UserError, err, out, print_json, user_errors
+from placement.cli_common import (RayAddressOption, UserError, WorkersOption, err, executor_for, out, print_json,
+                                  user_errors)
 
 DEMO_TIME_LIMIT = 15.0  # seconds per solver; with every solver the demo finishes in about two minutes on 2 cores
 DEMO_THREADS = 2
@@ -97,7 +98,7 @@ def demo_redundant(gpus: int, redundant: int | None) -> int:
 
 def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, time_limit: float = DEMO_TIME_LIMIT,
              seed: int = 0, solvers: list[str] | None = None, plots: bool | None = None,
-             progress: Callable[..., None] | None = None, redundant: int | None = None) -> dict:
+             progress: Callable[..., None] | None = None, redundant: int | None = None, executor=None) -> dict:
     """Fit every solver on half the bundled sequences, evaluate on the other half; write plans, exports, report.
 
     ``redundant``: redundant slots in total (default: one per GPU). Plans with identical placements are shown once
@@ -105,7 +106,8 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     (:func:`placement.recommend.recommend`); it is exported for every serving stack. The output folder is written
     as a whole when everything is computed (:func:`traces.outputs.output_folder`).
     ``progress(message, advance)`` is called with a description and the number of finished steps (see
-    :func:`demo_steps`).
+    :func:`demo_steps`). ``executor`` (:mod:`placement.executor`): where the joint planner's per-layer steps and
+    the held-out evaluation run (None: here).
     """
     import shlex
 
@@ -146,7 +148,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
         say(f"planning with {name} (limit {time_limit:g}s) ...")
         try:
             res = solve(name, problem, Options(time_limit=time_limit, seed=seed, threads=DEMO_THREADS,
-                                                progress=lambda m, n=name: say(f"{n}: {m}")))
+                                                progress=lambda m, n=name: say(f"{n}: {m}"), executor=executor))
         except SolverInputError as exc:
             skipped[name] = str(exc)
             say(f"{name}: skipped", 1)
@@ -172,8 +174,8 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
 
     ev_fit, ev_held = prepare(fit), prepare(held)
     for name, plan in plans.items():
-        plan.predicted = evaluate(plan, ev_fit)["overall"]
-        plan.heldout = evaluate(plan, ev_held)["overall"]
+        plan.predicted = evaluate(plan, ev_fit, None, executor)["overall"]
+        plan.heldout = evaluate(plan, ev_held, None, executor)["overall"]
     rec = recommend(plans, ev_held, {n: p.heldout for n, p in plans.items()}, seed=seed, what="held-out")
     best = rec["best"] if rec else next(iter(plans))
 
@@ -224,7 +226,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
                                            .mutual_information()},
                            title="moeplace demo: DeepSeek-V2-Lite, held-out sequences", setup=setup, reproduce=cmd,
                            memory_curve=curve, files=files, skipped=skipped, recommendation=rec, plots=plots,
-                           progress=lambda m: say(m), staging=stage, same=same)
+                           progress=lambda m: say(m), staging=stage, same=same, executor=executor)
     say("report written", 1)
     return {"trace": {"tokens": trace.num_tokens, "fit_tokens": fit.num_tokens, "heldout_tokens": held.num_tokens,
                       "sequences": trace.num_sequences},
@@ -302,6 +304,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the sequence split and the solvers."),
         plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw PNG plots (default: when "
                                              "matplotlib is installed; --plots requires it)."),
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         """Run the whole pipeline on the bundled real trace and write plans, an SGLang export and a report.
@@ -319,7 +323,7 @@ def register(app: typer.Typer) -> None:
             require("matplotlib", "--plots")
         chosen = list(solver or comparable_solvers())
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
+                      console=err, transient=True) as bar, executor_for(workers, ray_address) as ex:
             task = bar.add_task("moeplace demo", total=demo_steps(chosen))
 
             def progress(message: str, advance: int = 0) -> None:
@@ -328,7 +332,7 @@ def register(app: typer.Typer) -> None:
                     err.print(f"  [green]done[/] {message}", highlight=False)
 
             res = run_demo(out_dir, gpus, gpus_per_node, time_limit, seed, list(solver) if solver else None, plots,
-                           progress=progress, redundant=redundant)
+                           progress=progress, redundant=redundant, executor=ex)
         rep = res["report"]
         rec = res["recommendation"]
         if as_json:

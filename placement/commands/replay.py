@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, err, fmt, out, print_json, progress, user_errors
+from placement.cli_common import (RayAddressOption, UserError, WorkersOption, err, executor_for, fmt, out, print_json,
+                                  progress, user_errors)
 from placement.commands.plan import (FlopsOption, HardwareOption, InterBandwidthOption, IntermediateOption,
                                      IntraBandwidthOption, ModelOption)
 
@@ -98,6 +99,8 @@ def register(app: typer.Typer) -> None:
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
         hardware: HardwareOption = None,
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
         plot: Optional[Path] = typer.Option(None, "--plot", help="Write the replay over time as a PNG (needs "
                                             "matplotlib: the plot extra)."),
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output: every rebalance of every policy."),
@@ -108,7 +111,7 @@ def register(app: typer.Typer) -> None:
         from placement.commands.plan import cost_model, link_bandwidths, load_hardware
         from placement.hardware import gpus_per_node as hardware_gpus_per_node
         from placement.plan import Plan
-        from placement.replay import POLICIES, ReplaySetup, make_policy, plot_replay, replay
+        from placement.replay import POLICIES, PolicySpec, ReplaySetup, make_policy, plot_replay, replay
         from solvers import Topology
 
         names = list(policy or ["eplb", "static", "moeplace"])
@@ -163,10 +166,14 @@ def register(app: typer.Typer) -> None:
         from placement.replay import check_setup
 
         check_setup(data, setup)
-        policies = {n: make_policy(n, setup, **(opts if n == "moeplace" else {})) for n in names}
+        policies = {}
+        for n in names:
+            o = opts if n == "moeplace" else {}
+            make_policy(n, setup, **o)  # bad options fail here, in one sentence, before any work
+            policies[n] = PolicySpec(n, o)
         policies.update(fixed)
-        with progress("replaying") as status:
-            result = replay(data, policies, setup, progress=status.update)
+        with progress("replaying") as status, executor_for(workers, ray_address) as ex:
+            result = replay(data, policies, setup, progress=status.update, executor=ex)
         result["setup"]["sources"] = sources
         if plot is not None:
             plot_replay(result, plot)

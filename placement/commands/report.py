@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from placement.cli_common import UserError, err, out, print_json, progress, user_errors
+from placement.cli_common import (RayAddressOption, UserError, WorkersOption, executor_for, out, print_json, progress,
+                                  user_errors)
 from placement.commands.plan import (CommOption, EvalDataflowOption, HbmOption, PhaseOption, TokensPerGpuOption, EvalDtypeOption, EvalHiddenOption, EvalModelConfigOption,
                                      FlopsOption, HardwareOption, InterBandwidthOption, IntermediateOption,
                                      IntraBandwidthOption, ModelOption)
@@ -41,6 +42,8 @@ def register(app: typer.Typer) -> None:
         intra_bw: IntraBandwidthOption = None,
         inter_bw: InterBandwidthOption = None,
         hardware: HardwareOption = None,
+        workers: WorkersOption = None,
+        ray_address: RayAddressOption = None,
         title: str = typer.Option("moeplace report", "--title", help="Report title."),
         plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw PNG plots (default: when "
                                              "matplotlib is installed; --plots requires it)."),
@@ -92,10 +95,11 @@ def register(app: typer.Typer) -> None:
         cmd += "" if baseline else " --no-baseline"
         given = {**cost_opts, "intra_node_bandwidth": intra_bw, "inter_node_bandwidth": inter_bw}
         cmd += "".join(f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v is not None)
-        with progress("writing the report ...") as status:
+        with progress("writing the report ...") as status, executor_for(workers, ray_address) as ex:
             stats = AffinityStats.from_trace(whole, seed=seed) if isinstance(whole, RoutingTrace) else None
             rep = build_report(plan_objs, data, out_dir, labels=labels, affinity=stats, title=title, setup=setup,
-                               reproduce=cmd, cost=cost, plots=plots, progress=status.update, seed=seed)
+                               reproduce=cmd, cost=cost, plots=plots, progress=status.update, seed=seed,
+                               executor=ex)
         if as_json:
             print_json({"report": str(rep["markdown"]), "html": str(rep["html"]), "json": str(rep["json"]),
                         "plots": [str(p) for p in rep["plots"]], "recommendation": rep["recommendation"],
