@@ -38,7 +38,8 @@ BASELINE = "contiguous"
 ALT = {"load_imbalance": "load imbalance per layer", "cross_gpu": "cross-GPU transitions per layer boundary",
        "tradeoff": "balance vs affinity", "affinity_heatmaps": "conditional routing heatmaps",
        "affinity_heatmaps_by_gpu": "conditional routing heatmaps grouped by GPU",
-       "mutual_information": "mutual information per layer boundary", "memory_budget": "memory-budget curve"}
+       "mutual_information": "mutual information per layer boundary", "memory_budget": "memory-budget curve",
+       "online_replay": "online rebalancing replay over time"}
 
 
 # a tiny document model rendered to Markdown and to HTML ------------------------------------------------------
@@ -245,7 +246,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                  files: Sequence[str] = (), skipped: dict[str, str] | None = None, pick: str | None = None,
                  plots: bool | None = None, progress: Callable[[str], None] | None = None,
                  staging: Path | None = None, recommendation: dict | None = None, same: dict[str, str] | None = None,
-                 seed: int = 0, executor=None) -> dict:
+                 seed: int = 0, executor=None, online: dict | None = None) -> dict:
     """Evaluate ``plans`` on ``data`` and write the report folder, as a whole (:func:`traces.outputs.output_folder`:
     an interrupted or failed report leaves the previous folder as it was).
 
@@ -268,6 +269,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
         staging: the staging folder of an :func:`~traces.outputs.output_folder` the caller holds for ``out_dir``
             (the demo writes its plans there too); None: the report opens its own.
         executor: a :mod:`placement.executor` backend for the per-token evaluation (in blocks); None: here.
+        online: a :func:`placement.replay.replay` result, shown as a section with its table and plot (None: none).
     Returns:
         ``{"markdown", "html", "json": Path, "plots": [Path], "results": {name: evaluate(...)}, "notes": [str],
         "recommendation": dict | None}``, paths in ``out_dir``.
@@ -279,11 +281,12 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
                                 title=title, setup=setup, reproduce=reproduce, cost=cost, baseline=baseline,
                                 memory_curve=memory_curve, files=files, skipped=skipped, pick=pick, plots=plots,
                                 progress=progress, staging=stage, recommendation=recommendation, same=same,
-                                seed=seed, executor=executor)
+                                seed=seed, executor=executor, online=online)
     rep = _write_report(plans, data, Path(staging), labels=labels, affinity=affinity, affinity_extra=affinity_extra,
                         title=title, setup=setup, reproduce=reproduce, cost=cost, baseline=baseline,
                         memory_curve=memory_curve, files=files, skipped=skipped, pick=pick, plots=plots,
-                        progress=progress, recommendation=recommendation, same=same, seed=seed, executor=executor)
+                        progress=progress, recommendation=recommendation, same=same, seed=seed, executor=executor,
+                        online=online)
     for key in ("markdown", "html", "json"):
         rep[key] = out_dir / rep[key].relative_to(staging)
     rep["plots"] = [out_dir / p.relative_to(staging) for p in rep["plots"]]
@@ -292,7 +295,7 @@ def build_report(plans: Sequence[Plan], data: RoutingTrace | LoadProfile | EvalD
 
 def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extra, title, setup, reproduce, cost,
                   baseline, memory_curve, files, skipped, pick, plots, progress, recommendation, same, seed,
-                  executor=None) -> dict:
+                  executor=None, online=None) -> dict:
     from placement import plots as P
     from placement.recommend import recommend
 
@@ -363,6 +366,11 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
                 memory_curve["rows"], memory_curve["x"], memory_curve["x_label"], memory_curve["series"],
                 group_key=memory_curve.get("group")),
                 memory_curve.get("note") or "What each memory budget costs, on the evaluation sequences.")
+        if online:
+            from placement.replay import plot_replay
+
+            figs["online_replay"] = (plot_replay(online), "Each policy's next-interval load imbalance at every "
+                                     "rebalance (top) and the expert copies it has moved so far (bottom).")
     plot_dir = out_dir / "plots"
     written = []
     if figs:
@@ -396,7 +404,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
     if same:
         doc.p("Shown once: " + "; ".join(f"{d} gave the same plan as {k}" for d, k in same.items()) + ".")
     for stem, (_, caption) in figs.items():
-        if stem == "memory_budget":
+        if stem in ("memory_budget", "online_replay"):
             continue
         doc.img(f"plots/{stem}.png", ALT.get(stem, stem), plot_dir / f"{stem}.png", caption)
     if "memory_budget" in figs:
@@ -405,6 +413,29 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
     if memory_curve and memory_curve.get("rows") and memory_curve.get("table"):
         h, r = memory_curve["table"]
         doc.table(h, r)
+    if online:
+        from placement.replay import COLUMNS, summary_rows
+
+        st = online["setup"]
+        doc.h(2, "Online rebalancing")
+        doc.p(f"The serving stacks re-plan every few thousand steps from the counts of the last window. Replayed on "
+              f"{st['source']}: {st['rebalances']} rebalances, each policy seeing the last {st['window']} "
+              f"{st['unit']} and judged on the next {st['interval']} (each {st['unit'][:-1]} standing for "
+              f"{st['scale']:g} served), {st['gpus']} GPUs with {st['redundant']} redundant slots. `eplb` is EPLB "
+              f"re-fitted on every window as the stacks run it, `static` keeps the first map, `moeplace` is "
+              f"moeplace's migration-aware policy (docs/online.md). Lower is better in every column.")
+        cols = [c for c in COLUMNS if c[0] in ("load_imbalance", "moved_copies", "migration_seconds",
+                                               "est_total_seconds", "policy_seconds_max")]
+        fmt = {"load_imbalance": "{:.4f}", "moved_copies": "{:d}", "migration_seconds": "{:.4f}",
+               "est_total_seconds": "{:.4f}", "policy_seconds_max": "{:.3f}"}
+        doc.table(["policy", *[label for _, label in cols]],
+                  [[name, *[fmt[k].format(o[k]) for k, _ in cols]] for name, o in summary_rows(online)])
+        if online.get("command"):
+            doc.p("Reproduce with:")
+            doc.code(online["command"])
+        if "online_replay" in figs:
+            doc.img("plots/online_replay.png", ALT["online_replay"], plot_dir / "online_replay.png",
+                    figs["online_replay"][1])
     if files:
         doc.h(2, "Files")
         doc.ul(files)
@@ -425,6 +456,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
                         for n in names},
               "affinity": affinity.summary() if affinity is not None else None,
               "memory_curve": (memory_curve or {}).get("rows"), "skipped": skipped or {},
+              "online": {n: o for n, o in summary_rows_of(online)} if online else None,
               "same_plan_as": same or {}, "recommendation": rec,
               "plots": [str(p.relative_to(out_dir)) for p in written], "notes": notes}
     text = json.dumps(_jsonable(record), indent=1)
@@ -433,6 +465,12 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
         fig.clear()
     return {"markdown": md_path, "html": html_path, "json": json_path, "plots": written, "results": results,
             "notes": notes, "recommendation": rec}
+
+
+def summary_rows_of(online: dict) -> list:
+    from placement.replay import summary_rows
+
+    return summary_rows(online)
 
 
 def comparable_solvers() -> list[str]:

@@ -405,3 +405,23 @@ def test_one_colour_per_plan_in_every_plot_and_no_overlapping_labels():
                  and t not in fig.axes[0].get_yticklabels()]
         clashes = [(a[0], b[0]) for a, b in itertools.combinations(texts, 2) if a[1].overlaps(b[1])]
         assert not clashes, clashes
+
+
+def test_demo_report_shows_the_online_replay_that_its_command_reproduces(demo_dir):
+    """The demo's report has the online-rebalancing section (table and plot), and the `moeplace replay` command it
+    prints gives the same numbers when run."""
+    import shlex
+
+    md = (demo_dir / "report.md").read_text()
+    assert "## Online rebalancing" in md and "plots/online_replay.png" in md
+    assert _png_ok(demo_dir / "plots" / "online_replay.png")
+    online = json.loads((demo_dir / "report.json").read_text())["online"]
+    assert set(online) == {"eplb", "static", "moeplace"}
+    assert online["static"]["moved_copies"] == 0 and online["eplb"]["moved_copies"] > online["moeplace"]["moved_copies"]
+    cmd = next(line for line in md.splitlines() if line.startswith("moeplace replay "))
+    res = runner.invoke(app, [*shlex.split(cmd)[1:], "--json", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.output[res.output.index("{"):])["policies"]
+    for name, o in online.items():
+        for key in ("load_imbalance", "moved_copies", "migration_seconds", "est_total_seconds"):
+            assert again[name]["overall"][key] == pytest.approx(o[key], rel=1e-9), (name, key)

@@ -73,6 +73,34 @@ def memory_curve(fit, held, gpus: int, time_limit: float, seed: int = 0, progres
 DEMO_MODEL = "deepseek-ai/DeepSeek-V2-Lite"  # the model id in the demo's launch commands (the trace's layout)
 
 
+ONLINE = {"scenario": "esft-drift:phases", "window": 2000, "interval": 2000, "scale": 256.0, "max_moves": 200}
+
+
+def online_replay(gpus: int, gpus_per_node: int | None, redundant: int, executor=None, progress=None) -> dict | None:
+    """EPLB re-fitted per window, the first map kept, and moeplace's online policy replayed on the bundled drift
+    scenario (:data:`ONLINE`, as docs/benchmarks.md's table), on the demo's GPUs; None when it cannot run there."""
+    from placement.replay import PolicySpec, ReplayError, ReplaySetup, replay
+    from solvers import Topology
+    from solvers.cost import CostModel
+    from traces import drift
+
+    data = drift.scenario(ONLINE["scenario"])
+    topo = Topology.for_experts(data.num_experts, gpus, redundant, gpus_per_node)
+    setup = ReplaySetup(topo, ONLINE["window"], ONLINE["interval"], cost=CostModel(), scale=ONLINE["scale"])
+    policies = {"eplb": PolicySpec("eplb"), "static": PolicySpec("static"),
+                "moeplace": PolicySpec("moeplace", {"max_moves": ONLINE["max_moves"]})}
+    try:
+        result = replay(data, policies, setup, progress=progress, executor=executor)
+    except (ReplayError, ValueError):
+        return None
+    result["command"] = (f"moeplace replay {ONLINE['scenario']} --gpus {gpus}"
+                         + (f" --gpus-per-node {gpus_per_node}" if gpus_per_node else "")
+                         + f" --redundant {redundant} --window {ONLINE['window']} --interval {ONLINE['interval']} "
+                         f"--scale {ONLINE['scale']:g} --policy eplb --policy static --policy moeplace "
+                         f"--max-moves {ONLINE['max_moves']}")
+    return result
+
+
 def distinct_plans(plans: dict) -> tuple[dict, dict[str, str]]:
     """Plans with identical placements shown once: ``({name: plan} of the first of each distinct placement,
     {name of a duplicate: name of the plan it equals})`` (on one node EPLB's global and hierarchical policies give
@@ -169,6 +197,9 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
     curve = memory_curve(fit, held, gpus, time_limit, seed, progress=lambda m: say(f"memory budget: {m}"))
     say("memory-budget sweep done" if curve else "no memory-budget planner in this install", 1)
 
+    online = online_replay(gpus, gpus_per_node, R, executor, progress=lambda m: say(f"online replay: {m}"))
+    say("online rebalancing replayed" if online else "online replay skipped (this topology)", 1)
+
     say("evaluating on held-out sequences ...")
     from placement.evaluate import evaluate, prepare
 
@@ -226,7 +257,7 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
                                            .mutual_information()},
                            title="moeplace demo: DeepSeek-V2-Lite, held-out sequences", setup=setup, reproduce=cmd,
                            memory_curve=curve, files=files, skipped=skipped, recommendation=rec, plots=plots,
-                           progress=lambda m: say(m), staging=stage, same=same, executor=executor)
+                           progress=lambda m: say(m), staging=stage, same=same, executor=executor, online=online)
     say("report written", 1)
     return {"trace": {"tokens": trace.num_tokens, "fit_tokens": fit.num_tokens, "heldout_tokens": held.num_tokens,
                       "sequences": trace.num_sequences},
@@ -235,8 +266,8 @@ def run_demo(out_dir: Path, gpus: int = 8, gpus_per_node: int | None = None, tim
 
 
 def demo_steps(solvers: list[str]) -> int:
-    """Progress steps of :func:`run_demo`: affinity, one per solver, memory sweep, report."""
-    return len(solvers) + 3
+    """Progress steps of :func:`run_demo`: affinity, one per solver, memory sweep, online replay, report."""
+    return len(solvers) + 4
 
 
 SUMMARY_COLUMNS = [("load_imbalance", "imbal", False), ("load_imbalance_max", "worst", False),
