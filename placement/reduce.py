@@ -61,12 +61,22 @@ def shard_infos(args: list[str]) -> list[ShardInfo]:
 
 
 def reduce_stats(args: list[str] | list[Path], executor=None, *, chunk_tokens: int = CHUNK_TOKENS,
-                 baselines: bool = True, seed: int = 0) -> AffinityStats:
-    """The merged statistics of every shard behind ``args``, one task per shard on ``executor`` (None: here)."""
+                 baselines: bool = True, seed: int = 0, batch: int | None = None) -> AffinityStats:
+    """The merged statistics of every shard behind ``args``, one task per shard on ``executor`` (None: here).
+
+    Tasks go out ``batch`` at a time (default: twice the executor's workers) and each batch's parts are merged
+    before the next is sent, so the driver holds at most the total and one batch of parts, however many shards
+    there are. The merge order is the shard list's either way."""
     infos = shard_infos([str(a) for a in args])
     tasks = [ShardTask(str(info.path), i, chunk_tokens, baselines, seed) for i, info in enumerate(infos)]
-    parts = [shard_stats(None, t) for t in tasks] if executor is None else executor.map(shard_stats, tasks)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
+    total = None
+    if executor is None:
+        for t in tasks:
+            part = shard_stats(None, t)
+            total = part if total is None else total + part
+        return total
+    n = batch or 2 * max(1, int(getattr(executor, "workers", 1)))
+    for i in range(0, len(tasks), n):
+        for part in executor.map(shard_stats, tasks[i:i + n]):
+            total = part if total is None else total + part
     return total

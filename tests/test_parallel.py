@@ -74,7 +74,9 @@ def test_statistics_of_shards_are_exact_for_any_workers_and_order(real, shards):
     with LocalProcesses(2) as ex:
         two = reduce_stats(shards, ex)
         shuffled = reduce_stats([shards[i] for i in (3, 0, 4, 2, 1)], ex)
+        batched = reduce_stats(shards, ex, batch=2)  # merged batch by batch: memory bounded, same result
     _equal_stats(one, two)
+    _equal_stats(one, batched)
     # another order: every count is an exact integer sum, so it is the same whatever the order
     _equal_stats(one, shuffled, COUNT_FIELDS)
     # and they are the counts of the whole trace in memory

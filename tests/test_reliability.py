@@ -272,7 +272,11 @@ def test_missing_extras_name_the_extra_to_install(plans, tmp_path):
              (["affinity", TRACE, "--plots", str(tmp_path / "a")], 'pip install "moeplace[plot]"'),
              (["budget", "--gpus", "1", "--plot", str(tmp_path / "c.png")], 'pip install "moeplace[plot]"'),
              (["plan", TRACE, "--gpus", "8", "--solver", "eplb", "--ray-address", "local", "--out",
-               str(tmp_path / "p.json")], 'pip install "moeplace[ray]"')]
+               str(tmp_path / "p.json")], 'pip install "moeplace[ray]"'),
+             (["calibrate", "--out", str(tmp_path / "hw.json")], 'pip install "moeplace[torch]"'),
+             (["replay", "esft-drift:counts", "--gpus", "8", "--window", "4", "--interval", "4", "--plot",
+               str(tmp_path / "c.png")], 'pip install "moeplace[plot]"'),
+             (["demo", "--plots", "--out", str(tmp_path / "d")], 'pip install "moeplace[plot]"')]
     script = HIDE.format(hidden={"torch", "transformers", "matplotlib", "ray"})
     r = subprocess.run([sys.executable, "-c", script, json.dumps([a for a, _ in cases])], capture_output=True,
                        text=True, env=ENV, timeout=600)
@@ -281,7 +285,7 @@ def test_missing_extras_name_the_extra_to_install(plans, tmp_path):
         assert code == 2 and extra in " ".join(output.split()), (args, output, exc)
         assert "Traceback" not in output and "ModuleNotFoundError" not in exc, (args, output, exc)
     assert not any(tmp_path.glob("*.npz")) and not (tmp_path / "r").exists() and not (tmp_path / "c.png").exists()
-    assert not (tmp_path / "p.json").exists()
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "hw.json").exists() and not (tmp_path / "d").exists()
     # with collect's extra present but transformers hidden, it names the hf extra
     script = HIDE.format(hidden={"transformers"})
     r = subprocess.run([sys.executable, "-c", script, json.dumps([cases[1][0]])], capture_output=True, text=True,
