@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/scale_out.py kimi       # Kimi-K2 size: joint (2 workers) vs both EPLB policies
     PYTHONPATH=. python benchmarks/scale_out.py speedup    # V3 size, the same deterministic work on 1 and 2 workers
     PYTHONPATH=. python benchmarks/scale_out.py reduce     # 10M V3 tokens in 20 shards: 1 vs 2 workers vs Ray
+    PYTHONPATH=. python benchmarks/scale_out.py layer320   # one planner layer task at 320 GPUs (for the projection)
     PYTHONPATH=. python benchmarks/scale_out.py project    # on paper: 1B tokens, 320 GPUs on 64 cores (from a JSON)
 
 Every section prints a table and appends its figures to ``--json`` (default ``scale_out.json`` in ``--cache``);
@@ -222,7 +223,8 @@ def section_reduce(args) -> dict:
             "t0 = time.perf_counter(); s = reduce_stats([folder], ex); dt = time.perf_counter() - t0\n"
             "ex.close()\n"
             "h = __import__('hashlib').sha256(b''.join(np.ascontiguousarray(getattr(s, f)).tobytes() for f in "
-            "('load', 'transitions', 'coactivation', 'transitions_top1', 'transitions_shuffled'))).hexdigest()[:16]\n"
+            "('load', 'transitions', 'coactivation', 'transitions_top1', 'transitions_shuffled') "
+            "if getattr(s, f) is not None)).hexdigest()[:16]\n"
             "peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20\n"
             "print(json.dumps({'seconds': dt, 'peak_gib': peak, 'hash': h, 'tokens': int(s.tokens.max())}))\n")
@@ -242,6 +244,34 @@ def section_reduce(args) -> dict:
     print("(peak_gib: the largest resident set of the driver and of any worker process; Ray's own processes "
           "are not counted)")
     return {"reduce": {"rows": rows, "tokens": args.tokens_reduce}}
+
+
+# --- one layer task at 320 GPUs -----------------------------------------------------------------------------------
+
+
+def section_layer320(args) -> dict:
+    """Core-seconds of the joint planner's per-layer task at Kimi-K2 size on 320 GPUs (40 nodes, 640 slots),
+    ``--work-limit``, one worker, on the first 2 and 4 MoE layers of the Kimi trace (for the projection)."""
+    from dataclasses import replace
+
+    from placement.executor import InProcess
+    from placement.problem import build_problem
+    from solvers import Options, Topology, solve
+    from traces import load
+
+    fit, _ = load(cached_trace("kimi-k2", args.tokens, args.cache)).split_by_sequence(0.5, seed=0)
+    rows = []
+    for n in (2, 4):
+        sub = replace(fit, expert_ids=np.ascontiguousarray(fit.expert_ids[:, :n]), gate_weights=None,
+                      moe_layer_index=fit.moe_layer_index[:n])
+        problem = build_problem(sub, Topology.for_experts(384, 320, 256, gpus_per_node=8))
+        res = solve("joint", problem, Options(time_limit=None, work_limit=args.work_limit, executor=InProcess(),
+                                              params={"model": "kimi-k2"}))
+        rows.append({"layers": n, "parallel part s": res.stats["parallel_seconds"],
+                     "per layer s": res.stats["parallel_seconds"] / n})
+    print("\nKimi-K2 at 320 GPUs (40 nodes), 640 slots, --work-limit", args.work_limit, "one worker\n")
+    print(table(rows, ["layers", "parallel part s", "per layer s"]))
+    return {"layer320": {"rows": rows}}
 
 
 # --- projection ---------------------------------------------------------------------------------------------------
@@ -266,7 +296,7 @@ def section_project(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("section", choices=["kimi", "speedup", "reduce", "project"], nargs="+")
+    ap.add_argument("section", choices=["kimi", "speedup", "reduce", "layer320", "project"], nargs="+")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOEPLACE_BENCH_CACHE", "/tmp/moeplace-bench")))
     ap.add_argument("--tokens", type=int, default=200_000, help="Kimi-K2 trace tokens")
     ap.add_argument("--v3-tokens", type=int, default=60_000, help="V3 trace tokens for the speed-up")
