@@ -28,9 +28,12 @@ def parse_counts(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 def torch_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("torch") is not None
+    """Whether PyTorch imports (a missing, broken or hidden install: False)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def register(app: typer.Typer) -> None:
