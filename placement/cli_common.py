@@ -170,6 +170,23 @@ def check_outputs(values: dict) -> None:
 EXTRAS = {"torch": "torch", "transformers": "hf", "safetensors": "hf", "matplotlib": "plot"}
 
 
+def torchrun_world(world_size: int | None) -> tuple[bool, int, int | None]:
+    """``(under torchrun, this process's rank, world size)`` for commands that launch ranks: under torchrun its
+    ``WORLD_SIZE`` (a disagreeing ``--world-size`` is a :class:`UserError`), else ``world_size`` as given (None:
+    the command's own default)."""
+    import os
+
+    from placement.runtime import under_torchrun
+
+    if not under_torchrun():
+        return False, 0, world_size
+    env_world = int(os.environ["WORLD_SIZE"])
+    if world_size is not None and world_size != env_world:
+        raise UserError(f"--world-size {world_size} disagrees with torchrun's WORLD_SIZE={env_world}; drop "
+                        f"--world-size under torchrun")
+    return True, int(os.environ.get("RANK", 0)), env_world
+
+
 def require(module: str, what: str) -> None:
     """A :class:`UserError` naming the extra to install unless ``module`` (an optional dependency) imports."""
     import importlib

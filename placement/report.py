@@ -298,6 +298,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
                   executor=None, online=None) -> dict:
     from placement import plots as P
     from placement.recommend import recommend
+    from placement.replay import summary_rows as replay_summary
 
     say = progress or (lambda m: None)
     make_output_dir(out_dir)
@@ -414,7 +415,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
         h, r = memory_curve["table"]
         doc.table(h, r)
     if online:
-        from placement.replay import COLUMNS, summary_rows
+        from placement.replay import COLUMNS
 
         st = online["setup"]
         doc.h(2, "Online rebalancing")
@@ -429,7 +430,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
         fmt = {"load_imbalance": "{:.4f}", "moved_copies": "{:d}", "migration_seconds": "{:.4f}",
                "est_total_seconds": "{:.4f}", "policy_seconds_max": "{:.3f}"}
         doc.table(["policy", *[label for _, label in cols]],
-                  [[name, *[fmt[k].format(o[k]) for k, _ in cols]] for name, o in summary_rows(online)])
+                  [[name, *[fmt[k].format(o[k]) for k, _ in cols]] for name, o in replay_summary(online)])
         if online.get("command"):
             doc.p("Reproduce with:")
             doc.code(online["command"])
@@ -456,7 +457,7 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
                         for n in names},
               "affinity": affinity.summary() if affinity is not None else None,
               "memory_curve": (memory_curve or {}).get("rows"), "skipped": skipped or {},
-              "online": {n: o for n, o in summary_rows_of(online)} if online else None,
+              "online": dict(replay_summary(online)) if online else None,
               "same_plan_as": same or {}, "recommendation": rec,
               "plots": [str(p.relative_to(out_dir)) for p in written], "notes": notes}
     text = json.dumps(_jsonable(record), indent=1)
@@ -465,12 +466,6 @@ def _write_report(plans, data, out_dir: Path, *, labels, affinity, affinity_extr
         fig.clear()
     return {"markdown": md_path, "html": html_path, "json": json_path, "plots": written, "results": results,
             "notes": notes, "recommendation": rec}
-
-
-def summary_rows_of(online: dict) -> list:
-    from placement.replay import summary_rows
-
-    return summary_rows(online)
 
 
 def comparable_solvers() -> list[str]:

@@ -103,12 +103,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     ):
         """Run the plans on torch.distributed: measured all-to-all bytes and layer times vs the prediction."""
-        import os
 
-        from placement.cli_common import load_data, load_plans, require
+        from placement.cli_common import load_data, load_plans, require, torchrun_world
 
         require("torch", "moeplace bench")
-        from placement.runtime import DTYPE_BYTES, PROTOCOLS, BenchSpec, run_bench, select_tokens, under_torchrun
+        from placement.runtime import DTYPE_BYTES, PROTOCOLS, BenchSpec, run_bench, select_tokens
         from traces import RoutingTrace
 
         ll_nvlink = not no_ll_nvlink
@@ -129,15 +128,8 @@ def register(app: typer.Typer) -> None:
         intermediate_size = intermediate_size or (1408 if backend == "nccl" else 16)
         if intermediate_size < 1 or (hidden_size is not None and hidden_size < 1):
             raise UserError("--hidden-size and --intermediate-size must be positive")
-        torchrun = under_torchrun()
-        rank = int(os.environ.get("RANK", 0)) if torchrun else 0
+        torchrun, rank, world_size = torchrun_world(world_size)
         plan_objs = load_plans(plans)
-        if torchrun:
-            env_world = int(os.environ["WORLD_SIZE"])
-            if world_size is not None and world_size != env_world:
-                raise UserError(f"--world-size {world_size} disagrees with torchrun's WORLD_SIZE={env_world}; drop "
-                                f"--world-size under torchrun")
-            world_size = env_world
         world_size = plan_objs[0].topology.num_gpus if world_size is None else world_size
         if world_size < 1:
             raise UserError(f"--world-size must be >= 1, got {world_size}")

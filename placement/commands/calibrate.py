@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         from placement import hardware
         from placement.budget import parse_size
         from placement.commands.plan import cost_model
-        from placement.runtime import under_torchrun
+        from placement.cli_common import torchrun_world
         from traces.format import check_output_path
 
         if backend is not None and backend not in ("nccl", "gloo"):
@@ -116,14 +116,7 @@ def register(app: typer.Typer) -> None:
         if backend == "nccl" and not gpus:
             raise UserError("--backend nccl needs CUDA GPUs and PyTorch sees none; use --backend gloo to run the "
                             "calibration on CPU processes")
-        torchrun = under_torchrun()
-        rank = int(os.environ.get("RANK", 0)) if torchrun else 0
-        if torchrun:
-            env_world = int(os.environ["WORLD_SIZE"])
-            if world_size is not None and world_size != env_world:
-                raise UserError(f"--world-size {world_size} disagrees with torchrun's WORLD_SIZE={env_world}; drop "
-                                f"--world-size under torchrun")
-            world_size = env_world
+        torchrun, rank, world_size = torchrun_world(world_size)
         world_size = world_size if world_size is not None else (gpus if backend == "nccl" else 2)
         if world_size < 1:
             raise UserError(f"--world-size must be >= 1, got {world_size}")
